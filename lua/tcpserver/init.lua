@@ -1,0 +1,251 @@
+--- tcpserver: Tornado's TCPServer for Lua 5.4.
+-- Subclass TCPServer, override handle_stream(stream, address); each
+-- connection runs it in its own task.
+local core = require "tcpserver.core"
+local ioloop = require "tcpserver.ioloop"
+local log = require "tcpserver.log"
+local netutil = require "tcpserver.netutil"
+require "tcpserver.iostream"
+
+local M = {_VERSION = core.version}
+
+local MiB = 1024 * 1024
+
+local DEFAULTS = {
+  max_buffer_size = 100 * MiB,
+  read_chunk_size = 64 * 1024,
+  handshake_timeout = 10,
+  shutdown_timeout = 10,
+}
+
+local CHECKS = {
+  ssl_options = "table",
+  max_buffer_size = "size",
+  read_chunk_size = "size",
+  max_connections = "size",
+  handshake_timeout = "seconds",
+  idle_timeout = "seconds",
+  shutdown_timeout = "seconds",
+  proxy_protocol = "boolean",
+  on_error = "function",
+}
+
+local function check_option(k, v)
+  local kind = CHECKS[k]
+  if not kind then error("TCPServer: unknown option '" .. tostring(k) .. "'", 4) end
+  local ok
+  if kind == "size" then ok = math.type(v) == "integer" and v > 0
+  elseif kind == "seconds" then ok = type(v) == "number" and v > 0
+  else ok = type(v) == kind end
+  if not ok then
+    local want = kind == "size" and "a positive integer"
+      or kind == "seconds" and "a positive number of seconds" or "a " .. kind
+    error(("TCPServer: option '%s' must be %s, got %s"):format(k, want, tostring(v)), 4)
+  end
+end
+
+local servers = setmetatable({}, {__mode = "k"})
+
+local function init(self, opts)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("TCPServer: options must be a table", 3)
+  end
+  local options = {}
+  for k, v in pairs(DEFAULTS) do options[k] = v end
+  for k, v in pairs(opts or {}) do
+    check_option(k, v)
+    options[k] = v
+  end
+  if options.ssl_options then
+    error("TCPServer: TLS is not available in this build", 3)
+  end
+  if options.proxy_protocol then
+    error("TCPServer: proxy_protocol is not available in this build", 3)
+  end
+  local state = {
+    options = options, listeners = {}, pending = {}, streams = {},
+    nstreams = 0, paused = false, drained = {},
+  }
+  rawset(self, "_tcpserver", state)
+  servers[self] = true
+  return state
+end
+
+-- A plain table used as a server gets its state on first use.
+local function state_of(self)
+  return rawget(self, "_tcpserver") or init(self, nil)
+end
+
+local TCPServer = {}
+TCPServer.__index = TCPServer
+
+local function construct(class, opts)
+  if rawget(class, "__index") == nil then rawset(class, "__index", class) end
+  local self = setmetatable({}, class)
+  init(self, opts)
+  if self.initialize then self:initialize(opts) end
+  return self
+end
+
+setmetatable(TCPServer, {__call = construct})
+
+--- A subclass: fields of `class` (optional) override TCPServer's.
+function TCPServer:extend(class)
+  class = class or {}
+  class.__index = class
+  return setmetatable(class, {__index = self, __call = construct})
+end
+
+function TCPServer:new(opts)
+  return construct(self, opts)
+end
+
+function TCPServer:handle_stream(stream, address) -- luacheck: ignore 212
+  error("handle_stream is not implemented: override it in a subclass", 2)
+end
+
+local Address = {}
+Address.__index = Address
+function Address:__tostring()
+  if self.family == "inet6" then return ("[%s]:%d"):format(self.host, self.port) end
+  if self.family == "unix" then return "unix:" .. self.host end
+  return ("%s:%d"):format(self.host, self.port)
+end
+M.Address = Address
+
+local function set_paused(state, paused)
+  if state.paused == paused then return end
+  state.paused = paused
+  for _, listener in ipairs(state.listeners) do listener:pause(paused) end
+end
+
+local function capture(err)
+  return {err = err, traceback = debug.traceback(tostring(err), 2)}
+end
+
+function TCPServer:_report(err, traceback, address)
+  local on_error = self._tcpserver.options.on_error
+  if on_error then
+    local ok, e = pcall(on_error, self, err, traceback, address)
+    if ok then return end
+    log.error("on_error failed: %s", tostring(e))
+  end
+  log.error("Uncaught error in handle_stream for %s: %s", tostring(address), traceback)
+end
+
+-- Runs in a new task for each accepted connection.
+function TCPServer:_serve(stream, host, port, family)
+  local state = self._tcpserver
+  local max = state.options.max_connections
+  state.streams[stream] = true
+  state.nstreams = state.nstreams + 1
+  if max and state.nstreams >= max then set_paused(state, true) end
+  local address = setmetatable({host = host, port = port, family = family}, Address)
+  local ok, e = xpcall(self.handle_stream, capture, self, stream, address)
+  if not ok then self:_report(e.err, e.traceback, address) end
+  stream:close()
+  state.streams[stream] = nil
+  state.nstreams = state.nstreams - 1
+  if max and state.nstreams < max and not state.stopped then set_paused(state, false) end
+  if state.nstreams == 0 and #state.drained > 0 then
+    local callbacks = state.drained
+    state.drained = {}
+    for _, fn in ipairs(callbacks) do fn() end
+  end
+end
+
+--- Starts accepting on already bound sockets.
+function TCPServer:add_socket(sock)
+  local state = state_of(self)
+  state.stopped = false
+  local listener = core.listener(sock, state.options, function(stream, host, port, family)
+    return self:_serve(stream, host, port, family)
+  end)
+  if state.paused then listener:pause(true) end
+  state.listeners[#state.listeners + 1] = listener
+end
+
+function TCPServer:add_sockets(socks)
+  if type(socks) ~= "table" then error("add_sockets: list of sockets expected", 2) end
+  for _, sock in ipairs(socks) do self:add_socket(sock) end
+end
+
+--- Binds and serves at once; returns the bound port (useful with port 0).
+function TCPServer:listen(port, address, opts)
+  local socks = netutil.bind_sockets(port, address, opts)
+  self:add_sockets(socks)
+  return (select(2, socks[1]:getsockname()))
+end
+
+--- Binds now, serves after start(); returns the bound port.
+function TCPServer:bind(port, address, opts)
+  local state = state_of(self)
+  local socks = netutil.bind_sockets(port, address, opts)
+  for _, sock in ipairs(socks) do state.pending[#state.pending + 1] = sock end
+  return (select(2, socks[1]:getsockname()))
+end
+
+--- Serves the sockets from bind(); num_processes other than 1 forks first.
+function TCPServer:start(num_processes, max_restarts)
+  local state = state_of(self)
+  num_processes = num_processes or 1
+  if num_processes ~= 1 then
+    local process = require "tcpserver.process"
+    process.fork_processes(num_processes, max_restarts)
+  end
+  local pending = state.pending
+  state.pending = {}
+  self:add_sockets(pending)
+end
+
+--- Stops accepting; open streams live on. Safe to call twice.
+function TCPServer:stop()
+  local state = state_of(self)
+  state.stopped = true
+  for _, listener in ipairs(state.listeners) do listener:close() end
+  state.listeners = {}
+  for _, sock in ipairs(state.pending) do sock:close() end
+  state.pending = {}
+end
+
+--- Number of connections whose handler is running.
+function TCPServer:connection_count()
+  return state_of(self).nstreams
+end
+
+--- Graceful stop: stop accepting, give handlers `timeout` seconds (the
+-- shutdown_timeout option by default), then close what is left. Calls
+-- `done()` once no handler runs.
+function TCPServer:shutdown(timeout, done)
+  local state = state_of(self)
+  timeout = timeout or state.options.shutdown_timeout
+  self:stop()
+  if state.nstreams == 0 then
+    if done then done() end
+    return
+  end
+  local timer = ioloop.current():call_later(timeout, function()
+    for stream in pairs(state.streams) do stream:close() end
+  end)
+  state.drained[#state.drained + 1] = function()
+    timer:cancel()
+    if done then done() end
+  end
+end
+
+--- Graceful stop of every server in this process; `done()` when all are.
+function M.shutdown_all(timeout, done)
+  local left = 1
+  local function one()
+    left = left - 1
+    if left == 0 and done then done() end
+  end
+  for server in pairs(servers) do
+    left = left + 1
+    server:shutdown(timeout, one)
+  end
+  one()
+end
+
+M.TCPServer = TCPServer
+return M

@@ -1,0 +1,147 @@
+--- The per-process event loop: start/stop, timers, callbacks and tasks.
+-- Tasks are coroutines the loop resumes; only they may call what waits
+-- (stream reads, sleep, connect).
+local core = require "tcpserver.core"
+local log = require "tcpserver.log"
+
+local pack, unpack = table.pack, table.unpack
+
+core.set_error_handler(function(message) log.error("%s", message) end)
+
+local M = {}
+
+local IOLoop = {}
+IOLoop.__index = IOLoop
+
+local current
+
+--- The process's loop (there is one per process).
+function M.current()
+  if not current then current = setmetatable({}, IOLoop) end
+  return current
+end
+
+local function check_function(fn, where)
+  if type(fn) ~= "function" then
+    error(where .. ": function expected, got " .. type(fn), 3)
+  end
+end
+
+local function check_seconds(s, where)
+  if type(s) ~= "number" or s < 0 or s ~= s then
+    error(where .. ": delay must be a non-negative number of seconds", 3)
+  end
+end
+
+--- Runs the loop until stop() or until nothing is left to do.
+function IOLoop:start() core.start() end
+
+function IOLoop:stop()
+  if core.running() then core.stop() end
+end
+
+function IOLoop:running() return core.running() end
+
+--- Monotonic time in seconds.
+function IOLoop:time() return core.time() end
+
+local function bind(fn, ...)
+  local n = select("#", ...)
+  if n == 0 then return fn end
+  local args = pack(...)
+  return function() return fn(unpack(args, 1, args.n)) end
+end
+
+--- Calls fn(...) after `delay` seconds; returns a handle with :cancel().
+function IOLoop:call_later(delay, fn, ...)
+  check_seconds(delay, "call_later")
+  check_function(fn, "call_later")
+  return core.timer(delay, 0, bind(fn, ...))
+end
+
+function IOLoop:call_at(when, fn, ...)
+  return self:call_later(math.max(0, when - core.time()), fn, ...)
+end
+
+--- Calls fn(...) on the next iteration of the loop.
+function IOLoop:add_callback(fn, ...)
+  check_function(fn, "add_callback")
+  return core.timer(0, 0, bind(fn, ...))
+end
+
+--- Runs fn(...) in a new task on the next iteration.
+function IOLoop:spawn_callback(fn, ...)
+  check_function(fn, "spawn_callback")
+  local args = pack(...)
+  return core.timer(0, 0, function() core.spawn(fn, unpack(args, 1, args.n)) end)
+end
+
+--- Runs fn(...) in a new task now, until it first waits.
+function IOLoop:spawn(fn, ...)
+  check_function(fn, "spawn")
+  core.spawn(fn, ...)
+end
+
+--- Starts the loop, runs fn in a task and stops when it returns; returns
+-- fn's results or raises its error. `timeout` (seconds) raises on expiry.
+function IOLoop:run_sync(fn, timeout)
+  check_function(fn, "run_sync")
+  if timeout ~= nil then check_seconds(timeout, "run_sync") end
+  if core.running() then error("run_sync: the loop is already running", 2) end
+  local result
+  core.spawn(function()
+    result = pack(xpcall(fn, debug.traceback))
+    if core.running() then core.stop() end
+  end)
+  if not result then
+    local timer = timeout and core.timer(timeout, 0, core.stop)
+    core.start()
+    if timer then timer:cancel() end
+  end
+  if not result then
+    error(("run_sync: timed out after %g seconds"):format(timeout), 2)
+  end
+  if not result[1] then error(result[2], 0) end
+  return unpack(result, 2, result.n)
+end
+
+--- Calls fn(signal_number) when the process gets `name` ("SIGTERM", ...).
+function IOLoop:add_signal_handler(name, fn)
+  check_function(fn, "add_signal_handler")
+  core.signal(name, fn)
+end
+
+--- Suspends the calling task for `seconds`.
+function M.sleep(seconds)
+  check_seconds(seconds, "sleep")
+  return core.sleep(seconds)
+end
+IOLoop.sleep = function(_, seconds) return M.sleep(seconds) end
+
+--- Calls fn every `ms` milliseconds once started.
+local Periodic = {}
+Periodic.__index = Periodic
+
+function M.PeriodicCallback(fn, ms)
+  check_function(fn, "PeriodicCallback")
+  if type(ms) ~= "number" or ms <= 0 then
+    error("PeriodicCallback: interval must be a positive number of milliseconds", 2)
+  end
+  return setmetatable({callback = fn, callback_time = ms}, Periodic)
+end
+
+function Periodic:start()
+  if self.timer then return end
+  local s = self.callback_time / 1000
+  self.timer = core.timer(s, s, self.callback)
+end
+
+function Periodic:stop()
+  if self.timer then self.timer:cancel() end
+  self.timer = nil
+end
+
+function Periodic:is_running() return self.timer ~= nil end
+
+M.IOLoop = IOLoop
+return M

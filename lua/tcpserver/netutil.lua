@@ -1,0 +1,41 @@
+--- Listening sockets: bind before forking, serve with add_sockets.
+local core = require "tcpserver.core"
+
+local M = {}
+
+local FAMILIES = {inet = true, inet6 = true}
+
+--- Binds listening sockets for every address `address` resolves to (all
+-- interfaces for nil or ""). opts: family ("inet", "inet6" or nil for both),
+-- backlog (128), reuse_port (false). Returns a list of socket objects.
+function M.bind_sockets(port, address, opts)
+  if math.type(port) ~= "integer" or port < 0 or port > 65535 then
+    error("bind_sockets: port must be an integer from 0 to 65535", 2)
+  end
+  if address ~= nil and type(address) ~= "string" then
+    error("bind_sockets: address must be a string", 2)
+  end
+  opts = opts or {}
+  if type(opts) ~= "table" then error("bind_sockets: opts must be a table", 2) end
+  for k in pairs(opts) do
+    if k ~= "family" and k ~= "backlog" and k ~= "reuse_port" then
+      error("bind_sockets: unknown option '" .. tostring(k) .. "'", 2)
+    end
+  end
+  if opts.family ~= nil and not FAMILIES[opts.family] then
+    error("bind_sockets: family must be \"inet\", \"inet6\" or nil", 2)
+  end
+  local backlog = opts.backlog or 128
+  if math.type(backlog) ~= "integer" or backlog < 1 then
+    error("bind_sockets: backlog must be a positive integer", 2)
+  end
+  return core.bind_sockets(port, address, opts.family, backlog, opts.reuse_port)
+end
+
+--- Binds a unix stream socket at `path` (a stale socket file is replaced).
+function M.bind_unix_socket(path, mode, backlog)
+  if type(path) ~= "string" then error("bind_unix_socket: path must be a string", 2) end
+  return core.bind_unix_socket(path, mode or tonumber("600", 8), backlog or 128)
+end
+
+return M

@@ -1,0 +1,89 @@
+#define _GNU_SOURCE /* memmem */
+#include "buf.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+void ts_buf_init(ts_buf *b) {
+  b->data = NULL;
+  b->cap = b->start = b->end = 0;
+}
+
+void ts_buf_free(ts_buf *b) {
+  free(b->data);
+  ts_buf_init(b);
+}
+
+int ts_buf_reserve(ts_buf *b, size_t room, size_t limit) {
+  size_t len = ts_buf_len(b);
+  size_t cap;
+  char *p;
+
+  if (ts_buf_room(b) >= room)
+    return 0;
+  /* Compacting is cheap when little is left; it also avoids growing. */
+  if (b->start > 0 && b->cap - len >= room) {
+    memmove(b->data, ts_buf_head(b), len);
+    b->start = 0;
+    b->end = len;
+    return 0;
+  }
+  cap = b->cap ? b->cap : 1024;
+  while (cap - len < room)
+    cap *= 2;
+  if (cap > limit && limit >= len + room)
+    cap = limit;
+  if (b->start > 0) {
+    p = malloc(cap);
+    if (p == NULL)
+      return -1;
+    memcpy(p, ts_buf_head(b), len);
+    free(b->data);
+  } else {
+    p = realloc(b->data, cap);
+    if (p == NULL)
+      return -1;
+  }
+  b->data = p;
+  b->cap = cap;
+  b->start = 0;
+  b->end = len;
+  return 0;
+}
+
+int ts_buf_append(ts_buf *b, const char *p, size_t n) {
+  if (n == 0)
+    return 0;
+  if (ts_buf_reserve(b, n, (size_t)-1) != 0)
+    return -1;
+  memcpy(ts_buf_tail(b), p, n);
+  b->end += n;
+  return 0;
+}
+
+void ts_buf_consume(ts_buf *b, size_t n) {
+  b->start += n;
+  if (b->start == b->end)
+    b->start = b->end = 0;
+}
+
+long ts_buf_find(ts_buf *b, const char *delim, size_t dlen, size_t *scan) {
+  size_t len = ts_buf_len(b);
+  const char *head = ts_buf_head(b);
+  const char *hit;
+
+  if (*scan >= len || len - *scan < dlen) {
+    goto miss;
+  }
+  if (dlen == 1)
+    hit = memchr(head + *scan, delim[0], len - *scan);
+  else
+    hit = memmem(head + *scan, len - *scan, delim, dlen);
+  if (hit != NULL)
+    return (long)(hit - head);
+miss:
+  /* A match may still start in the last dlen-1 bytes. */
+  if (len >= dlen)
+    *scan = len - dlen + 1;
+  return -1;
+}

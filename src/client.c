@@ -1,0 +1,197 @@
+/* Outgoing connections: resolve through libuv, try each address in turn,
+ * all under one deadline that also closes the attempt in progress. */
+#include "internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct connect_req {
+  uv_getaddrinfo_t gai;
+  uv_connect_t conn;
+  uv_timer_t timer;
+  struct addrinfo *res, *cur;
+  struct sockaddr_storage source;
+  lua_State *co;
+  int co_ref;
+  ts_stream *s;        /* the attempt in progress */
+  int has_source, done, refs;
+  char host[256];
+} connect_req;
+
+static void release(connect_req *r) {
+  if (--r->refs > 0)
+    return;
+  if (r->res != NULL)
+    uv_freeaddrinfo(r->res);
+  free(r);
+}
+
+static void timer_closed(uv_handle_t *h) {
+  release(h->data);
+}
+
+/* Resumes the waiting task with what is on its stack (nres values). */
+static void finish(connect_req *r, int nres) {
+  lua_State *co = r->co;
+  int ref = r->co_ref;
+
+  r->done = 1;
+  uv_close((uv_handle_t *)&r->timer, timer_closed);
+  ts__resume(co, nres);
+  luaL_unref(co, LUA_REGISTRYINDEX, ref);
+}
+
+static void finish_error(connect_req *r, const char *err) {
+  lua_pushnil(r->co);
+  lua_pushstring(r->co, err);
+  finish(r, 2);
+}
+
+static void try_next(connect_req *r, int last_err);
+
+static void connect_cb(uv_connect_t *req, int status) {
+  connect_req *r = req->data;
+  ts_stream *s = r->s;
+
+  r->s = NULL;
+  if (r->done) {
+    release(r);
+    return;
+  }
+  if (status == 0) {
+    ts__stream_push(r->co, s);
+    if (ts__stream_start(s) == 0) {
+      release(r);
+      finish(r, 1);
+      return;
+    }
+    lua_pop(r->co, 1);
+    status = UV_ECONNRESET;
+  }
+  ts__stream_abort(s);
+  r->cur = r->cur->ai_next;
+  release(r);
+  try_next(r, status);
+}
+
+static int start_attempt(connect_req *r) {
+  lua_State *L = r->co;
+  ts_stream *s = ts__stream_new(L, 0);
+  uv_tcp_t *tcp = (uv_tcp_t *)ts__stream_handle(s);
+  int err = 0;
+
+  lua_pop(L, 1); /* pinned by the stream itself until closed */
+  if (r->has_source)
+    err = uv_tcp_bind(tcp, (struct sockaddr *)&r->source, 0);
+  if (err == 0)
+    err = uv_tcp_connect(&r->conn, tcp, r->cur->ai_addr, connect_cb);
+  if (err != 0) {
+    ts__stream_abort(s);
+    return err;
+  }
+  uv_tcp_nodelay(tcp, 1);
+  r->s = s;
+  r->refs++;
+  return 0;
+}
+
+static void try_next(connect_req *r, int last_err) {
+  int err;
+
+  for (; r->cur != NULL; r->cur = r->cur->ai_next) {
+    if (r->cur->ai_family != AF_INET && r->cur->ai_family != AF_INET6)
+      continue;
+    if (r->has_source && r->cur->ai_family != r->source.ss_family)
+      continue;
+    err = start_attempt(r);
+    if (err == 0)
+      return;
+    last_err = err;
+  }
+  finish_error(r, ts__errname(last_err));
+}
+
+static void resolved_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
+  connect_req *r = req->data;
+  char msg[320];
+
+  r->res = res;
+  if (!r->done && status != 0) {
+    snprintf(msg, sizeof(msg), "cannot resolve %s: %s", r->host,
+             uv_strerror(status));
+    finish_error(r, msg);
+  } else if (!r->done) {
+    r->cur = res;
+    try_next(r, UV_EADDRNOTAVAIL);
+  }
+  release(r);
+}
+
+static void timeout_cb(uv_timer_t *t) {
+  connect_req *r = t->data;
+  if (r->s != NULL)
+    ts__stream_abort(r->s); /* its connect_cb sees ECANCELED */
+  uv_cancel((uv_req_t *)&r->gai);
+  finish_error(r, "timeout");
+}
+
+static int parse_source(lua_State *L, connect_req *r, const char *ip) {
+  if (uv_ip4_addr(ip, 0, (struct sockaddr_in *)&r->source) == 0 ||
+      uv_ip6_addr(ip, 0, (struct sockaddr_in6 *)&r->source) == 0) {
+    r->has_source = 1;
+    return 0;
+  }
+  free(r);
+  return luaL_error(L, "connect: source_ip %s is not an IP address", ip);
+}
+
+/* core.connect(host, port [, timeout [, source_ip]]) -> stream | nil, err */
+static int l_connect(lua_State *L) {
+  size_t hlen;
+  const char *host = luaL_checklstring(L, 1, &hlen);
+  lua_Integer port = luaL_checkinteger(L, 2);
+  lua_Number timeout = luaL_optnumber(L, 3, 0);
+  const char *source = luaL_optstring(L, 4, NULL);
+  ts_loop *loop = ts__loop(L);
+  struct addrinfo hints;
+  char service[16];
+  connect_req *r;
+  int err;
+
+  luaL_argcheck(L, hlen > 0 && hlen < sizeof(r->host), 1, "bad host name");
+  luaL_argcheck(L, port > 0 && port <= 65535, 2, "port out of range");
+  ts__check_task(L, "connect");
+  r = calloc(1, sizeof(*r));
+  if (r == NULL)
+    return luaL_error(L, "connect: out of memory");
+  if (source != NULL)
+    parse_source(L, r, source);
+  memcpy(r->host, host, hlen + 1);
+  r->gai.data = r->conn.data = r->timer.data = r;
+  memset(&hints, 0, sizeof(hints));
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  snprintf(service, sizeof(service), "%d", (int)port);
+  err = uv_getaddrinfo(loop->uv, &r->gai, resolved_cb, host, service, &hints);
+  if (err != 0) {
+    free(r);
+    lua_pushnil(L);
+    lua_pushfstring(L, "cannot resolve %s: %s", host, uv_strerror(err));
+    return 2;
+  }
+  r->refs = 2; /* the resolver and the timer */
+  uv_timer_init(loop->uv, &r->timer);
+  if (timeout > 0)
+    uv_timer_start(&r->timer, timeout_cb, (uint64_t)(timeout * 1000 + 0.5), 0);
+  r->co = L;
+  lua_pushthread(L);
+  r->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return lua_yield(L, 0);
+}
+
+int ts__open_client(lua_State *L) {
+  static const luaL_Reg funcs[] = {{"connect", l_connect}, {NULL, NULL}};
+  luaL_setfuncs(L, funcs, 0);
+  return 0;
+}

@@ -1,0 +1,69 @@
+/* Internal declarations shared by the core's source files. */
+#ifndef TS_INTERNAL_H
+#define TS_INTERNAL_H
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <uv.h>
+
+#include "buf.h"
+#include "tcpserver.h"
+
+#define TS_STREAM_MT "tcpserver.stream"
+#define TS_TIMER_MT "tcpserver.timer"
+#define TS_SOCKET_MT "tcpserver.socket"
+#define TS_LISTENER_MT "tcpserver.listener"
+
+/* The shared read buffer that idle streams borrow (see stream.c). */
+#define TS_SHARED_READ_SIZE (64 * 1024)
+
+typedef struct ts_stream ts_stream;
+
+typedef struct ts_loop {
+  uv_loop_t *uv;
+  lua_State *L;          /* the thread running start(); callbacks run on it */
+  ts_stream *dirty;      /* streams with unflushed writes */
+  int running;
+  int error_ref;         /* Lua function(msg) for errors nobody else handles */
+  char shared[TS_SHARED_READ_SIZE];
+} ts_loop;
+
+ts_loop *ts__loop(lua_State *L);
+/* Marks `co` as a loop task: yielding calls are allowed there. */
+void ts__mark_task(lua_State *co);
+int ts__in_task(lua_State *L);
+/* Raises unless L is a task; used before a call may yield. */
+void ts__check_task(lua_State *L, const char *what);
+/* Resumes a task with `narg` values already on its stack, reports an
+ * uncaught error, then flushes the writes it made. */
+void ts__resume(lua_State *co, int narg);
+/* Calls the function under `narg` args on loop->L, logging any error. */
+void ts__pcall(ts_loop *loop, int narg);
+void ts__report(ts_loop *loop, const char *msg);
+void ts__flush_dirty(ts_loop *loop);
+/* Runs the function under `narg` args on L's top in a new task. */
+void ts__spawn(lua_State *L, int narg);
+
+/* netutil.c: a listener takes a socket's fd, and gives it back closed. */
+int ts__socket_take(lua_State *L, int idx, int *family);
+void ts__socket_release(lua_State *L, int idx);
+
+/* stream.c */
+ts_stream *ts__stream_new(lua_State *L, int is_pipe);
+uv_stream_t *ts__stream_handle(ts_stream *s);
+void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk,
+                          double timeout);
+int ts__stream_start(ts_stream *s);
+void ts__stream_push(lua_State *L, ts_stream *s);
+void ts__stream_abort(ts_stream *s);
+int ts__stream_flush(ts_stream *s);
+const char *ts__errname(int uverr);
+int ts__push_addr(lua_State *L, const struct sockaddr *sa);
+
+int ts__open_loop(lua_State *L);
+int ts__open_stream(lua_State *L);
+int ts__open_server(lua_State *L);
+int ts__open_netutil(lua_State *L);
+int ts__open_client(lua_State *L);
+
+#endif

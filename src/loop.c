@@ -1,0 +1,327 @@
+/* The per-process libuv loop, tasks (coroutines the loop resumes), timers
+ * and signals. */
+#include "internal.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static ts_loop *the_loop;
+
+ts_loop *ts__loop(lua_State *L) {
+  if (the_loop != NULL)
+    return the_loop;
+  the_loop = calloc(1, sizeof(*the_loop));
+  if (the_loop == NULL)
+    luaL_error(L, "tcpserver: out of memory");
+  /* The default loop is created on first use, so a process may bind
+   * sockets and fork before it exists. */
+  the_loop->uv = uv_default_loop();
+  the_loop->uv->data = the_loop;
+  the_loop->error_ref = LUA_NOREF;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  the_loop->L = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  signal(SIGPIPE, SIG_IGN);
+  return the_loop;
+}
+
+/* Tasks carry the loop's address in their extra space; other threads carry
+ * whatever the main thread has there (NULL). */
+void ts__mark_task(lua_State *co) {
+  *(void **)lua_getextraspace(co) = the_loop;
+}
+
+int ts__in_task(lua_State *L) {
+  return the_loop != NULL && *(void **)lua_getextraspace(L) == the_loop;
+}
+
+void ts__check_task(lua_State *L, const char *what) {
+  if (!ts__in_task(L))
+    luaL_error(L, "%s: must be called from a coroutine run by the loop "
+                  "(handle_stream, spawn_callback, run_sync or testing.async)",
+               what);
+}
+
+void ts__report(ts_loop *loop, const char *msg) {
+  lua_State *L = loop->L;
+  if (loop->error_ref != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, loop->error_ref);
+    lua_pushstring(L, msg);
+    if (lua_pcall(L, 1, 0, 0) == LUA_OK)
+      return;
+    msg = lua_tostring(L, -1);
+    lua_pop(L, 1);
+  }
+  fprintf(stderr, "tcpserver: %s\n", msg ? msg : "(error object)");
+}
+
+static int traceback(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (msg == NULL)
+    msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+void ts__pcall(ts_loop *loop, int narg) {
+  lua_State *L = loop->L;
+  int base = lua_gettop(L) - narg;
+  lua_pushcfunction(L, traceback);
+  lua_insert(L, base);
+  if (lua_pcall(L, narg, 0, base) != LUA_OK) {
+    ts__report(loop, lua_tostring(L, -1));
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  ts__flush_dirty(loop);
+}
+
+static void resume_from(lua_State *L, lua_State *co, int narg) {
+  int nres, status;
+
+  status = lua_resume(co, L, narg, &nres);
+  if (status == LUA_OK || status == LUA_YIELD) {
+    lua_pop(co, nres);
+  } else {
+    const char *msg = lua_tostring(co, -1);
+    luaL_traceback(L, co, msg ? msg : "(error object)", 0);
+    ts__report(the_loop, lua_tostring(L, -1));
+    lua_pop(L, 1);
+  }
+  ts__flush_dirty(the_loop);
+}
+
+void ts__resume(lua_State *co, int narg) {
+  resume_from(the_loop->L, co, narg);
+}
+
+/* core.spawn(fn, ...): runs fn in a new task until it first waits. */
+static int l_spawn(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  ts__loop(L);
+  ts__spawn(L, lua_gettop(L) - 1);
+  return 0;
+}
+
+static int l_in_task(lua_State *L) {
+  lua_pushboolean(L, ts__in_task(L));
+  return 1;
+}
+
+static int l_start(lua_State *L) {
+  ts_loop *loop = ts__loop(L);
+  lua_State *prev = loop->L;
+
+  if (loop->running || ts__in_task(L))
+    return luaL_error(L, "ioloop: the loop is already running");
+  loop->running = 1;
+  loop->L = L;
+  uv_run(loop->uv, UV_RUN_DEFAULT);
+  loop->running = 0;
+  loop->L = prev;
+  return 0;
+}
+
+static int l_stop(lua_State *L) {
+  uv_stop(ts__loop(L)->uv);
+  return 0;
+}
+
+static int l_running(lua_State *L) {
+  lua_pushboolean(L, ts__loop(L)->running);
+  return 1;
+}
+
+static int l_time(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)uv_hrtime() / 1e9);
+  return 1;
+}
+
+static int l_set_error_handler(lua_State *L) {
+  ts_loop *loop = ts__loop(L);
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  luaL_unref(L, LUA_REGISTRYINDEX, loop->error_ref);
+  lua_settop(L, 1);
+  loop->error_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+/* ---- timers: one-shot or repeating, calling a Lua function ---- */
+
+typedef struct ts_timer {
+  uv_timer_t h;
+  int fn_ref;
+  int self_ref;
+  int closed;
+} ts_timer;
+
+static uint64_t to_ms(lua_State *L, int idx) {
+  lua_Number s = luaL_checknumber(L, idx);
+  luaL_argcheck(L, s >= 0 && s < 1e9, idx, "seconds out of range");
+  return (uint64_t)(s * 1000 + 0.5);
+}
+
+static void timer_close_cb(uv_handle_t *h) {
+  ts_timer *t = h->data;
+  lua_State *L = the_loop->L;
+  luaL_unref(L, LUA_REGISTRYINDEX, t->fn_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, t->self_ref);
+}
+
+static void timer_close(ts_timer *t) {
+  if (t->closed)
+    return;
+  t->closed = 1;
+  uv_close((uv_handle_t *)&t->h, timer_close_cb);
+}
+
+static void timer_cb(uv_timer_t *h) {
+  ts_timer *t = h->data;
+  ts_loop *loop = the_loop;
+
+  lua_rawgeti(loop->L, LUA_REGISTRYINDEX, t->fn_ref);
+  if (uv_timer_get_repeat(h) == 0)
+    timer_close(t);
+  ts__pcall(loop, 0);
+}
+
+/* core.timer(delay, repeat, fn) -> handle with :cancel() */
+static int l_timer(lua_State *L) {
+  ts_loop *loop = ts__loop(L);
+  uint64_t delay = to_ms(L, 1), repeat = to_ms(L, 2);
+  ts_timer *t;
+
+  luaL_checktype(L, 3, LUA_TFUNCTION);
+  t = lua_newuserdatauv(L, sizeof(*t), 0);
+  memset(t, 0, sizeof(*t));
+  luaL_setmetatable(L, TS_TIMER_MT);
+  uv_timer_init(loop->uv, &t->h);
+  t->h.data = t;
+  lua_pushvalue(L, 3);
+  t->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, -1);
+  t->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  uv_timer_start(&t->h, timer_cb, delay, repeat);
+  return 1;
+}
+
+static int timer_cancel(lua_State *L) {
+  ts_timer *t = luaL_checkudata(L, 1, TS_TIMER_MT);
+  timer_close(t);
+  return 0;
+}
+
+static int timer_active(lua_State *L) {
+  ts_timer *t = luaL_checkudata(L, 1, TS_TIMER_MT);
+  lua_pushboolean(L, !t->closed);
+  return 1;
+}
+
+/* ---- sleep: a task waits on a timer ---- */
+
+typedef struct sleeper {
+  uv_timer_t h;
+  lua_State *co;
+  int co_ref;
+} sleeper;
+
+static void sleeper_free(uv_handle_t *h) {
+  free(h->data);
+}
+
+static void sleeper_cb(uv_timer_t *h) {
+  sleeper *s = h->data;
+  lua_State *co = s->co;
+  int ref = s->co_ref;
+
+  uv_close((uv_handle_t *)h, sleeper_free);
+  lua_pushboolean(co, 1);
+  ts__resume(co, 1);
+  luaL_unref(the_loop->L, LUA_REGISTRYINDEX, ref);
+}
+
+static int l_sleep(lua_State *L) {
+  ts_loop *loop = ts__loop(L);
+  uint64_t ms = to_ms(L, 1);
+  sleeper *s;
+
+  ts__check_task(L, "sleep");
+  s = malloc(sizeof(*s));
+  if (s == NULL)
+    return luaL_error(L, "sleep: out of memory");
+  uv_timer_init(loop->uv, &s->h);
+  s->h.data = s;
+  s->co = L;
+  lua_pushthread(L);
+  s->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  uv_timer_start(&s->h, sleeper_cb, ms, 0);
+  return lua_yield(L, 0);
+}
+
+/* ---- signals: handlers that do not keep the loop alive ---- */
+
+typedef struct ts_signal {
+  uv_signal_t h;
+  int fn_ref;
+} ts_signal;
+
+static void signal_cb(uv_signal_t *h, int signum) {
+  ts_signal *s = h->data;
+  lua_rawgeti(the_loop->L, LUA_REGISTRYINDEX, s->fn_ref);
+  lua_pushinteger(the_loop->L, signum);
+  ts__pcall(the_loop, 1);
+}
+
+static int l_signal(lua_State *L) {
+  static const char *const names[] = {"SIGINT", "SIGTERM", "SIGHUP",
+                                      "SIGUSR1", "SIGUSR2", NULL};
+  static const int nums[] = {SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2};
+  ts_loop *loop = ts__loop(L);
+  int signum = nums[luaL_checkoption(L, 1, NULL, names)];
+  ts_signal *s;
+
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  /* Never freed: a handler lives as long as the process. */
+  s = malloc(sizeof(*s));
+  if (s == NULL)
+    return luaL_error(L, "signal: out of memory");
+  uv_signal_init(loop->uv, &s->h);
+  s->h.data = s;
+  lua_pushvalue(L, 2);
+  s->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  uv_signal_start(&s->h, signal_cb, signum);
+  uv_unref((uv_handle_t *)&s->h);
+  return 0;
+}
+
+static void create_timer_meta(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"cancel", timer_cancel}, {"active", timer_active}, {NULL, NULL}};
+  luaL_newmetatable(L, TS_TIMER_MT);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+}
+
+int ts__open_loop(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"spawn", l_spawn},     {"in_task", l_in_task}, {"start", l_start},
+    {"stop", l_stop},       {"running", l_running}, {"time", l_time},
+    {"timer", l_timer},     {"sleep", l_sleep},     {"signal", l_signal},
+    {"set_error_handler", l_set_error_handler},     {NULL, NULL}};
+  create_timer_meta(L);
+  luaL_setfuncs(L, funcs, 0);
+  return 0;
+}
+
+/* Runs the function under `narg` args on L's top in a new task. */
+void ts__spawn(lua_State *L, int narg) {
+  lua_State *co = lua_newthread(L);
+  ts__mark_task(co);
+  lua_insert(L, -(narg + 2));
+  lua_xmove(L, co, narg + 1);
+  resume_from(L, co, narg);
+  lua_pop(L, 1);
+}

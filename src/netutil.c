@@ -1,0 +1,245 @@
+/* Listening sockets, bound before the loop exists so that a process may
+ * bind, fork, then serve. */
+#define _GNU_SOURCE
+#include "internal.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+typedef struct ts_socket {
+  int fd;
+  int family;
+  int in_use; /* owned by a listener: close the server instead */
+} ts_socket;
+
+static ts_socket *check_socket(lua_State *L) {
+  return luaL_checkudata(L, 1, TS_SOCKET_MT);
+}
+
+static ts_socket *push_socket(lua_State *L, int fd, int family) {
+  ts_socket *s = lua_newuserdatauv(L, sizeof(*s), 0);
+  s->fd = fd;
+  s->family = family;
+  s->in_use = 0;
+  luaL_setmetatable(L, TS_SOCKET_MT);
+  return s;
+}
+
+int ts__socket_take(lua_State *L, int idx, int *family) {
+  ts_socket *s = luaL_checkudata(L, idx, TS_SOCKET_MT);
+  if (s->fd < 0)
+    luaL_argerror(L, idx, "socket is closed");
+  if (s->in_use)
+    luaL_argerror(L, idx, "socket is already served");
+  s->in_use = 1;
+  *family = s->family;
+  return s->fd;
+}
+
+void ts__socket_release(lua_State *L, int idx) {
+  ts_socket *s = luaL_checkudata(L, idx, TS_SOCKET_MT);
+  s->in_use = 0;
+  s->fd = -1;
+}
+
+static int fail_errno(lua_State *L, const char *what, const char *host,
+                      int port) {
+  return luaL_error(L, "%s %s:%d: %s", what, host, port, strerror(errno));
+}
+
+/* Opens, configures and binds one listening socket; returns fd or -1. */
+static int open_listener(const struct addrinfo *ai, int backlog, int reuse_port) {
+  int one = 1, fd, saved;
+
+  fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return -1;
+  if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0)
+    goto fail;
+  if (reuse_port && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)))
+    goto fail;
+  /* Without V6ONLY the IPv6 socket would also claim the IPv4 port. */
+  if (ai->ai_family == AF_INET6 &&
+      setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0)
+    goto fail;
+  if (bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, backlog) != 0)
+    goto fail;
+  return fd;
+fail:
+  saved = errno;
+  close(fd);
+  errno = saved;
+  return -1;
+}
+
+static void set_port(struct sockaddr *sa, int port) {
+  if (sa->sa_family == AF_INET)
+    ((struct sockaddr_in *)sa)->sin_port = htons((uint16_t)port);
+  else
+    ((struct sockaddr_in6 *)sa)->sin6_port = htons((uint16_t)port);
+}
+
+static int bound_port(int fd) {
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof(ss);
+  if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0)
+    return 0;
+  if (ss.ss_family == AF_INET)
+    return ntohs(((struct sockaddr_in *)&ss)->sin_port);
+  return ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+}
+
+/* core.bind_sockets(port, host|nil, family|nil, backlog, reuse_port) */
+static int l_bind_sockets(lua_State *L) {
+  int port = (int)luaL_checkinteger(L, 1);
+  const char *host = luaL_optstring(L, 2, NULL);
+  const char *fam = luaL_optstring(L, 3, NULL);
+  int backlog = (int)luaL_optinteger(L, 4, 128);
+  int reuse_port = lua_toboolean(L, 5);
+  struct addrinfo hints, *res = NULL, *ai;
+  char service[16];
+  int rc, n = 0, fd;
+
+  luaL_argcheck(L, port >= 0 && port <= 65535, 1, "port out of range");
+  memset(&hints, 0, sizeof(hints));
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  hints.ai_family = fam == NULL ? AF_UNSPEC
+                    : strcmp(fam, "inet6") == 0 ? AF_INET6 : AF_INET;
+  if (host != NULL && host[0] == '\0')
+    host = NULL;
+  snprintf(service, sizeof(service), "%d", port);
+  rc = getaddrinfo(host, service, &hints, &res);
+  if (rc != 0)
+    return luaL_error(L, "bind_sockets: cannot resolve %s: %s",
+                      host ? host : "*", gai_strerror(rc));
+  lua_newtable(L);
+  for (ai = res; ai != NULL; ai = ai->ai_next) {
+    if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6)
+      continue;
+    if (port == 0 && n > 0) /* every family on the port the first got */
+      set_port(ai->ai_addr, bound_port(((ts_socket *)lua_touserdata(L, -1))->fd));
+    fd = open_listener(ai, backlog, reuse_port);
+    if (fd < 0) {
+      if (errno == EADDRNOTAVAIL && ai->ai_family == AF_INET6)
+        continue; /* no IPv6 on this host */
+      freeaddrinfo(res);
+      return fail_errno(L, "bind_sockets: cannot listen on", host ? host : "*",
+                        port);
+    }
+    if (n > 0)
+      lua_pop(L, 1);
+    push_socket(L, fd, ai->ai_family);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, -3, ++n);
+  }
+  freeaddrinfo(res);
+  if (n > 0)
+    lua_pop(L, 1);
+  return 1;
+}
+
+/* core.bind_unix_socket(path, mode, backlog) */
+static int l_bind_unix_socket(lua_State *L) {
+  size_t plen;
+  const char *path = luaL_checklstring(L, 1, &plen);
+  int mode = (int)luaL_optinteger(L, 2, 0600);
+  int backlog = (int)luaL_optinteger(L, 3, 128);
+  struct sockaddr_un sun;
+  struct stat st;
+  int fd;
+
+  luaL_argcheck(L, plen > 0 && plen < sizeof(sun.sun_path), 1,
+                "path empty or too long");
+  if (lstat(path, &st) == 0) {
+    if (!S_ISSOCK(st.st_mode))
+      return luaL_error(L, "bind_unix_socket: %s exists and is not a socket", path);
+    unlink(path); /* a stale socket from an earlier run */
+  }
+  memset(&sun, 0, sizeof(sun));
+  sun.sun_family = AF_UNIX;
+  memcpy(sun.sun_path, path, plen);
+  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0 || bind(fd, (struct sockaddr *)&sun, sizeof(sun)) != 0 ||
+      chmod(path, (mode_t)mode) != 0 || listen(fd, backlog) != 0) {
+    int saved = errno;
+    if (fd >= 0)
+      close(fd);
+    return luaL_error(L, "bind_unix_socket: %s: %s", path, strerror(saved));
+  }
+  push_socket(L, fd, AF_UNIX);
+  return 1;
+}
+
+static int sock_getsockname(lua_State *L) {
+  ts_socket *s = check_socket(L);
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof(ss);
+
+  if (s->fd < 0 || getsockname(s->fd, (struct sockaddr *)&ss, &len) != 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, s->fd < 0 ? "closed" : strerror(errno));
+    return 2;
+  }
+  if (ss.ss_family == AF_UNIX) {
+    lua_pushstring(L, ((struct sockaddr_un *)&ss)->sun_path);
+    lua_pushinteger(L, 0);
+    lua_pushliteral(L, "unix");
+    return 3;
+  }
+  return ts__push_addr(L, (struct sockaddr *)&ss);
+}
+
+static int sock_fileno(lua_State *L) {
+  lua_pushinteger(L, check_socket(L)->fd);
+  return 1;
+}
+
+static int sock_close(lua_State *L) {
+  ts_socket *s = check_socket(L);
+  if (s->in_use)
+    return luaL_error(L, "socket is served by a server: stop the server instead");
+  if (s->fd >= 0)
+    close(s->fd);
+  s->fd = -1;
+  return 0;
+}
+
+static int sock_gc(lua_State *L) {
+  ts_socket *s = check_socket(L);
+  if (s->fd >= 0 && !s->in_use)
+    close(s->fd);
+  s->fd = -1;
+  return 0;
+}
+
+static int sock_tostring(lua_State *L) {
+  lua_pushfstring(L, "tcpserver.socket (fd %d)", check_socket(L)->fd);
+  return 1;
+}
+
+int ts__open_netutil(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"getsockname", sock_getsockname}, {"fileno", sock_fileno},
+    {"close", sock_close}, {NULL, NULL}};
+  static const luaL_Reg meta[] = {
+    {"__gc", sock_gc}, {"__close", sock_gc}, {"__tostring", sock_tostring},
+    {"__index", NULL}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {
+    {"bind_sockets", l_bind_sockets}, {"bind_unix_socket", l_bind_unix_socket},
+    {NULL, NULL}};
+
+  luaL_newmetatable(L, TS_SOCKET_MT);
+  luaL_setfuncs(L, meta, 0);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  luaL_setfuncs(L, funcs, 0);
+  return 0;
+}

@@ -1,0 +1,820 @@
+/* IOStream over uv_tcp_t / uv_pipe_t: read requests served from one
+ * buffer, a write buffer flushed once per wake-up, and an explicit close.
+ *
+ * Reads: while a stream has nothing buffered, libuv reads into the loop's
+ * shared buffer; a request that the new bytes satisfy is answered straight
+ * from there and only the remainder is copied into the stream's own buffer.
+ * An idle connection therefore holds no read buffer. */
+#include "internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE };
+
+enum {
+  F_PIPE = 1 << 0,
+  F_READING = 1 << 1,   /* uv_read_start is active */
+  F_EOF = 1 << 2,       /* the peer finished sending */
+  F_CLOSED = 1 << 3,    /* close() was called or an error ended it */
+  F_HCLOSING = 1 << 4,  /* uv_close was called */
+  F_DONE = 1 << 5,      /* the close callback ran */
+  F_WRITING = 1 << 6,   /* a uv_write is in flight (obuf) */
+  F_DIRTY = 1 << 7,     /* on the loop's dirty list */
+  F_BORROWED = 1 << 8,  /* rbuf points into the loop's shared buffer */
+  F_FLUSHWAIT = 1 << 9  /* wco waits for everything, not just the mark */
+};
+
+#define WRITE_HIGH_WATER (1024 * 1024)
+#define LINGER_MS 10000
+
+struct ts_stream {
+  union {
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;
+  } h;
+  ts_buf rbuf;
+  ts_buf wbuf;            /* filled by write() */
+  ts_buf obuf;            /* owned by the write in flight */
+  uv_timer_t *timer;      /* wait timeouts and close linger; lazy */
+  ts_stream *next_dirty;
+  lua_State *rco, *wco;   /* tasks waiting to read / for the write buffer */
+  int rco_ref, wco_ref, self_ref, close_cb_ref;
+  int err;                /* the libuv error that ended the stream */
+  unsigned flags;
+  int rmode;
+  size_t rn;              /* read_bytes count or read_until max_bytes */
+  const char *delim;      /* lives on the waiting task's stack */
+  size_t dlen, scan;
+  size_t max_buffer, chunk, read_high_water;
+  double timeout;         /* seconds; <= 0 means none */
+};
+
+static void stream_close(ts_stream *s, int err);
+static void update_reading(ts_stream *s);
+
+static ts_stream *check_stream(lua_State *L) {
+  return luaL_checkudata(L, 1, TS_STREAM_MT);
+}
+
+uv_stream_t *ts__stream_handle(ts_stream *s) {
+  return &s->h.stream;
+}
+
+static size_t pending_writes(ts_stream *s) {
+  return ts_buf_len(&s->wbuf) + ts_buf_len(&s->obuf);
+}
+
+static int quiet_error(int err) {
+  return err == 0 || err == UV_ECONNRESET || err == UV_EPIPE ||
+         err == UV_ECONNABORTED || err == UV_ETIMEDOUT || err == UV_EOF;
+}
+
+const char *ts__errname(int err) {
+  switch (err) {
+  case UV_ECONNREFUSED: return "connection refused";
+  case UV_ETIMEDOUT: return "timeout";
+  case UV_ECANCELED: return "closed";
+  default: return quiet_error(err) ? "closed" : uv_strerror(err);
+  }
+}
+
+int ts__push_addr(lua_State *L, const struct sockaddr *sa) {
+  char host[INET6_ADDRSTRLEN] = "";
+  int port = 0;
+  const char *family = "inet";
+
+  if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)sa;
+    uv_ip6_name(a, host, sizeof(host));
+    port = ntohs(a->sin6_port);
+    family = "inet6";
+  } else if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *a = (const struct sockaddr_in *)sa;
+    uv_ip4_name(a, host, sizeof(host));
+    port = ntohs(a->sin_port);
+  } else {
+    family = "unix";
+  }
+  lua_pushstring(L, host);
+  lua_pushinteger(L, port);
+  lua_pushstring(L, family);
+  return 3;
+}
+
+/* ---- waking tasks ---- */
+
+static void stop_timer(ts_stream *s) {
+  if (s->timer != NULL && s->rco == NULL && s->wco == NULL &&
+      !(s->flags & F_CLOSED))
+    uv_timer_stop(s->timer);
+}
+
+static void wake(ts_stream *s, lua_State **cop, int *refp, int nres) {
+  lua_State *co = *cop;
+  int ref = *refp;
+
+  *cop = NULL;
+  *refp = LUA_NOREF;
+  stop_timer(s);
+  ts__resume(co, nres);
+  luaL_unref(co, LUA_REGISTRYINDEX, ref);
+}
+
+static void timer_cb(uv_timer_t *t);
+
+static void start_timer(ts_stream *s, uint64_t ms) {
+  if (s->timer == NULL) {
+    s->timer = malloc(sizeof(*s->timer));
+    if (s->timer == NULL)
+      return; /* no timeout then, rather than no stream */
+    uv_timer_init(s->h.handle.loop, s->timer);
+    s->timer->data = s;
+  }
+  uv_timer_start(s->timer, timer_cb, ms, 0);
+}
+
+static int wait_on(lua_State *L, ts_stream *s, lua_State **cop, int *refp) {
+  *cop = L;
+  lua_pushthread(L);
+  *refp = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (s->timeout > 0)
+    start_timer(s, (uint64_t)(s->timeout * 1000 + 0.5));
+  return lua_yield(L, 0);
+}
+
+/* ---- reading ---- */
+
+static int push_consume(ts_stream *s, lua_State *L, size_t n) {
+  lua_pushlstring(L, ts_buf_head(&s->rbuf), n);
+  ts_buf_consume(&s->rbuf, n);
+  s->scan = 0;
+  s->rmode = RD_NONE;
+  return 1;
+}
+
+static int fail(ts_stream *s, lua_State *L, const char *err) {
+  s->rmode = RD_NONE;
+  s->scan = 0;
+  lua_pushnil(L);
+  lua_pushstring(L, err);
+  return 2;
+}
+
+static int fail_too_large(ts_stream *s, lua_State *L) {
+  fail(s, L, "too large");
+  stream_close(s, 0);
+  return 2;
+}
+
+/* The peer is gone: hand over what is left as the partial result. */
+static int fail_closed(ts_stream *s, lua_State *L) {
+  fail(s, L, ts__errname(s->err));
+  lua_pushlstring(L, ts_buf_head(&s->rbuf), ts_buf_len(&s->rbuf));
+  ts_buf_consume(&s->rbuf, ts_buf_len(&s->rbuf));
+  stream_close(s, 0);
+  return 3;
+}
+
+/* Answers the pending read request if it can: returns the number of values
+ * pushed on L (a result or an error), or 0 if it must wait for more. */
+static int try_read(ts_stream *s, lua_State *L) {
+  size_t len = ts_buf_len(&s->rbuf);
+  int ended = (s->flags & (F_EOF | F_CLOSED)) != 0;
+  long at;
+
+  switch (s->rmode) {
+  case RD_UNTIL:
+    at = ts_buf_find(&s->rbuf, s->delim, s->dlen, &s->scan);
+    if (at >= 0) {
+      if (s->rn > 0 && (size_t)at + s->dlen > s->rn)
+        return fail_too_large(s, L);
+      return push_consume(s, L, (size_t)at + s->dlen);
+    }
+    if ((s->rn > 0 && len >= s->rn) || len >= s->max_buffer)
+      return fail_too_large(s, L);
+    break;
+  case RD_BYTES:
+  case RD_PARTIAL:
+    if (len >= s->rn)
+      return push_consume(s, L, s->rn);
+    if (s->rmode == RD_PARTIAL && len > 0)
+      return push_consume(s, L, len);
+    if (len >= s->max_buffer)
+      return fail_too_large(s, L);
+    break;
+  case RD_CLOSE:
+    if (ended) {
+      push_consume(s, L, len);
+      stream_close(s, 0);
+      return 1;
+    }
+    if (len >= s->max_buffer)
+      return fail_too_large(s, L);
+    break;
+  }
+  return ended ? fail_closed(s, L) : 0;
+}
+
+/* Copies what is left of a borrowed shared buffer into the stream's own. */
+static void unborrow(ts_stream *s) {
+  ts_buf shared = s->rbuf;
+
+  if (!(s->flags & F_BORROWED))
+    return;
+  s->flags &= ~F_BORROWED;
+  ts_buf_init(&s->rbuf);
+  if (ts_buf_len(&shared) > 0 &&
+      (ts_buf_reserve(&s->rbuf, ts_buf_len(&shared), s->max_buffer) != 0 ||
+       ts_buf_append(&s->rbuf, ts_buf_head(&shared), ts_buf_len(&shared))))
+    stream_close(s, UV_ENOMEM);
+}
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  ts_stream *s = h->data;
+  ts_loop *loop = h->loop->data;
+  size_t len = ts_buf_len(&s->rbuf), want = s->chunk, room;
+
+  (void)suggested;
+  if (len == 0) {
+    ts_buf_free(&s->rbuf);
+    want = want < s->max_buffer ? want : s->max_buffer;
+    *buf = uv_buf_init(loop->shared, want < TS_SHARED_READ_SIZE ? want
+                                                                : TS_SHARED_READ_SIZE);
+    return;
+  }
+  /* A large read_bytes reads straight into a buffer of its size. */
+  if ((s->rmode == RD_BYTES || s->rmode == RD_PARTIAL) && s->rn > len + want)
+    want = s->rn - len;
+  room = s->max_buffer > len ? s->max_buffer - len : 0;
+  want = want < room ? want : room;
+  if (want == 0 || ts_buf_reserve(&s->rbuf, want, s->max_buffer) != 0) {
+    *buf = uv_buf_init(NULL, 0);
+    return;
+  }
+  room = ts_buf_room(&s->rbuf) < room ? ts_buf_room(&s->rbuf) : room;
+  *buf = uv_buf_init(ts_buf_tail(&s->rbuf), (unsigned)room);
+}
+
+static void on_data(ts_stream *s) {
+  int n;
+
+  if (s->rco != NULL) {
+    n = try_read(s, s->rco);
+    unborrow(s);
+    if (n > 0)
+      wake(s, &s->rco, &s->rco_ref, n);
+  } else {
+    unborrow(s);
+  }
+  update_reading(s);
+}
+
+static void on_eof(ts_stream *s) {
+  s->flags |= F_EOF;
+  if (s->rco != NULL)
+    wake(s, &s->rco, &s->rco_ref, try_read(s, s->rco));
+  else if (ts_buf_len(&s->rbuf) == 0)
+    stream_close(s, 0);
+  update_reading(s);
+}
+
+static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
+  ts_stream *s = h->data;
+
+  if (nread > 0) {
+    if (buf->base == ((ts_loop *)h->loop->data)->shared) {
+      s->rbuf.data = buf->base;
+      s->rbuf.cap = buf->len;
+      s->rbuf.start = 0;
+      s->rbuf.end = (size_t)nread;
+      s->flags |= F_BORROWED;
+    } else {
+      s->rbuf.end += (size_t)nread;
+    }
+    on_data(s);
+  } else if (nread == UV_EOF) {
+    on_eof(s);
+  } else if (nread == UV_ENOBUFS) {
+    update_reading(s);
+  } else if (nread < 0) {
+    stream_close(s, (int)nread);
+  }
+}
+
+static void update_reading(ts_stream *s) {
+  int want = !(s->flags & (F_EOF | F_CLOSED)) &&
+             (s->rco != NULL || ts_buf_len(&s->rbuf) < s->read_high_water);
+  int err;
+
+  if (want && !(s->flags & F_READING)) {
+    err = uv_read_start(&s->h.stream, alloc_cb, read_cb);
+    if (err != 0) {
+      stream_close(s, err);
+      return;
+    }
+    s->flags |= F_READING;
+  } else if (!want && (s->flags & F_READING)) {
+    uv_read_stop(&s->h.stream);
+    s->flags &= ~F_READING;
+  }
+}
+
+/* Common tail of the read methods: answer now or wait. */
+static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
+  int r;
+
+  if (s->rco != NULL)
+    return luaL_error(L, "already reading");
+  s->rmode = mode;
+  s->rn = n;
+  r = try_read(s, L);
+  if (r > 0) {
+    update_reading(s);
+    return r;
+  }
+  if (!ts__in_task(L)) {
+    s->rmode = RD_NONE;
+    ts__check_task(L, "read");
+  }
+  update_reading(s);
+  if (s->flags & F_CLOSED) /* update_reading failed */
+    return try_read(s, L);
+  return wait_on(L, s, &s->rco, &s->rco_ref);
+}
+
+static int l_read_until(lua_State *L) {
+  ts_stream *s = check_stream(L);
+  size_t dlen;
+  const char *delim = luaL_checklstring(L, 2, &dlen);
+  lua_Integer max = luaL_optinteger(L, 3, 0);
+
+  luaL_argcheck(L, dlen > 0, 2, "empty delimiter");
+  luaL_argcheck(L, max >= 0, 3, "max_bytes must not be negative");
+  if (s->rco == NULL) {
+    s->delim = delim;
+    s->dlen = dlen;
+    s->scan = 0;
+  }
+  return read_request(L, s, RD_UNTIL, (size_t)max);
+}
+
+static int l_read_bytes(lua_State *L) {
+  ts_stream *s = check_stream(L);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  int partial = lua_toboolean(L, 3);
+
+  luaL_argcheck(L, n >= 0, 2, "byte count must not be negative");
+  if (n == 0 && s->rco == NULL) {
+    lua_pushliteral(L, "");
+    return 1;
+  }
+  return read_request(L, s, partial ? RD_PARTIAL : RD_BYTES, (size_t)n);
+}
+
+static int l_read_until_close(lua_State *L) {
+  return read_request(L, check_stream(L), RD_CLOSE, 0);
+}
+
+/* ---- writing ---- */
+
+static void write_cb(uv_write_t *req, int status);
+
+/* Hands the write buffer to the kernel: try_write first, then one uv_write
+ * for what is left. Returns 0 or a libuv error (the stream is closed). */
+int ts__stream_flush(ts_stream *s) {
+  ts_buf tmp;
+  uv_buf_t b;
+  uv_write_t *req;
+  int n;
+
+  if ((s->flags & (F_WRITING | F_HCLOSING)) || ts_buf_len(&s->wbuf) == 0)
+    return 0;
+  b = uv_buf_init(ts_buf_head(&s->wbuf), (unsigned)ts_buf_len(&s->wbuf));
+  n = uv_try_write(&s->h.stream, &b, 1);
+  if (n == (int)b.len) {
+    ts_buf_free(&s->wbuf);
+    return 0;
+  }
+  if (n < 0 && n != UV_EAGAIN)
+    goto fail;
+  ts_buf_consume(&s->wbuf, n > 0 ? (size_t)n : 0);
+  tmp = s->obuf;
+  s->obuf = s->wbuf;
+  s->wbuf = tmp;
+  req = malloc(sizeof(*req));
+  n = UV_ENOMEM;
+  if (req == NULL)
+    goto fail;
+  req->data = s;
+  b = uv_buf_init(ts_buf_head(&s->obuf), (unsigned)ts_buf_len(&s->obuf));
+  n = uv_write(req, &s->h.stream, &b, 1, write_cb);
+  if (n != 0) {
+    free(req);
+    goto fail;
+  }
+  s->flags |= F_WRITING;
+  return 0;
+fail:
+  stream_close(s, n);
+  return n;
+}
+
+static void check_writer(ts_stream *s) {
+  size_t left = pending_writes(s);
+
+  if (s->wco == NULL)
+    return;
+  if (s->flags & F_CLOSED) {
+    lua_pushnil(s->wco);
+    lua_pushstring(s->wco, ts__errname(s->err));
+    wake(s, &s->wco, &s->wco_ref, 2);
+  } else if (left == 0 || (!(s->flags & F_FLUSHWAIT) &&
+                           left <= WRITE_HIGH_WATER / 2)) {
+    lua_pushboolean(s->wco, 1);
+    wake(s, &s->wco, &s->wco_ref, 1);
+  }
+}
+
+static void handle_close(ts_stream *s);
+
+static void write_cb(uv_write_t *req, int status) {
+  ts_stream *s = req->data;
+
+  free(req);
+  s->flags &= ~F_WRITING;
+  ts_buf_free(&s->obuf);
+  if (status == UV_ECANCELED)
+    return;
+  if (status < 0) {
+    stream_close(s, status);
+    return;
+  }
+  if (ts__stream_flush(s) != 0)
+    return;
+  if ((s->flags & F_CLOSED) && pending_writes(s) == 0)
+    handle_close(s);
+  else
+    check_writer(s);
+}
+
+static void mark_dirty(ts_stream *s) {
+  ts_loop *loop;
+
+  if (s->flags & F_DIRTY)
+    return;
+  loop = s->h.handle.loop->data;
+  s->flags |= F_DIRTY;
+  s->next_dirty = loop->dirty;
+  loop->dirty = s;
+}
+
+void ts__flush_dirty(ts_loop *loop) {
+  ts_stream *s;
+
+  while ((s = loop->dirty) != NULL) {
+    loop->dirty = s->next_dirty;
+    s->flags &= ~F_DIRTY;
+    ts__stream_flush(s);
+  }
+}
+
+static int append_value(lua_State *L, ts_stream *s, int idx) {
+  size_t len;
+  const char *p = lua_tolstring(L, idx, &len);
+  return ts_buf_append(&s->wbuf, p, len);
+}
+
+static int append_all(lua_State *L, ts_stream *s) {
+  lua_Integer i, n;
+  int rc = 0;
+
+  if (lua_type(L, 2) == LUA_TSTRING)
+    return append_value(L, s, 2);
+  luaL_argexpected(L, lua_type(L, 2) == LUA_TTABLE, 2, "string or array of strings");
+  n = luaL_len(L, 2);
+  for (i = 1; i <= n && rc == 0; i++) {
+    if (lua_geti(L, 2, i) != LUA_TSTRING)
+      return luaL_error(L, "bad argument #1 to 'write' (item %d is not a string)",
+                        (int)i);
+    rc = append_value(L, s, -1);
+    lua_pop(L, 1);
+  }
+  return rc;
+}
+
+static int push_error(lua_State *L, const char *err) {
+  lua_pushnil(L);
+  lua_pushstring(L, err);
+  return 2;
+}
+
+static int l_write(lua_State *L) {
+  ts_stream *s = check_stream(L);
+
+  if (s->flags & F_CLOSED) {
+    luaL_checkany(L, 2);
+    return push_error(L, "closed");
+  }
+  if (append_all(L, s) != 0)
+    return luaL_error(L, "write: out of memory");
+  if (ts_buf_len(&s->wbuf) > 0)
+    mark_dirty(s);
+  if (pending_writes(s) > WRITE_HIGH_WATER && ts__in_task(L)) {
+    if (ts__stream_flush(s) != 0)
+      return push_error(L, ts__errname(s->err));
+    if (pending_writes(s) > WRITE_HIGH_WATER) {
+      if (s->wco != NULL)
+        return luaL_error(L, "already writing");
+      s->flags &= ~F_FLUSHWAIT;
+      return wait_on(L, s, &s->wco, &s->wco_ref);
+    }
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_flush(lua_State *L) {
+  ts_stream *s = check_stream(L);
+
+  if (s->flags & F_CLOSED)
+    return push_error(L, ts__errname(s->err));
+  if (ts__stream_flush(s) != 0)
+    return push_error(L, ts__errname(s->err));
+  if (pending_writes(s) == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  ts__check_task(L, "flush");
+  if (s->wco != NULL)
+    return luaL_error(L, "already writing");
+  s->flags |= F_FLUSHWAIT;
+  return wait_on(L, s, &s->wco, &s->wco_ref);
+}
+
+/* ---- closing ---- */
+
+static void timer_free(uv_handle_t *h) {
+  free(h);
+}
+
+static void unlink_dirty(ts_stream *s) {
+  ts_loop *loop = s->h.handle.loop->data;
+  ts_stream **p;
+
+  for (p = &loop->dirty; *p != NULL; p = &(*p)->next_dirty) {
+    if (*p == s) {
+      *p = s->next_dirty;
+      break;
+    }
+  }
+  s->flags &= ~F_DIRTY;
+}
+
+static void close_cb(uv_handle_t *h) {
+  ts_stream *s = h->data;
+  ts_loop *loop = h->loop->data;
+  lua_State *L = loop->L;
+
+  if (s->flags & F_DIRTY)
+    unlink_dirty(s);
+  ts_buf_free(&s->wbuf);
+  ts_buf_free(&s->obuf);
+  s->flags |= F_DONE;
+  if (s->rco != NULL)
+    wake(s, &s->rco, &s->rco_ref, try_read(s, s->rco));
+  check_writer(s);
+  if (s->close_cb_ref != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->close_cb_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, s->close_cb_ref);
+    s->close_cb_ref = LUA_NOREF;
+    ts__pcall(loop, 0);
+  }
+  luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
+  s->self_ref = LUA_NOREF;
+}
+
+static void handle_close(ts_stream *s) {
+  if (s->flags & F_HCLOSING)
+    return;
+  s->flags |= F_HCLOSING;
+  if (s->timer != NULL) {
+    uv_close((uv_handle_t *)s->timer, timer_free);
+    s->timer = NULL;
+  }
+  uv_close(&s->h.handle, close_cb);
+}
+
+/* Ends the stream. A clean close (err 0) first hands what is written to the
+ * kernel, for at most LINGER_MS; an error drops it. */
+static void stream_close(ts_stream *s, int err) {
+  if (s->flags & F_CLOSED) {
+    if (err != 0 && !(s->flags & F_HCLOSING))
+      handle_close(s);
+    return;
+  }
+  s->flags |= F_CLOSED;
+  if (err != 0) {
+    s->err = err;
+    if (!quiet_error(err) && err != UV_ECANCELED) {
+      char msg[128];
+      snprintf(msg, sizeof(msg), "stream error: %s", uv_strerror(err));
+      ts__report(s->h.handle.loop->data, msg);
+    }
+  }
+  if (s->flags & F_READING) {
+    uv_read_stop(&s->h.stream);
+    s->flags &= ~F_READING;
+  }
+  if (err == 0 && ts__stream_flush(s) != 0)
+    return;
+  if (err != 0 || pending_writes(s) == 0)
+    handle_close(s);
+  else
+    start_timer(s, LINGER_MS);
+}
+
+/* Closes at once, dropping unwritten data (used when a server stops). */
+void ts__stream_abort(ts_stream *s) {
+  stream_close(s, UV_ECANCELED);
+}
+
+static void timer_cb(uv_timer_t *t) {
+  ts_stream *s = t->data;
+
+  if (s->flags & F_CLOSED) { /* the linger ran out */
+    handle_close(s);
+    return;
+  }
+  if (s->rco != NULL) {
+    fail(s, s->rco, "timeout");
+    wake(s, &s->rco, &s->rco_ref, 2);
+  }
+  if (s->wco != NULL) {
+    lua_pushnil(s->wco);
+    lua_pushliteral(s->wco, "timeout");
+    wake(s, &s->wco, &s->wco_ref, 2);
+  }
+  update_reading(s);
+}
+
+static int l_close(lua_State *L) {
+  ts_stream *s = luaL_checkudata(L, 1, TS_STREAM_MT);
+  if (!(s->flags & F_DONE) && s->self_ref != LUA_NOREF)
+    stream_close(s, 0);
+  return 0;
+}
+
+static int l_gc(lua_State *L) {
+  ts_stream *s = luaL_checkudata(L, 1, TS_STREAM_MT);
+  /* A stream is pinned until its close callback, so here libuv is done. */
+  if (!(s->flags & F_BORROWED))
+    ts_buf_free(&s->rbuf);
+  return 0;
+}
+
+static int l_closed(lua_State *L) {
+  lua_pushboolean(L, (check_stream(L)->flags & F_CLOSED) != 0);
+  return 1;
+}
+
+static int l_set_close_callback(lua_State *L) {
+  ts_stream *s = check_stream(L);
+
+  if (!lua_isnoneornil(L, 2))
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+  luaL_unref(L, LUA_REGISTRYINDEX, s->close_cb_ref);
+  s->close_cb_ref = LUA_NOREF;
+  lua_settop(L, 2);
+  if (s->flags & F_DONE) {
+    if (!lua_isnil(L, 2))
+      lua_call(L, 0, 0);
+  } else if (!lua_isnil(L, 2)) {
+    s->close_cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  return 0;
+}
+
+/* ---- options and addresses ---- */
+
+static int l_settimeout(lua_State *L) {
+  ts_stream *s = check_stream(L);
+  lua_Number t = luaL_optnumber(L, 2, 0);
+  luaL_argcheck(L, t >= 0, 2, "timeout must not be negative");
+  s->timeout = t;
+  return 0;
+}
+
+static int l_set_nodelay(lua_State *L) {
+  ts_stream *s = check_stream(L);
+  int on = lua_isnone(L, 2) || lua_toboolean(L, 2);
+  if (!(s->flags & (F_PIPE | F_HCLOSING)))
+    uv_tcp_nodelay(&s->h.tcp, on);
+  return 0;
+}
+
+static int push_name(lua_State *L, int peer) {
+  ts_stream *s = check_stream(L);
+  struct sockaddr_storage ss;
+  int len = sizeof(ss), err;
+
+  if (s->flags & F_HCLOSING)
+    return push_error(L, "closed");
+  if (s->flags & F_PIPE) {
+    char path[1024];
+    size_t n = sizeof(path);
+    err = peer ? uv_pipe_getpeername(&s->h.pipe, path, &n)
+               : uv_pipe_getsockname(&s->h.pipe, path, &n);
+    if (err != 0)
+      return push_error(L, uv_strerror(err));
+    lua_pushlstring(L, path, n);
+    lua_pushinteger(L, 0);
+    lua_pushliteral(L, "unix");
+    return 3;
+  }
+  err = peer ? uv_tcp_getpeername(&s->h.tcp, (struct sockaddr *)&ss, &len)
+             : uv_tcp_getsockname(&s->h.tcp, (struct sockaddr *)&ss, &len);
+  if (err != 0)
+    return push_error(L, uv_strerror(err));
+  return ts__push_addr(L, (struct sockaddr *)&ss);
+}
+
+static int l_getpeername(lua_State *L) { return push_name(L, 1); }
+static int l_getsockname(lua_State *L) { return push_name(L, 0); }
+
+static int l_tostring(lua_State *L) {
+  ts_stream *s = check_stream(L);
+  lua_pushfstring(L, "tcpserver.stream (%p)%s", (void *)s,
+                  (s->flags & F_CLOSED) ? " closed" : "");
+  return 1;
+}
+
+/* ---- creation ---- */
+
+void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk,
+                          double timeout) {
+  s->max_buffer = max_buffer;
+  s->chunk = chunk;
+  s->read_high_water = 4 * chunk < max_buffer ? 4 * chunk : max_buffer;
+  s->timeout = timeout;
+}
+
+ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
+  ts_loop *loop = ts__loop(L);
+  ts_stream *s = lua_newuserdatauv(L, sizeof(*s), 0);
+
+  memset(s, 0, sizeof(*s));
+  luaL_setmetatable(L, TS_STREAM_MT);
+  if (is_pipe) {
+    uv_pipe_init(loop->uv, &s->h.pipe, 0);
+    s->flags |= F_PIPE;
+  } else {
+    uv_tcp_init(loop->uv, &s->h.tcp);
+  }
+  s->h.handle.data = s;
+  s->rco_ref = s->wco_ref = s->close_cb_ref = LUA_NOREF;
+  ts__stream_configure(s, 100 * 1024 * 1024, 64 * 1024, 0);
+  /* Pinned until the close callback: libuv owns the handle until then. */
+  lua_pushvalue(L, -1);
+  s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return s;
+}
+
+int ts__stream_start(ts_stream *s) {
+  update_reading(s);
+  return (s->flags & F_CLOSED) ? s->err : 0;
+}
+
+int ts__open_stream(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"read_until", l_read_until},
+    {"read_bytes", l_read_bytes},
+    {"read_until_close", l_read_until_close},
+    {"write", l_write},
+    {"flush", l_flush},
+    {"close", l_close},
+    {"closed", l_closed},
+    {"set_close_callback", l_set_close_callback},
+    {"settimeout", l_settimeout},
+    {"set_nodelay", l_set_nodelay},
+    {"getpeername", l_getpeername},
+    {"getsockname", l_getsockname},
+    {NULL, NULL}};
+  static const luaL_Reg metamethods[] = {
+    {"__gc", l_gc}, {"__close", l_close}, {"__tostring", l_tostring},
+    {"__index", NULL}, {NULL, NULL}};
+
+  luaL_newmetatable(L, TS_STREAM_MT);
+  luaL_setfuncs(L, metamethods, 0);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  return 0;
+}
+
+void ts__stream_push(lua_State *L, ts_stream *s) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->self_ref);
+}
