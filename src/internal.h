@@ -65,5 +65,6 @@ int ts__open_stream(lua_State *L);
 int ts__open_server(lua_State *L);
 int ts__open_netutil(lua_State *L);
 int ts__open_client(lua_State *L);
+int ts__open_process(lua_State *L);
 
 #endif

@@ -105,6 +105,19 @@ static int l_spawn(lua_State *L) {
   return 0;
 }
 
+/* core.resume(co, ...): wakes a task that suspended itself with
+ * coroutine.yield (Lua-level primitives such as locks.Event). */
+static int l_resume(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  int n = lua_gettop(L) - 1;
+
+  luaL_argexpected(L, co != NULL && ts__in_task(co), 1, "suspended task");
+  luaL_argcheck(L, lua_status(co) == LUA_YIELD, 1, "task is not suspended");
+  lua_xmove(L, co, n);
+  resume_from(L, co, n);
+  return 0;
+}
+
 static int l_in_task(lua_State *L) {
   lua_pushboolean(L, ts__in_task(L));
   return 1;
@@ -308,6 +321,7 @@ static void create_timer_meta(lua_State *L) {
 int ts__open_loop(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"spawn", l_spawn},     {"in_task", l_in_task}, {"start", l_start},
+    {"resume", l_resume},
     {"stop", l_stop},       {"running", l_running}, {"time", l_time},
     {"timer", l_timer},     {"sleep", l_sleep},     {"signal", l_signal},
     {"set_error_handler", l_set_error_handler},     {NULL, NULL}};

@@ -745,6 +745,14 @@ static int push_name(lua_State *L, int peer) {
 static int l_getpeername(lua_State *L) { return push_name(L, 1); }
 static int l_getsockname(lua_State *L) { return push_name(L, 0); }
 
+/* buffer_sizes() -> bytes read but not consumed, bytes not yet written */
+static int l_buffer_sizes(lua_State *L) {
+  ts_stream *s = check_stream(L);
+  lua_pushinteger(L, (lua_Integer)ts_buf_len(&s->rbuf));
+  lua_pushinteger(L, (lua_Integer)pending_writes(s));
+  return 2;
+}
+
 static int l_tostring(lua_State *L) {
   ts_stream *s = check_stream(L);
   lua_pushfstring(L, "tcpserver.stream (%p)%s", (void *)s,
@@ -802,6 +810,7 @@ int ts__open_stream(lua_State *L) {
     {"set_nodelay", l_set_nodelay},
     {"getpeername", l_getpeername},
     {"getsockname", l_getsockname},
+    {"buffer_sizes", l_buffer_sizes},
     {NULL, NULL}};
   static const luaL_Reg metamethods[] = {
     {"__gc", l_gc}, {"__close", l_close}, {"__tostring", l_tostring},

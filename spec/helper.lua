@@ -1,0 +1,62 @@
+-- Shared by the specs: paths to the build tree, servers on port 0, clients,
+-- real peer processes and log capture.
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.cpath = "build/?.so;" .. package.cpath
+
+local tcpserver = require "tcpserver"
+local ioloop = require "tcpserver.ioloop"
+local log = require "tcpserver.log"
+local process = require "tcpserver.process"
+local tcpclient = require "tcpserver.tcpclient"
+local testing = require "tcpserver.testing"
+
+process.raise_fd_limit()
+
+local H = {}
+H.async = testing.async
+
+--- A server whose handle_stream is `handler`, listening on 127.0.0.1:0.
+function H.serve(handler, opts)
+  local Server = tcpserver.TCPServer:extend({handle_stream = handler})
+  local server = Server(opts)
+  local port = server:listen(0, "127.0.0.1")
+  return server, port
+end
+
+function H.connect(port)
+  return assert(tcpclient.connect("127.0.0.1", port))
+end
+
+--- Runs argv with `input` on its stdin; returns its stdout and exit status.
+function H.run(argv, input, env)
+  local p = process.Subprocess(argv, {stdin = "pipe", stdout = "pipe", env = env})
+  if input then p.stdin:write(input) end
+  p.stdin:close()
+  local out = p.stdout:read_until_close()
+  local status, signal = p:wait_for_exit()
+  return out, status, signal
+end
+
+--- Runs a Python 3 snippet; extra args land in sys.argv[1:].
+function H.python(code, ...)
+  return H.run({"python3", "-c", code, ...})
+end
+
+--- Collects log lines until the returned function is called to restore.
+function H.capture_logs()
+  local lines = {}
+  log.set_handler(function(level, message) lines[#lines + 1] = level .. ": " .. message end)
+  return lines, function() log.set_handler(nil) end
+end
+
+--- Waits (polling each 10 ms) until cond() holds; for states with no event.
+function H.wait_until(cond, timeout)
+  local deadline = ioloop.current():time() + (timeout or 5)
+  while not cond() do
+    if ioloop.current():time() > deadline then error("wait_until: timed out", 2) end
+    ioloop.sleep(0.01)
+  end
+end
+
+H.loop = ioloop.current()
+return H

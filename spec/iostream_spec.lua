@@ -1,0 +1,451 @@
+local H = require "spec.helper"
+local locks = require "tcpserver.locks"
+local ioloop = require "tcpserver.ioloop"
+
+local async = H.async
+
+-- A server that hands each stream to `fn` and a connected client stream.
+local function pair(fn, opts)
+  local server, port = H.serve(fn, opts)
+  finally(function() server:stop() end)
+  return H.connect(port), server
+end
+
+describe("IOStream", function()
+  describe("read_until", function()
+    it("returns data including the delimiter", async(function()
+      local client = pair(function(_, stream)
+        stream:write(stream:read_until("\n"))
+      end)
+      client:write("hello\nrest")
+      assert.equal("hello\n", client:read_until("\n"))
+      client:close()
+    end))
+
+    it("finds a delimiter split across many reads", async(function()
+      local got = {}
+      local client = pair(function(_, stream)
+        for _ = 1, 3 do got[#got + 1] = stream:read_until("\n") end
+        stream:write("done\n")
+      end, {read_chunk_size = 1})
+      client:write("abcdefghij\nklmnopq\nr\n")
+      assert.equal("done\n", client:read_until("\n"))
+      assert.same({"abcdefghij\n", "klmnopq\n", "r\n"}, got)
+    end))
+
+    it("finds a multi-byte delimiter split across read boundaries", async(function()
+      for chunk = 1, 7 do
+        local got = {}
+        local client = pair(function(_, stream)
+          got[1] = stream:read_until("\r\n\r\n")
+          got[2] = stream:read_until("\r\n\r\n")
+          stream:write("ok\n")
+        end, {read_chunk_size = chunk})
+        client:write("GET / HTTP/1.0\r\nHost: x\r\n\r\nab\r\n\r\r\n\r\n")
+        assert.equal("ok\n", client:read_until("\n"))
+        assert.same({"GET / HTTP/1.0\r\nHost: x\r\n\r\n", "ab\r\n\r\r\n\r\n"}, got,
+                    "read_chunk_size " .. chunk)
+        client:close()
+      end
+    end))
+
+    it("reads a 1 MiB line", async(function()
+      local line = ("x"):rep(1024 * 1024 - 1) .. "\n"
+      local client = pair(function(_, stream)
+        local got = stream:read_until("\n")
+        stream:write(tostring(#got) .. "\n")
+        stream:write(got)
+      end)
+      client:write(line)
+      assert.equal(tostring(#line) .. "\n", client:read_until("\n"))
+      assert.equal(line, client:read_until("\n"))
+    end))
+
+    it("keeps 10,000 pipelined lines in order", async(function()
+      local client = pair(function(_, stream)
+        while true do
+          local line = stream:read_until("\n")
+          if not line then break end
+          stream:write(line)
+        end
+      end)
+      local lines = {}
+      for i = 1, 10000 do lines[i] = "line " .. i .. "\n" end
+      client:write(lines)
+      for i = 1, 10000 do
+        local got = client:read_until("\n")
+        if got ~= lines[i] then assert.equal(lines[i], got) end
+      end
+      client:close()
+    end))
+
+    it("fails with 'too large' past max_bytes and closes the stream", async(function()
+      local result = {}
+      local client = pair(function(_, stream)
+        result = {stream:read_until("\n", 10)}
+        result.closed = stream:closed()
+      end)
+      client:write("0123456789abcdef\n")
+      local data, err = client:read_until_close()
+      assert.equal("", data, err)
+      assert.same({nil, "too large"}, {result[1], result[2]})
+      assert.is_true(result.closed)
+    end))
+
+    it("fails when the delimiter ends past max_bytes, also from the buffer", async(function()
+      local result
+      local client = pair(function(_, stream)
+        assert.equal("ab", stream:read_bytes(2))
+        result = {stream:read_until("\n", 5)}
+      end)
+      client:write("ab12345\n")
+      client:read_until_close()
+      assert.same({nil, "too large"}, result)
+    end))
+
+    it("accepts a delimiter that ends exactly at max_bytes", async(function()
+      local client = pair(function(_, stream)
+        stream:write(stream:read_until("\n", 5))
+      end)
+      client:write("1234\n")
+      assert.equal("1234\n", client:read_until("\n"))
+    end))
+
+    it("fails with 'too large' past max_buffer_size", async(function()
+      local result
+      local client = pair(function(_, stream)
+        result = {stream:read_until("\n")}
+      end, {max_buffer_size = 1024})
+      client:write(("y"):rep(4096))
+      client:read_until_close()
+      assert.same({nil, "too large"}, result)
+    end))
+
+    it("raises on a second concurrent read", async(function()
+      local err
+      local client = pair(function(_, stream)
+        ioloop.current():spawn(function() stream:read_until("\n") end)
+        local ok, e = pcall(stream.read_until, stream, "\n")
+        err = not ok and e
+      end)
+      client:read_until_close()
+      assert.matches("already reading", err)
+    end))
+
+    it("rejects bad arguments", async(function()
+      local errs = {}
+      local client = pair(function(_, stream)
+        errs[1] = select(2, pcall(stream.read_until, stream, ""))
+        errs[2] = select(2, pcall(stream.read_until, stream, 5 > 4))
+        errs[3] = select(2, pcall(stream.read_bytes, stream, -1))
+        errs[4] = select(2, pcall(stream.write, stream, {1, 2}))
+      end)
+      client:read_until_close()
+      assert.matches("empty delimiter", errs[1])
+      assert.matches("string expected", errs[2])
+      assert.matches("negative", errs[3])
+      assert.matches("not a string", errs[4])
+    end))
+  end)
+
+  describe("read_bytes", function()
+    it("returns exactly n bytes, and '' for 0", async(function()
+      local got = {}
+      local client = pair(function(_, stream)
+        got[1] = stream:read_bytes(0)
+        got[2] = stream:read_bytes(3)
+        got[3] = stream:read_bytes(4)
+      end)
+      client:write("abcdefgh")
+      client:read_until_close()
+      assert.same({"", "abc", "defg"}, got)
+    end))
+
+    it("with partial returns 1..n bytes as soon as any arrive", async(function()
+      local got
+      local client = pair(function(_, stream)
+        got = stream:read_bytes(100, true)
+        stream:write("ok\n")
+      end)
+      client:write("abc")
+      assert.equal("ok\n", client:read_until("\n"))
+      assert.equal("abc", got)
+    end))
+
+    it("reads 16 MiB at once", async(function()
+      local n = 16 * 1024 * 1024
+      local client = pair(function(_, stream)
+        local data = stream:read_bytes(n)
+        stream:write(#data .. "\n")
+      end)
+      client:write(("z"):rep(n))
+      assert.equal(n .. "\n", client:read_until("\n"))
+    end))
+
+    it("gives the partial data with 'closed' at EOF", async(function()
+      local result
+      local client = pair(function(_, stream)
+        result = {stream:read_bytes(10)}
+      end)
+      client:write("abc")
+      client:close()
+      H.wait_until(function() return result end)
+      assert.same({nil, "closed", "abc"}, result)
+    end))
+  end)
+
+  describe("after the peer closes", function()
+    it("serves buffered data, then reports 'closed'", async(function()
+      local done, got = locks.Event(), {}
+      local client
+      local server, port = H.serve(function(_, stream)
+        done:wait()
+        for i = 1, 4 do got[i] = {stream:read_until("\n")} end
+        got.closed = stream:closed()
+      end, {read_chunk_size = 2})
+      finally(function() server:stop() end)
+      client = H.connect(port)
+      client:set_close_callback(function() done:set() end)
+      client:write("a\nbb\nccc\n")
+      client:close()
+      H.wait_until(function() return got.closed ~= nil end)
+      assert.same({{"a\n"}, {"bb\n"}, {"ccc\n"}, {nil, "closed", ""}, closed = true}, got)
+    end))
+
+    it("satisfies a pending read from data in two chunks then EOF", async(function()
+      local result
+      local client = pair(function(_, stream)
+        result = {stream:read_until_close()}
+      end)
+      client:write("first ")
+      client:flush()
+      client:write("second")
+      client:close()
+      H.wait_until(function() return result end)
+      assert.same({"first second"}, result)
+    end))
+
+    it("lets read_until_close return what was buffered when already closed", async(function()
+      local result
+      local client = pair(function(_, stream)
+        assert.equal("x", stream:read_bytes(1))
+        stream:close()
+        result = {stream:read_until_close()}
+      end)
+      client:write("xyz")
+      client:read_until_close()
+      H.wait_until(function() return result end)
+      assert.same({"yz"}, result)
+    end))
+
+    it("still accepts writes until the handler reads EOF (half-close)", async(function()
+      local out = H.python([[
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"one\ntwo\n")
+s.shutdown(socket.SHUT_WR)
+data = b""
+while True:
+    chunk = s.recv(100)
+    if not chunk: break
+    data += chunk
+sys.stdout.write(data.decode())
+]], tostring(select(2, H.serve(function(_, stream)
+        while true do
+          local line = stream:read_until("\n")
+          if not line then break end
+          stream:write(line:upper())
+        end
+      end))))
+      assert.equal("ONE\nTWO\n", out)
+    end))
+  end)
+
+  describe("write", function()
+    it("accepts '' and arrays of strings", async(function()
+      local client = pair(function(_, stream)
+        assert.is_true(stream:write(""))
+        assert.is_true(stream:write({"a", "b", "", "c\n"}))
+      end)
+      assert.equal("abc\n", client:read_until_close())
+    end))
+
+    it("returns nil, 'closed' on a closed stream", async(function()
+      local result
+      local client = pair(function(_, stream)
+        stream:close()
+        result = {stream:write("x")}
+      end)
+      client:read_until_close()
+      assert.same({nil, "closed"}, result)
+    end))
+
+    it("works from a plain callback without yielding", async(function()
+      local client = pair(function(_, stream)
+        local done = locks.Event()
+        ioloop.current():call_later(0, function()
+          assert.is_true(stream:write("from callback\n"))
+          done:set()
+        end)
+        done:wait()
+      end)
+      assert.equal("from callback\n", client:read_until("\n"))
+    end))
+
+    it("blocks the writer at the high-water mark until the peer reads", async(function()
+      local total, chunk = 32 * 1024 * 1024, ("w"):rep(64 * 1024)
+      local sstream, finished
+      local client = pair(function(_, stream)
+        sstream = stream
+        for _ = 1, total // #chunk do assert(stream:write(chunk)) end
+        assert(stream:flush())
+        finished = true
+      end)
+      local received, max_pending = 0, 0
+      while received < total do
+        local data = assert(client:read_bytes(1024 * 1024))
+        received = received + #data
+        local _, pending = sstream:buffer_sizes()
+        if pending > max_pending then max_pending = pending end
+      end
+      assert.equal(total, received)
+      assert.is_true(max_pending <= 1024 * 1024 + #chunk, "pending " .. max_pending)
+      H.wait_until(function() return finished end)
+    end))
+
+    it("lets ten concurrent writers finish", async(function()
+      local client = pair(function(_, stream)
+        local done = 0
+        for w = 1, 10 do
+          ioloop.current():spawn(function()
+            for _ = 1, 100 do assert(stream:write(("%d"):format(w):rep(1000) .. "\n")) end
+            done = done + 1
+          end)
+        end
+        H.wait_until(function() return done == 10 end)
+      end)
+      local lines = 0
+      while client:read_until("\n") do lines = lines + 1 end
+      assert.equal(1000, lines)
+    end))
+  end)
+
+  describe("flush", function()
+    it("waits until everything is handed to the kernel", async(function()
+      local client = pair(function(_, stream)
+        stream:write(("f"):rep(4 * 1024 * 1024))
+        assert.is_true(stream:flush())
+        local _, pending = stream:buffer_sizes()
+        assert.equal(0, pending)
+      end)
+      assert.equal(4 * 1024 * 1024, #client:read_until_close())
+    end))
+  end)
+
+  describe("settimeout", function()
+    it("returns 'timeout' and leaves the stream usable", async(function()
+      local result = {}
+      local client = pair(function(_, stream)
+        stream:settimeout(0.05)
+        result[1] = {stream:read_until("\n")}
+        result.closed = stream:closed()
+        stream:write("go\n")
+        stream:settimeout(nil)
+        result[2] = {stream:read_until("\n")}
+      end)
+      assert.equal("go\n", client:read_until("\n"))
+      client:write("late\n")
+      client:read_until_close()
+      assert.same({nil, "timeout"}, result[1])
+      assert.is_false(result.closed)
+      assert.same({"late\n"}, result[2])
+    end))
+
+    it("applies idle_timeout to every stream of a server", async(function()
+      local result
+      local client = pair(function(_, stream)
+        result = {stream:read_bytes(1)}
+      end, {idle_timeout = 0.05})
+      client:read_until_close()
+      assert.same({nil, "timeout"}, result)
+    end))
+  end)
+
+  describe("close", function()
+    it("runs the close callback when the peer closes while idle", async(function()
+      local closed = locks.Event()
+      local client = pair(function(_, stream)
+        stream:set_close_callback(function() closed:set() end)
+        closed:wait()
+      end)
+      client:close()
+      assert.is_true(closed:wait(5))
+    end))
+
+    it("runs the close callback while a read is pending", async(function()
+      local calls = 0
+      local closed = locks.Event()
+      local result
+      local client = pair(function(_, stream)
+        stream:set_close_callback(function() calls = calls + 1; closed:set() end)
+        result = {stream:read_until("\n")}
+      end)
+      client:write("partial")
+      client:close()
+      assert.is_true(closed:wait(5))
+      H.wait_until(function() return result end)
+      assert.same({nil, "closed", "partial"}, result)
+      assert.equal(1, calls)
+    end))
+
+    it("wakes a reader in another task with 'closed'", async(function()
+      local result
+      local client = pair(function(_, stream)
+        local done = locks.Event()
+        ioloop.current():spawn(function()
+          result = {stream:read_until("\n")}
+          done:set()
+        end)
+        stream:close()
+        done:wait()
+      end)
+      client:read_until_close()
+      assert.same({nil, "closed", ""}, result)
+    end))
+
+    it("works as a to-be-closed variable", async(function()
+      local sstream
+      local client = pair(function(_, stream)
+        local s <close> = stream
+        sstream = s
+      end)
+      client:read_until_close()
+      assert.is_true(sstream:closed())
+    end))
+  end)
+
+  it("gives peer and local addresses", async(function()
+    local peer, sock
+    local client = pair(function(_, stream)
+      peer = {stream:getpeername()}
+      sock = {stream:getsockname()}
+      stream:set_nodelay(true)
+    end)
+    local _, cport = client:getsockname()
+    client:read_until_close()
+    assert.same({"127.0.0.1", cport, "inet"}, peer)
+    assert.equal("127.0.0.1", sock[1])
+  end))
+
+  it("raises when a read is made outside a task", function()
+    local server, port = H.serve(function() end)
+    local client
+    ioloop.current():run_sync(function() client = H.connect(port) end)
+    assert.has_error(function() client:read_until("\n") end)
+    local ok, err = pcall(client.read_until, client, "\n")
+    assert.is_false(ok)
+    assert.matches("coroutine run by the loop", err)
+    client:close()
+    server:stop()
+  end)
+end)
