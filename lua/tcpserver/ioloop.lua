@@ -87,10 +87,15 @@ end
 function IOLoop:run_sync(fn, timeout)
   check_function(fn, "run_sync")
   if timeout ~= nil then check_seconds(timeout, "run_sync") end
-  if core.running() then error("run_sync: the loop is already running", 2) end
-  local result
+  if core.running() or core.in_task() then
+    error("run_sync: the loop is already running", 2)
+  end
+  local result, abandoned
   core.spawn(function()
-    result = pack(xpcall(fn, debug.traceback))
+    local r = pack(xpcall(fn, debug.traceback))
+    -- After a timeout this run is over: its end must not stop a later one.
+    if abandoned then return end
+    result = r
     if core.running() then core.stop() end
   end)
   if not result then
@@ -99,6 +104,10 @@ function IOLoop:run_sync(fn, timeout)
     if timer then timer:cancel() end
   end
   if not result then
+    abandoned = true
+    if not timeout then
+      error("run_sync: the loop stopped before the function finished", 2)
+    end
     error(("run_sync: timed out after %g seconds"):format(timeout), 2)
   end
   if not result[1] then error(result[2], 0) end

@@ -1,0 +1,139 @@
+local H = require "spec.helper"
+local ioloop = require "tcpserver.ioloop"
+
+local async = H.async
+local loop = ioloop.current()
+
+describe("ioloop", function()
+  it("current() is one loop per process", function()
+    assert.equal(ioloop.current(), ioloop.current())
+  end)
+
+  it("time() is monotonic seconds", function()
+    local a = loop:time()
+    local b = loop:time()
+    assert.is_true(type(a) == "number" and b >= a)
+  end)
+
+  describe("run_sync", function()
+    it("returns the function's results", function()
+      assert.same({1, nil, "x"}, {loop:run_sync(function() return 1, nil, "x" end)})
+    end)
+
+    it("raises the function's error", function()
+      assert.has_error(function() loop:run_sync(function() error("inner", 0) end) end)
+      local ok, err = pcall(loop.run_sync, loop, function() error("inner") end)
+      assert.is_false(ok)
+      assert.matches("inner", err)
+    end)
+
+    it("raises when the timeout expires", function()
+      local ok, err = pcall(loop.run_sync, loop, function() ioloop.sleep(0.2) end, 0.05)
+      assert.is_false(ok)
+      assert.matches("timed out after 0.05 seconds", err)
+    end)
+
+    it("refuses to nest", async(function()
+      local ok, err = pcall(loop.run_sync, loop, function() end)
+      assert.is_false(ok)
+      assert.matches("already running", err)
+    end))
+  end)
+
+  describe("call_later", function()
+    it("calls with arguments, in order of their delays", async(function()
+      local calls = {}
+      loop:call_later(0.02, function(a, b) calls[#calls + 1] = a .. b end, "late", "!")
+      loop:call_later(0, function(a) calls[#calls + 1] = a end, "soon")
+      ioloop.sleep(0.05)
+      assert.same({"soon", "late!"}, calls)
+    end))
+
+    it("does not call a cancelled callback", async(function()
+      local called = false
+      local handle = loop:call_later(0.01, function() called = true end)
+      handle:cancel()
+      handle:cancel()
+      ioloop.sleep(0.03)
+      assert.is_false(called)
+    end))
+
+    it("rejects bad arguments", function()
+      assert.has_error(function() loop:call_later(-1, print) end,
+                       "call_later: delay must be a non-negative number of seconds")
+      assert.has_error(function() loop:call_later(1, 1) end,
+                       "call_later: function expected, got number")
+    end)
+
+    it("logs an error raised in a callback and goes on", async(function()
+      local logs, restore = H.capture_logs()
+      local after = false
+      loop:add_callback(function() error("cb failed") end)
+      loop:call_later(0.01, function() after = true end)
+      ioloop.sleep(0.03)
+      restore()
+      assert.is_true(after)
+      assert.matches("cb failed", logs[1])
+      assert.matches("stack traceback", logs[1])
+    end))
+  end)
+
+  it("add_callback runs on the next iteration, not at once", async(function()
+    local ran = false
+    loop:add_callback(function() ran = true end)
+    assert.is_false(ran)
+    ioloop.sleep(0)
+    assert.is_true(ran)
+  end))
+
+  it("spawn_callback runs a task that may wait", async(function()
+    local result
+    loop:spawn_callback(function(x)
+      ioloop.sleep(0.01)
+      result = x
+    end, "spawned")
+    H.wait_until(function() return result end)
+    assert.equal("spawned", result)
+  end))
+
+  it("logs an error raised in a spawned task", async(function()
+    local logs, restore = H.capture_logs()
+    loop:spawn_callback(function() ioloop.sleep(0); error("task failed") end)
+    H.wait_until(function() return #logs > 0 end)
+    restore()
+    assert.matches("task failed", logs[1])
+    assert.matches("stack traceback", logs[1])
+  end))
+
+  it("sleep outside a task raises a clear error", function()
+    assert.has_error(function() ioloop.sleep(0) end)
+    local ok, err = pcall(ioloop.sleep, 0)
+    assert.is_false(ok)
+    assert.matches("must be called from a coroutine run by the loop", err)
+  end)
+
+  it("sleep waits about as long as asked", async(function()
+    local t0 = loop:time()
+    ioloop.sleep(0.05)
+    assert.is_true(loop:time() - t0 >= 0.045)
+  end))
+
+  it("start runs until stop", function()
+    local ticks = 0
+    local pc
+    pc = ioloop.PeriodicCallback(function()
+      ticks = ticks + 1
+      if ticks == 3 then pc:stop(); loop:stop() end
+    end, 5)
+    pc:start()
+    assert.is_true(pc:is_running())
+    loop:start()
+    assert.equal(3, ticks)
+    assert.is_false(pc:is_running())
+  end)
+
+  it("PeriodicCallback rejects a bad interval", function()
+    assert.has_error(function() ioloop.PeriodicCallback(print, 0) end,
+                     "PeriodicCallback: interval must be a positive number of milliseconds")
+  end)
+end)

@@ -1,0 +1,282 @@
+local H = require "spec.helper"
+local tcpserver = require "tcpserver"
+local ioloop = require "tcpserver.ioloop"
+local locks = require "tcpserver.locks"
+local tcpclient = require "tcpserver.tcpclient"
+
+local async = H.async
+local TCPServer = tcpserver.TCPServer
+
+local function echo_lines(_, stream)
+  while true do
+    local line = stream:read_until("\n")
+    if not line then return end
+    stream:write(line)
+  end
+end
+
+describe("TCPServer", function()
+  local logs, restore
+  before_each(function() logs, restore = H.capture_logs() end)
+  after_each(function() restore() end)
+
+  describe("construction", function()
+    it("works as Class(opts), Class:new(opts) and a plain table", async(function()
+      local Echo = TCPServer:extend()
+      Echo.handle_stream = echo_lines
+      local plain = setmetatable({handle_stream = echo_lines}, {__index = TCPServer})
+      for _, server in ipairs {Echo(), Echo:new({max_buffer_size = 1024}), plain:new(), plain} do
+        local port = server:listen(0, "127.0.0.1")
+        local client = H.connect(port)
+        client:write("ping\n")
+        assert.equal("ping\n", client:read_until("\n"))
+        client:close()
+        server:stop()
+      end
+    end))
+
+    it("calls initialize(opts) when a subclass defines it", function()
+      local S = TCPServer:extend({initialize = function(self, opts) self.seen = opts end})
+      local opts = {read_chunk_size = 4096}
+      assert.equal(opts, S(opts).seen)
+    end)
+
+    it("rejects unknown options and bad values with a clear error", function()
+      assert.has_error(function() TCPServer({max_bufer_size = 1}) end,
+                       "TCPServer: unknown option 'max_bufer_size'")
+      assert.has_error(function() TCPServer({max_buffer_size = -1}) end,
+                       "TCPServer: option 'max_buffer_size' must be a positive integer, got -1")
+      assert.has_error(function() TCPServer({on_error = 1}) end,
+                       "TCPServer: option 'on_error' must be a function, got 1")
+      assert.has_error(function() TCPServer("x") end, "TCPServer: options must be a table")
+    end)
+  end)
+
+  describe("listen", function()
+    it("returns the bound port and can be called for several ports", async(function()
+      local server = TCPServer:extend({handle_stream = echo_lines})()
+      local p1 = server:listen(0, "127.0.0.1")
+      local p2 = server:listen(0, "127.0.0.1")
+      assert.is_true(p1 > 0 and p2 > 0 and p1 ~= p2)
+      for _, port in ipairs {p1, p2} do
+        local client = H.connect(port)
+        client:write("x\n")
+        assert.equal("x\n", client:read_until("\n"))
+        client:close()
+      end
+      server:stop()
+    end))
+
+    it("raises when the port is taken", function()
+      local server = TCPServer:extend({handle_stream = echo_lines})()
+      local port = server:listen(0, "127.0.0.1")
+      assert.has_error(function() TCPServer():listen(port, "127.0.0.1") end)
+      local ok, err = pcall(TCPServer().listen, TCPServer(), port, "127.0.0.1")
+      assert.is_false(ok)
+      assert.matches("Address already in use", err)
+      server:stop()
+    end)
+
+    it("serves a real client (Python's socket module)", async(function()
+      local server, port = H.serve(echo_lines)
+      local out, status = H.python([[
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"hello\nworld\n")
+f = s.makefile("rb")
+sys.stdout.write((f.readline() + f.readline()).decode())
+]], tostring(port))
+      server:stop()
+      assert.equal(0, status)
+      assert.equal("hello\nworld\n", out)
+    end))
+  end)
+
+  describe("handle_stream", function()
+    it("gets the peer address as a table whose tostring is host:port", async(function()
+      local address
+      local server, port = H.serve(function(_, _, addr) address = addr end)
+      local client = H.connect(port)
+      local _, cport = client:getsockname()
+      client:read_until_close()
+      server:stop()
+      assert.same({host = "127.0.0.1", port = cport, family = "inet"},
+                  {host = address.host, port = address.port, family = address.family})
+      assert.equal("127.0.0.1:" .. cport, tostring(address))
+    end))
+
+    it("flushes and closes the stream when it returns", async(function()
+      local server, port = H.serve(function(_, stream)
+        stream:write(("d"):rep(3 * 1024 * 1024))
+        stream:write("end")
+      end)
+      local data = H.connect(port):read_until_close()
+      server:stop()
+      assert.equal(3 * 1024 * 1024 + 3, #data)
+      assert.equal("end", data:sub(-3))
+    end))
+
+    it("logs an error with its traceback and address, and keeps serving", async(function()
+      local server, port = H.serve(function(_, stream)
+        local line = stream:read_until("\n")
+        if line == "boom\n" then error("kaboom") end
+        stream:write(line)
+      end)
+      local bad = H.connect(port)
+      local _, bad_port = bad:getsockname()
+      bad:write("boom\n")
+      assert.same({"", nil}, {bad:read_until_close()})
+      local good = H.connect(port)
+      good:write("fine\n")
+      assert.equal("fine\n", good:read_until("\n"))
+      good:close()
+      server:stop()
+      assert.equal(1, #logs)
+      assert.matches("^error: Uncaught error in handle_stream for 127.0.0.1:" .. bad_port, logs[1])
+      assert.matches("kaboom", logs[1])
+      assert.matches("stack traceback", logs[1])
+    end))
+
+    it("passes errors to on_error when given", async(function()
+      local seen
+      local server, port = H.serve(function() error({code = 42}) end, {
+        on_error = function(self, err, traceback, address)
+          seen = {self = self, err = err, traceback = traceback, address = address}
+        end,
+      })
+      H.connect(port):read_until_close()
+      server:stop()
+      assert.equal(server, seen.self)
+      assert.same({code = 42}, seen.err)
+      assert.matches("stack traceback", seen.traceback)
+      assert.equal("127.0.0.1", seen.address.host)
+      assert.same({}, logs)
+    end))
+
+    it("reports a missing handle_stream", async(function()
+      local server = TCPServer()
+      local port = server:listen(0, "127.0.0.1")
+      H.connect(port):read_until_close()
+      server:stop()
+      assert.matches("handle_stream is not implemented", logs[1])
+    end))
+  end)
+
+  describe("stop", function()
+    it("is harmless twice and refuses new connections; open streams live on", async(function()
+      local server, port = H.serve(echo_lines)
+      local client = H.connect(port)
+      client:write("a\n")
+      assert.equal("a\n", client:read_until("\n"))
+      server:stop()
+      server:stop()
+      assert.same({nil, "connection refused"}, {tcpclient.connect("127.0.0.1", port)})
+      client:write("b\n")
+      assert.equal("b\n", client:read_until("\n"))
+      client:close()
+    end))
+
+    it("can be called from a handler while many clients connect", async(function()
+      local server, port
+      server, port = H.serve(function(self, stream)
+        self:stop()
+        stream:write("bye\n")
+      end)
+      local done, results = 0, {}
+      for i = 1, 50 do
+        ioloop.current():spawn(function()
+          local c = tcpclient.connect("127.0.0.1", port)
+          results[i] = c and (c:read_until_close()) or "refused"
+          done = done + 1
+        end)
+      end
+      H.wait_until(function() return done == 50 end)
+      local served = 0
+      for i = 1, 50 do
+        if results[i] == "bye\n" then served = served + 1 end
+      end
+      assert.is_true(served >= 1)
+      assert.same({}, logs)
+    end))
+  end)
+
+  it("stops accepting at max_connections and resumes below it", async(function()
+    local release = locks.Event()
+    local active, peak = 0, 0
+    local server, port = H.serve(function(_, stream)
+      active = active + 1
+      peak = math.max(peak, active)
+      stream:write("in\n")
+      release:wait()
+      active = active - 1
+    end, {max_connections = 2})
+    local clients = {}
+    for i = 1, 3 do clients[i] = H.connect(port) end
+    assert.equal("in\n", clients[1]:read_until("\n"))
+    assert.equal("in\n", clients[2]:read_until("\n"))
+    clients[3]:settimeout(0.2)
+    assert.same({nil, "timeout"}, {clients[3]:read_until("\n")})
+    release:set()
+    clients[3]:settimeout(5)
+    assert.equal("in\n", clients[3]:read_until("\n"))
+    server:stop()
+    assert.equal(2, peak)
+  end))
+
+  it("serves 1,000 concurrent connections", async(function()
+    local server, port = H.serve(echo_lines)
+    local n, done, ok = 1000, 0, 0
+    local clients = {}
+    for i = 1, n do
+      ioloop.current():spawn(function()
+        local c = assert(tcpclient.connect("127.0.0.1", port))
+        clients[i] = c
+        c:write("client " .. i .. "\n")
+        if c:read_until("\n") == "client " .. i .. "\n" then ok = ok + 1 end
+        done = done + 1
+      end)
+    end
+    H.wait_until(function() return done == n end, 20)
+    assert.equal(n, ok)
+    assert.equal(n, server:connection_count())
+    for i = 1, n do clients[i]:close() end
+    H.wait_until(function() return server:connection_count() == 0 end)
+    server:stop()
+  end, 30))
+
+  it("bind + start(1) serves in this process", async(function()
+    local server = TCPServer:extend({handle_stream = echo_lines})()
+    local port = server:bind(0, "127.0.0.1")
+    server:start(1)
+    local client = H.connect(port)
+    client:write("s\n")
+    assert.equal("s\n", client:read_until("\n"))
+    client:close()
+    server:stop()
+  end))
+
+  it("shutdown lets running handlers finish, then closes the rest", async(function()
+    local finished = false
+    local server, port = H.serve(function(_, stream)
+      local line = stream:read_until("\n")
+      if line == "slow\n" then
+        ioloop.sleep(0.05)
+        stream:write("done\n")
+        finished = true
+      else
+        stream:read_until("\n") -- waits until shutdown closes it
+      end
+    end)
+    local slow, idle = H.connect(port), H.connect(port)
+    slow:write("slow\n")
+    idle:write("idle\n")
+    H.wait_until(function() return server:connection_count() == 2 end)
+    local drained = locks.Event()
+    server:shutdown(0.5, function() drained:set() end)
+    assert.same({nil, "connection refused"}, {tcpclient.connect("127.0.0.1", port)})
+    assert.equal("done\n", slow:read_until("\n"))
+    assert.is_true(drained:wait(5))
+    assert.is_true(finished)
+    assert.equal("", idle:read_until_close())
+  end))
+end)
