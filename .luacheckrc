@@ -1,4 +1,5 @@
 std = "lua54"
+self = false -- methods need not use self
 max_line_length = 120
 files["spec"] = {std = "+busted"}
 exclude_files = {"build", "lua_modules", ".luarocks"}

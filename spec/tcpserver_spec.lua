@@ -177,8 +177,7 @@ sys.stdout.write((f.readline() + f.readline()).decode())
     end))
 
     it("can be called from a handler while many clients connect", async(function()
-      local server, port
-      server, port = H.serve(function(self, stream)
+      local _, port = H.serve(function(self, stream)
         self:stop()
         stream:write("bye\n")
       end)
