@@ -26,6 +26,7 @@ build = {
       sources = {
         "src/buf.c", "src/client.c", "src/loop.c", "src/module.c",
         "src/netutil.c", "src/process.c", "src/server.c", "src/stream.c",
+        "src/tls.c",
       },
       defines = {"_POSIX_C_SOURCE=200809L"},
       incdirs = {"include", "src", "$(LIBUV_INCDIR)", "$(OPENSSL_INCDIR)"},
@@ -40,6 +41,7 @@ build = {
     ["tcpserver.log"] = "lua/tcpserver/log.lua",
     ["tcpserver.netutil"] = "lua/tcpserver/netutil.lua",
     ["tcpserver.process"] = "lua/tcpserver/process.lua",
+    ["tcpserver.ssl"] = "lua/tcpserver/ssl.lua",
     ["tcpserver.tcpclient"] = "lua/tcpserver/tcpclient.lua",
     ["tcpserver.testing"] = "lua/tcpserver/testing.lua",
   },

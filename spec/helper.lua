@@ -58,5 +58,46 @@ function H.wait_until(cond, timeout)
   end
 end
 
+local certs
+
+--- Test certificates made with `openssl req` on first use: a CA, a server
+-- certificate for localhost/127.0.0.1, one for other.test (SNI), a client
+-- certificate, and a self-signed one no CA vouches for. Returns their paths.
+function H.certs()
+  if certs then return certs end
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute("mkdir -p " .. dir))
+  local script = [[
+set -e
+cd "$1"
+key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1.key" 2>/dev/null; }
+key ca
+openssl req -x509 -new -key ca.key -out ca.pem -days 2 -subj "/CN=tcpserver test CA" 2>/dev/null
+sign() { # name cn san
+  key "$1"
+  openssl req -new -key "$1.key" -out "$1.csr" -subj "/CN=$2" 2>/dev/null
+  printf 'subjectAltName=%s
+' "$3" > "$1.ext"
+  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial     -out "$1.pem" -days 2 -extfile "$1.ext" 2>/dev/null
+}
+sign server localhost "DNS:localhost,IP:127.0.0.1"
+sign other other.test "DNS:other.test"
+sign client "test client" "DNS:client.test"
+key self
+openssl req -x509 -new -key self.key -out self.pem -days 2 -subj "/CN=localhost"   -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+]]
+  local f = assert(io.open(dir .. "/make.sh", "w"))
+  f:write(script)
+  f:close()
+  assert(os.execute("sh " .. dir .. "/make.sh " .. dir), "openssl failed to make test certificates")
+  certs = {dir = dir}
+  for _, name in ipairs {"ca", "server", "other", "client", "self"} do
+    certs[name] = {certfile = dir .. "/" .. name .. ".pem", keyfile = dir .. "/" .. name .. ".key"}
+  end
+  certs.cafile = certs.ca.certfile
+  return certs
+end
+
 H.loop = ioloop.current()
 return H

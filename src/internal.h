@@ -24,7 +24,7 @@ typedef struct ts_loop {
   lua_State *L;          /* the thread running start(); callbacks run on it */
   ts_stream *dirty;      /* streams with unflushed writes */
   int running;
-  int error_ref;         /* Lua function(msg) for errors nobody else handles */
+  int log_ref;           /* Lua function(level, msg) for the core's logs */
   char shared[TS_SHARED_READ_SIZE];
 } ts_loop;
 
@@ -39,7 +39,8 @@ void ts__check_task(lua_State *L, const char *what);
 void ts__resume(lua_State *co, int narg);
 /* Calls the function under `narg` args on loop->L, logging any error. */
 void ts__pcall(ts_loop *loop, int narg);
-void ts__report(ts_loop *loop, const char *msg);
+void ts__log(ts_loop *loop, const char *level, const char *msg);
+void ts__report(ts_loop *loop, const char *msg); /* at level error */
 void ts__flush_dirty(ts_loop *loop);
 /* Runs the function under `narg` args on L's top in a new task. */
 void ts__spawn(lua_State *L, int narg);
@@ -66,5 +67,6 @@ int ts__open_server(lua_State *L);
 int ts__open_netutil(lua_State *L);
 int ts__open_client(lua_State *L);
 int ts__open_process(lua_State *L);
+int ts__open_tls(lua_State *L);
 
 #endif

@@ -19,7 +19,7 @@ ts_loop *ts__loop(lua_State *L) {
    * sockets and fork before it exists. */
   the_loop->uv = uv_default_loop();
   the_loop->uv->data = the_loop;
-  the_loop->error_ref = LUA_NOREF;
+  the_loop->log_ref = LUA_NOREF;
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   the_loop->L = lua_tothread(L, -1);
   lua_pop(L, 1);
@@ -44,17 +44,21 @@ void ts__check_task(lua_State *L, const char *what) {
                what);
 }
 
-void ts__report(ts_loop *loop, const char *msg) {
+void ts__log(ts_loop *loop, const char *level, const char *msg) {
   lua_State *L = loop->L;
-  if (loop->error_ref != LUA_NOREF) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, loop->error_ref);
+  if (loop->log_ref != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, loop->log_ref);
+    lua_pushstring(L, level);
     lua_pushstring(L, msg);
-    if (lua_pcall(L, 1, 0, 0) == LUA_OK)
+    if (lua_pcall(L, 2, 0, 0) == LUA_OK)
       return;
-    msg = lua_tostring(L, -1);
     lua_pop(L, 1);
   }
-  fprintf(stderr, "tcpserver: %s\n", msg ? msg : "(error object)");
+  fprintf(stderr, "tcpserver: %s: %s\n", level, msg ? msg : "(error object)");
+}
+
+void ts__report(ts_loop *loop, const char *msg) {
+  ts__log(loop, "error", msg);
 }
 
 static int traceback(lua_State *L) {
@@ -152,12 +156,12 @@ static int l_time(lua_State *L) {
   return 1;
 }
 
-static int l_set_error_handler(lua_State *L) {
+static int l_set_log_handler(lua_State *L) {
   ts_loop *loop = ts__loop(L);
   luaL_checktype(L, 1, LUA_TFUNCTION);
-  luaL_unref(L, LUA_REGISTRYINDEX, loop->error_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, loop->log_ref);
   lua_settop(L, 1);
-  loop->error_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  loop->log_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 0;
 }
 
@@ -324,7 +328,7 @@ int ts__open_loop(lua_State *L) {
     {"resume", l_resume},
     {"stop", l_stop},       {"running", l_running}, {"time", l_time},
     {"timer", l_timer},     {"sleep", l_sleep},     {"signal", l_signal},
-    {"set_error_handler", l_set_error_handler},     {NULL, NULL}};
+    {"set_log_handler", l_set_log_handler},     {NULL, NULL}};
   create_timer_meta(L);
   luaL_setfuncs(L, funcs, 0);
   return 0;

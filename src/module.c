@@ -5,6 +5,7 @@ int luaopen_tcpserver_core(lua_State *L) {
   lua_newtable(L);
   ts__open_loop(L);
   ts__open_stream(L);
+  ts__open_tls(L);
   ts__open_server(L);
   ts__open_netutil(L);
   ts__open_client(L);

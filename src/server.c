@@ -2,7 +2,7 @@
  * a Lua function running in a new task, pause at max_connections and back
  * off when the process runs out of descriptors. */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "stream.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -18,6 +18,8 @@ typedef struct ts_listener {
   uv_timer_t backoff;    /* restarts accepting after EMFILE */
   int fd, family;
   int fn_ref, self_ref, sock_ref;
+  int ctx_ref;           /* TLS context, or LUA_NOREF */
+  double handshake_timeout;
   int polling, closed, paused, out_of_fds, pending_closes;
   size_t max_buffer, chunk;
   double timeout;
@@ -81,6 +83,20 @@ static void serve(ts_listener *ls, int fd, struct sockaddr_storage *ss) {
     lua_pushinteger(L, 0);
     lua_pushliteral(L, "unix");
   }
+  if (ls->ctx_ref != LUA_NOREF) {
+    /* The peer as accept saw it: a reset may leave getpeername nothing. */
+    const char *peer = lua_pushfstring(
+        L, ss->ss_family == AF_INET6 ? "[%s]:%d" : "%s:%d",
+        lua_tostring(L, -3), (int)lua_tointeger(L, -2));
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ls->ctx_ref);
+    err = ts__tls_attach(L, s, lua_gettop(L), 1, peer, ls->handshake_timeout);
+    lua_pop(L, 2);
+    if (err != 0) {
+      ts__stream_abort(s);
+      lua_pop(L, 5);
+      return;
+    }
+  }
   ts__stream_start(s);
   ts__spawn(L, 4);
 }
@@ -120,6 +136,7 @@ static void listener_closed(uv_handle_t *h) {
   close(ls->fd);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->fn_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->sock_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, ls->ctx_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->self_ref);
 }
 
@@ -168,7 +185,12 @@ static int l_listener(lua_State *L) {
   ls->chunk = opt_size(L, 2, "read_chunk_size", 64 * 1024);
   lua_getfield(L, 2, "idle_timeout");
   ls->timeout = luaL_optnumber(L, -1, 0);
-  lua_pop(L, 1);
+  lua_getfield(L, 2, "handshake_timeout");
+  ls->handshake_timeout = luaL_optnumber(L, -1, 10);
+  if (lua_getfield(L, 2, "ssl_context") != LUA_TNIL)
+    luaL_checkudata(L, -1, "tcpserver.ssl_context");
+  ls->ctx_ref = lua_isnil(L, -1) ? LUA_NOREF : luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pop(L, ls->ctx_ref == LUA_NOREF ? 3 : 2);
   fd = ts__socket_take(L, 1, &family);
   luaL_setmetatable(L, TS_LISTENER_MT);
   ls->fd = fd;

@@ -5,53 +5,11 @@
  * shared buffer; a request that the new bytes satisfy is answered straight
  * from there and only the remainder is copied into the stream's own buffer.
  * An idle connection therefore holds no read buffer. */
-#include "internal.h"
+#include "stream.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE };
-
-enum {
-  F_PIPE = 1 << 0,
-  F_READING = 1 << 1,   /* uv_read_start is active */
-  F_EOF = 1 << 2,       /* the peer finished sending */
-  F_CLOSED = 1 << 3,    /* close() was called or an error ended it */
-  F_HCLOSING = 1 << 4,  /* uv_close was called */
-  F_DONE = 1 << 5,      /* the close callback ran */
-  F_WRITING = 1 << 6,   /* a uv_write is in flight (obuf) */
-  F_DIRTY = 1 << 7,     /* on the loop's dirty list */
-  F_BORROWED = 1 << 8,  /* rbuf points into the loop's shared buffer */
-  F_FLUSHWAIT = 1 << 9  /* wco waits for everything, not just the mark */
-};
-
-#define WRITE_HIGH_WATER (1024 * 1024)
-#define LINGER_MS 10000
-
-struct ts_stream {
-  union {
-    uv_handle_t handle;
-    uv_stream_t stream;
-    uv_tcp_t tcp;
-    uv_pipe_t pipe;
-  } h;
-  ts_buf rbuf;
-  ts_buf wbuf;            /* filled by write() */
-  ts_buf obuf;            /* owned by the write in flight */
-  uv_timer_t *timer;      /* wait timeouts and close linger; lazy */
-  ts_stream *next_dirty;
-  lua_State *rco, *wco;   /* tasks waiting to read / for the write buffer */
-  int rco_ref, wco_ref, self_ref, close_cb_ref;
-  int err;                /* the libuv error that ended the stream */
-  unsigned flags;
-  int rmode;
-  size_t rn;              /* read_bytes count or read_until max_bytes */
-  const char *delim;      /* lives on the waiting task's stack */
-  size_t dlen, scan;
-  size_t max_buffer, chunk, read_high_water;
-  double timeout;         /* seconds; <= 0 means none */
-};
 
 static void stream_close(ts_stream *s, int err);
 static void update_reading(ts_stream *s);
@@ -65,7 +23,7 @@ uv_stream_t *ts__stream_handle(ts_stream *s) {
 }
 
 static size_t pending_writes(ts_stream *s) {
-  return ts_buf_len(&s->wbuf) + ts_buf_len(&s->obuf);
+  return ts_buf_len(&s->wbuf) + ts_buf_len(&s->xbuf) + ts_buf_len(&s->obuf);
 }
 
 static int quiet_error(int err) {
@@ -103,6 +61,12 @@ int ts__push_addr(lua_State *L, const struct sockaddr *sa) {
   lua_pushinteger(L, port);
   lua_pushstring(L, family);
   return 3;
+}
+
+/* The error a failed read or write reports. */
+const char *ts__stream_error(ts_stream *s) {
+  const char *tls = s->tls ? ts__tls_error(s) : NULL;
+  return tls ? tls : ts__errname(s->err);
 }
 
 /* ---- waking tasks ---- */
@@ -146,6 +110,14 @@ static int wait_on(lua_State *L, ts_stream *s, lua_State **cop, int *refp) {
   return lua_yield(L, 0);
 }
 
+void ts__stream_wake(ts_stream *s, lua_State **cop, int *refp, int nres) {
+  wake(s, cop, refp, nres);
+}
+
+int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int *refp) {
+  return wait_on(L, s, cop, refp);
+}
+
 /* ---- reading ---- */
 
 static int push_consume(ts_stream *s, lua_State *L, size_t n) {
@@ -172,7 +144,7 @@ static int fail_too_large(ts_stream *s, lua_State *L) {
 
 /* The peer is gone: hand over what is left as the partial result. */
 static int fail_closed(ts_stream *s, lua_State *L) {
-  fail(s, L, ts__errname(s->err));
+  fail(s, L, ts__stream_error(s));
   lua_pushlstring(L, ts_buf_head(&s->rbuf), ts_buf_len(&s->rbuf));
   ts_buf_consume(&s->rbuf, ts_buf_len(&s->rbuf));
   stream_close(s, 0);
@@ -233,12 +205,28 @@ static void unborrow(ts_stream *s) {
     stream_close(s, UV_ENOMEM);
 }
 
+/* Lends the loop's shared buffer as an empty read buffer. */
+void ts__stream_borrow(ts_stream *s) {
+  ts_buf_free(&s->rbuf);
+  s->rbuf.data = ((ts_loop *)s->h.handle.loop->data)->shared;
+  s->rbuf.cap = TS_SHARED_READ_SIZE;
+  s->flags |= F_BORROWED;
+}
+
+void ts__stream_unborrow(ts_stream *s) {
+  unborrow(s);
+}
+
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   ts_stream *s = h->data;
   ts_loop *loop = h->loop->data;
   size_t len = ts_buf_len(&s->rbuf), want = s->chunk, room;
 
   (void)suggested;
+  if (s->tls != NULL) { /* ciphertext: fed to OpenSSL at once */
+    *buf = uv_buf_init(loop->shared, TS_SHARED_READ_SIZE);
+    return;
+  }
   if (len == 0) {
     ts_buf_free(&s->rbuf);
     want = want < s->max_buffer ? want : s->max_buffer;
@@ -282,10 +270,22 @@ static void on_eof(ts_stream *s) {
   update_reading(s);
 }
 
+void ts__stream_on_data(ts_stream *s) {
+  on_data(s);
+}
+
+void ts__stream_on_eof(ts_stream *s) {
+  on_eof(s);
+}
+
 static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
   ts_stream *s = h->data;
 
-  if (nread > 0) {
+  if (s->tls != NULL && nread > 0) {
+    ts__tls_on_read(s, buf->base, (size_t)nread);
+  } else if (s->tls != NULL && nread == UV_EOF) {
+    ts__tls_on_eof(s);
+  } else if (nread > 0) {
     if (buf->base == ((ts_loop *)h->loop->data)->shared) {
       s->rbuf.data = buf->base;
       s->rbuf.cap = buf->len;
@@ -301,6 +301,8 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
   } else if (nread == UV_ENOBUFS) {
     update_reading(s);
   } else if (nread < 0) {
+    if (s->tls != NULL)
+      ts__tls_on_error(s, (int)nread);
     stream_close(s, (int)nread);
   }
 }
@@ -331,7 +333,10 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
     return luaL_error(L, "already reading");
   s->rmode = mode;
   s->rn = n;
+  if (s->tls != NULL) /* plaintext OpenSSL holds back past max_buffer_size */
+    ts__tls_pump(s);
   r = try_read(s, L);
+  unborrow(s);
   if (r > 0) {
     update_reading(s);
     return r;
@@ -391,20 +396,26 @@ int ts__stream_flush(ts_stream *s) {
   uv_write_t *req;
   int n;
 
-  if ((s->flags & (F_WRITING | F_HCLOSING)) || ts_buf_len(&s->wbuf) == 0)
+  ts_buf *src = s->tls != NULL ? &s->xbuf : &s->wbuf;
+
+  if (s->flags & F_HCLOSING)
     return 0;
-  b = uv_buf_init(ts_buf_head(&s->wbuf), (unsigned)ts_buf_len(&s->wbuf));
+  if (s->tls != NULL && (n = ts__tls_encrypt(s)) != 0)
+    goto fail;
+  if ((s->flags & F_WRITING) || ts_buf_len(src) == 0)
+    return 0;
+  b = uv_buf_init(ts_buf_head(src), (unsigned)ts_buf_len(src));
   n = uv_try_write(&s->h.stream, &b, 1);
   if (n == (int)b.len) {
-    ts_buf_free(&s->wbuf);
+    ts_buf_free(src);
     return 0;
   }
   if (n < 0 && n != UV_EAGAIN)
     goto fail;
-  ts_buf_consume(&s->wbuf, n > 0 ? (size_t)n : 0);
+  ts_buf_consume(src, n > 0 ? (size_t)n : 0);
   tmp = s->obuf;
-  s->obuf = s->wbuf;
-  s->wbuf = tmp;
+  s->obuf = *src;
+  *src = tmp;
   req = malloc(sizeof(*req));
   n = UV_ENOMEM;
   if (req == NULL)
@@ -430,7 +441,7 @@ static void check_writer(ts_stream *s) {
     return;
   if (s->flags & F_CLOSED) {
     lua_pushnil(s->wco);
-    lua_pushstring(s->wco, ts__errname(s->err));
+    lua_pushstring(s->wco, ts__stream_error(s));
     wake(s, &s->wco, &s->wco_ref, 2);
   } else if (left == 0 || (!(s->flags & F_FLUSHWAIT) &&
                            left <= WRITE_HIGH_WATER / 2)) {
@@ -525,7 +536,7 @@ static int l_write(lua_State *L) {
     mark_dirty(s);
   if (pending_writes(s) > WRITE_HIGH_WATER && ts__in_task(L)) {
     if (ts__stream_flush(s) != 0)
-      return push_error(L, ts__errname(s->err));
+      return push_error(L, ts__stream_error(s));
     if (pending_writes(s) > WRITE_HIGH_WATER) {
       if (s->wco != NULL)
         return luaL_error(L, "already writing");
@@ -541,9 +552,9 @@ static int l_flush(lua_State *L) {
   ts_stream *s = check_stream(L);
 
   if (s->flags & F_CLOSED)
-    return push_error(L, ts__errname(s->err));
+    return push_error(L, ts__stream_error(s));
   if (ts__stream_flush(s) != 0)
-    return push_error(L, ts__errname(s->err));
+    return push_error(L, ts__stream_error(s));
   if (pending_writes(s) == 0) {
     lua_pushboolean(L, 1);
     return 1;
@@ -582,8 +593,11 @@ static void close_cb(uv_handle_t *h) {
   if (s->flags & F_DIRTY)
     unlink_dirty(s);
   ts_buf_free(&s->wbuf);
+  ts_buf_free(&s->xbuf);
   ts_buf_free(&s->obuf);
   s->flags |= F_DONE;
+  if (s->tls != NULL)
+    ts__tls_closed(s);
   if (s->rco != NULL)
     wake(s, &s->rco, &s->rco_ref, try_read(s, s->rco));
   check_writer(s);
@@ -629,12 +643,18 @@ static void stream_close(ts_stream *s, int err) {
     uv_read_stop(&s->h.stream);
     s->flags &= ~F_READING;
   }
+  if (err == 0 && s->tls != NULL)
+    ts__tls_shutdown(s);
   if (err == 0 && ts__stream_flush(s) != 0)
     return;
   if (err != 0 || pending_writes(s) == 0)
     handle_close(s);
   else
     start_timer(s, LINGER_MS);
+}
+
+void ts__stream_close(ts_stream *s, int err) {
+  stream_close(s, err);
 }
 
 /* Closes at once, dropping unwritten data (used when a server stops). */
@@ -673,6 +693,8 @@ static int l_gc(lua_State *L) {
   /* A stream is pinned until its close callback, so here libuv is done. */
   if (!(s->flags & F_BORROWED))
     ts_buf_free(&s->rbuf);
+  if (s->tls != NULL)
+    ts__tls_free(L, s);
   return 0;
 }
 

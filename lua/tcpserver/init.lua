@@ -19,7 +19,7 @@ local DEFAULTS = {
 }
 
 local CHECKS = {
-  ssl_options = "table",
+  ssl_options = "ssl",
   max_buffer_size = "size",
   read_chunk_size = "size",
   max_connections = "size",
@@ -36,10 +36,12 @@ local function check_option(k, v)
   local ok
   if kind == "size" then ok = math.type(v) == "integer" and v > 0
   elseif kind == "seconds" then ok = type(v) == "number" and v > 0
+  elseif kind == "ssl" then ok = type(v) == "table" or type(v) == "userdata"
   else ok = type(v) == kind end
   if not ok then
     local want = kind == "size" and "a positive integer"
-      or kind == "seconds" and "a positive number of seconds" or "a " .. kind
+      or kind == "seconds" and "a positive number of seconds"
+      or kind == "ssl" and "a table or an ssl context" or "a " .. kind
     error(("TCPServer: option '%s' must be %s, got %s"):format(k, want, tostring(v)), 4)
   end
 end
@@ -57,7 +59,7 @@ local function init(self, opts)
     options[k] = v
   end
   if options.ssl_options then
-    error("TCPServer: TLS is not available in this build", 3)
+    options.ssl_context = require("tcpserver.ssl").server_context(options.ssl_options)
   end
   if options.proxy_protocol then
     error("TCPServer: proxy_protocol is not available in this build", 3)

@@ -6,7 +6,7 @@ local log = require "tcpserver.log"
 
 local pack, unpack = table.pack, table.unpack
 
-core.set_error_handler(function(message) log.error("%s", message) end)
+core.set_log_handler(function(level, message) log.log(level, "%s", message) end)
 
 local M = {}
 

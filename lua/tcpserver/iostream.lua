@@ -6,16 +6,17 @@ local M = {}
 
 local methods = debug.getregistry()["tcpserver.stream"].__index
 
---- Plain streams have no handshake: it is always done.
-if not methods.wait_for_handshake then
-  function methods.wait_for_handshake(stream)
-    if stream:closed() then return nil, "closed" end
-    return true
-  end
-  function methods.peer_certificate() return nil end
-  function methods.alpn_protocol() return nil end
-  function methods.tls_version() return nil end
-  function methods.cipher() return nil end
+--- start_tls(server_side, ssl_options [, server_hostname]): upgrades the
+-- stream in place (STARTTLS) and waits for the handshake: true or nil, err.
+-- Raises if a read or write is pending or unread plain data is buffered.
+function methods.start_tls(stream, server_side, ssl_options, server_hostname, timeout)
+  local ssl = require "tcpserver.ssl"
+  local ctx = server_side and ssl.server_context(ssl_options) or ssl.wrap(ssl_options)
+  local ok, err = stream:flush()
+  if not ok then return nil, err end
+  ok, err = stream:_start_tls(server_side, ctx, server_hostname, timeout)
+  if not ok then return nil, err end
+  return stream:wait_for_handshake()
 end
 
 M.IOStream = methods

@@ -20,10 +20,25 @@ function M.connect(host, port, opts)
   if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
     error("connect: timeout must be a positive number of seconds", 2)
   end
+  local ctx
   if opts.ssl_options ~= nil then
-    error("connect: TLS is not available in this build", 2)
+    ctx = require("tcpserver.ssl").wrap(opts.ssl_options)
+  elseif opts.server_hostname ~= nil then
+    error("connect: server_hostname needs ssl_options", 2)
   end
-  return core.connect(host, port, opts.timeout, opts.source_ip)
+  local started = core.time()
+  local stream, err = core.connect(host, port, opts.timeout, opts.source_ip)
+  if not stream or not ctx then return stream, err end
+  local left = opts.timeout and math.max(opts.timeout - (core.time() - started), 0.001)
+  local ok
+  ok, err = stream:_start_tls(false, ctx, opts.server_hostname or host, left)
+  if ok then ok, err = stream:wait_for_handshake() end
+  if not ok then
+    stream:close()
+    if err == "tls: handshake timed out" then err = "timeout" end
+    return nil, err
+  end
+  return stream
 end
 
 return M

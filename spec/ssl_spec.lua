@@ -1,0 +1,450 @@
+local H = require "spec.helper"
+local ssl = require "tcpserver.ssl"
+local tcpclient = require "tcpserver.tcpclient"
+local tcpserver = require "tcpserver"
+local ioloop = require "tcpserver.ioloop"
+local process = require "tcpserver.process"
+
+local async = H.async
+local C = H.certs()
+
+local function server_opts(extra)
+  local o = {certfile = C.server.certfile, keyfile = C.server.keyfile}
+  for k, v in pairs(extra or {}) do o[k] = v end
+  return o
+end
+
+local function echo(_, stream)
+  while true do
+    local line = stream:read_until("\n")
+    if not line then return end
+    stream:write(line)
+  end
+end
+
+local function tls_serve(handler, ssl_extra, opts)
+  opts = opts or {}
+  opts.ssl_options = server_opts(ssl_extra)
+  return H.serve(handler, opts)
+end
+
+local function tls_connect(port, opts)
+  opts = opts or {}
+  opts.ssl_options = opts.ssl_options or {cafile = C.cafile}
+  return tcpclient.connect("127.0.0.1", port, opts)
+end
+
+-- Runs a Python ssl client: the snippet gets `ctx`, `port`, `ca`, `certs`.
+local function python_tls(port, body)
+  return H.python(([[
+import socket, ssl, sys
+port, ca, certs = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+%s
+]]):format(body), tostring(port), C.cafile, C.dir)
+end
+
+describe("TLS", function()
+  local logs, restore
+  before_each(function() logs, restore = H.capture_logs() end)
+  after_each(function() restore() end)
+
+  describe("ssl.context", function()
+    it("builds a reusable context accepted wherever ssl_options is", async(function()
+      local ctx = ssl.context(server_opts())
+      assert.is_true(ssl.is_context(ctx))
+      local server, port = H.serve(echo, {ssl_options = ctx})
+      local other, port2 = H.serve(echo, {ssl_options = ctx})
+      for _, p in ipairs {port, port2} do
+        local c = assert(tls_connect(p))
+        c:write("ctx\n")
+        assert.equal("ctx\n", c:read_until("\n"))
+        c:close()
+      end
+      server:stop(); other:stop()
+    end))
+
+    it("accepts LuaSec's names as aliases", function()
+      assert.is_true(ssl.is_context(ssl.context({certificate = C.server.certfile, key = C.server.keyfile})))
+    end)
+
+    it("raises clear errors for bad options when built", function()
+      assert.has_error(function() ssl.context({certfile = "/no/such.pem"}) end,
+                       "ssl_options: cannot read certfile /no/such.pem")
+      assert.has_error(function() ssl.context({colour = "red"}) end, "ssl_options: unknown option 'colour'")
+      assert.has_error(function() ssl.context({verify = "sometimes"}) end,
+                       "ssl_options: verify must be \"none\", \"optional\" or \"required\", got 'sometimes'")
+      assert.has_error(function() ssl.context({min_version = "tlsv9"}) end,
+                       "ssl_options: unknown min_version 'tlsv9'")
+      local ok, err = pcall(ssl.context, {certfile = C.server.certfile, keyfile = C.other.keyfile})
+      assert.is_false(ok)
+      assert.matches("does not match the certificate", err)
+      ok, err = pcall(ssl.context, {certfile = C.server.keyfile, keyfile = C.server.keyfile})
+      assert.is_false(ok)
+      assert.matches("cannot load certfile", err)
+      assert.has_error(function() tcpserver.TCPServer({ssl_options = {cafile = C.cafile}}) end,
+                       "ssl_options: a server needs certfile (and keyfile)")
+      assert.has_error(function() tcpserver.TCPServer({ssl_options = {certfile = 1}}) end,
+                       "ssl_options: 'certfile' must be a string, got number")
+    end)
+  end)
+
+  describe("server", function()
+    it("serves our client with TLS 1.3, verified against the test CA", async(function()
+      local info = {}
+      local server, port = tls_serve(function(_, stream)
+        info.before = stream:tls_version()
+        assert.is_true(stream:wait_for_handshake())
+        assert.is_true(stream:wait_for_handshake())
+        info.after = stream:tls_version()
+        echo(_, stream)
+      end)
+      local c = assert(tls_connect(port))
+      c:write("secret\n")
+      assert.equal("secret\n", c:read_until("\n"))
+      assert.equal("TLSv1.3", c:tls_version())
+      assert.is_string(c:cipher())
+      local cert = c:peer_certificate()
+      assert.equal("CN=localhost", cert.subject)
+      assert.equal("CN=tcpserver test CA", cert.issuer)
+      assert.is_true(cert.verified)
+      assert.matches("^%-%-%-%-%-BEGIN CERTIFICATE", cert.pem)
+      assert.is_true(cert.not_before <= os.time() and os.time() < cert.not_after)
+      c:close()
+      server:stop()
+      assert.same({after = "TLSv1.3"}, info)
+    end))
+
+    it("speaks TLS 1.2 with openssl s_client", async(function()
+      local server, port = tls_serve(function(_, stream)
+        local line = stream:read_until("\n")
+        stream:write(stream:tls_version() .. " " .. line)
+      end)
+      local out, status = H.run({"openssl", "s_client", "-connect", "127.0.0.1:" .. port, "-tls1_2",
+                                 "-CAfile", C.cafile, "-verify_return_error", "-quiet"}, "over s_client\n")
+      server:stop()
+      assert.equal(0, status)
+      assert.equal("TLSv1.2 over s_client\n", out)
+    end))
+
+    it("serves Python's ssl module and picks ALPN by server preference", async(function()
+      local picked
+      local server, port = tls_serve(function(_, stream)
+        stream:wait_for_handshake()
+        picked = stream:alpn_protocol()
+        echo(_, stream)
+      end, {alpn = {"h2", "http/1.1"}})
+      local out = python_tls(port, [[
+ctx.set_alpn_protocols(["http/1.1", "h2"])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
+s.sendall(b"py\n")
+print(s.recv(10).decode().strip(), s.selected_alpn_protocol(), s.version())
+]])
+      server:stop()
+      assert.equal("py h2 TLSv1.3\n", out)
+      assert.equal("h2", picked)
+    end))
+
+    it("requires client certificates with verify = required", async(function()
+      local subject
+      local server, port = tls_serve(function(_, stream)
+        if stream:wait_for_handshake() then
+          subject = stream:peer_certificate().subject
+          echo(_, stream)
+        end
+      end, {verify = "required", cafile = C.cafile})
+      local c = assert(tls_connect(port, {ssl_options = {cafile = C.cafile, certfile = C.client.certfile,
+                                                         keyfile = C.client.keyfile}}))
+      c:write("with cert\n")
+      assert.equal("with cert\n", c:read_until("\n"))
+      c:close()
+      assert.equal("CN=test client", subject)
+      -- Without a certificate the server refuses (TLS 1.3 reports it on first read).
+      local nc = tls_connect(port)
+      local got, err = nil, nil
+      if nc then got, err = nc:read_until("\n") end
+      assert.is_nil(got)
+      assert.matches("^tls: ", err or "tls: handshake refused")
+      server:stop()
+      H.wait_until(function() return #logs > 0 end)
+      assert.matches("^info: TLS handshake failed with 127%.0%.0%.1:%d+: peer did not return a certificate", logs[1])
+    end))
+
+    it("accepts a client with or without a certificate with verify = optional", async(function()
+      local seen = {}
+      local server, port = tls_serve(function(_, stream)
+        stream:wait_for_handshake()
+        local cert = stream:peer_certificate()
+        seen[#seen + 1] = cert and cert.subject or "none"
+        echo(_, stream)
+      end, {verify = "optional", cafile = C.cafile})
+      for _, o in ipairs {{cafile = C.cafile},
+                          {cafile = C.cafile, certfile = C.client.certfile, keyfile = C.client.keyfile}} do
+        local c = assert(tls_connect(port, {ssl_options = o}))
+        c:write("x\n")
+        assert.equal("x\n", c:read_until("\n"))
+        c:close()
+      end
+      server:stop()
+      assert.same({"none", "CN=test client"}, seen)
+    end))
+
+    it("picks the certificate by SNI", async(function()
+      local server, port = tls_serve(echo, {sni = {["other.test"] = C.other}})
+      local c = assert(tls_connect(port, {server_hostname = "other.test"}))
+      assert.equal("CN=other.test", c:peer_certificate().subject)
+      c:close()
+      c = assert(tls_connect(port, {server_hostname = "localhost"}))
+      assert.equal("CN=localhost", c:peer_certificate().subject)
+      c:close()
+      local out = H.run({"openssl", "s_client", "-connect", "127.0.0.1:" .. port, "-servername", "other.test",
+                         "-CAfile", C.cafile}, "")
+      assert.matches("subject=CN ?= ?other.test", out)
+      server:stop()
+    end))
+
+    it("moves 16 MiB each way", async(function()
+      local n = 16 * 1024 * 1024
+      local server, port = tls_serve(function(_, stream)
+        local data = assert(stream:read_bytes(n))
+        stream:write(data)
+      end)
+      local c = assert(tls_connect(port))
+      local chunk = ("0123456789abcdef"):rep(4096)
+      for _ = 1, n // #chunk do assert(c:write(chunk)) end
+      local back = assert(c:read_bytes(n))
+      assert.equal(n, #back)
+      assert.equal(chunk, back:sub(1, #chunk))
+      assert.equal(chunk, back:sub(-#chunk))
+      c:close()
+      server:stop()
+    end, 30))
+
+    it("serves 200 concurrent TLS connections", async(function()
+      local server, port = tls_serve(echo)
+      local ctx = ssl.context({cafile = C.cafile})
+      local done, ok = 0, 0
+      for i = 1, 200 do
+        ioloop.current():spawn(function()
+          local c = tls_connect(port, {ssl_options = ctx})
+          if c then
+            c:write(i .. "\n")
+            if c:read_until("\n") == i .. "\n" then ok = ok + 1 end
+            c:close()
+          end
+          done = done + 1
+        end)
+      end
+      H.wait_until(function() return done == 200 end, 25)
+      server:stop()
+      assert.equal(200, ok)
+    end, 30))
+
+    it("sends close_notify on close and reads the peer's as 'closed'", async(function()
+      local result
+      local server, port = tls_serve(function(_, stream)
+        stream:write(stream:read_until("\n"))
+        result = {stream:read_until("\n")}
+      end)
+      local out = python_tls(port, [[
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
+s.sendall(b"bye\n")
+print(s.recv(10).decode().strip())
+s.unwrap()  # our close_notify, then Python waits for the server's
+print("clean")
+]])
+      H.wait_until(function() return result end)
+      server:stop()
+      assert.equal("bye\nclean\n", out)
+      assert.same({nil, "closed", ""}, result)
+    end))
+
+    it("raises on a concurrent wait_for_handshake", async(function()
+      local err
+      local server, port = tls_serve(function(_, stream)
+        ioloop.current():spawn(function() stream:wait_for_handshake() end)
+        local ok, e = pcall(stream.wait_for_handshake, stream)
+        err = not ok and e
+      end)
+      local c = tls_connect(port)
+      if c then c:close() end
+      server:stop()
+      assert.matches("already waiting", err)
+    end))
+  end)
+
+  describe("failures", function()
+    local function raw(port, body)
+      return H.python(([[
+import socket, sys, struct
+port = int(sys.argv[1])
+%s
+]]):format(body), tostring(port))
+    end
+
+    local function check_still_serves(port)
+      local c = assert(tls_connect(port))
+      c:write("alive\n")
+      assert.equal("alive\n", c:read_until("\n"))
+      c:close()
+    end
+
+    it("closes on plain text with one info line, and keeps serving", async(function()
+      local server, port = tls_serve(echo)
+      local out = raw(port, [[
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+print(len(s.recv(100)) >= 0)
+]])
+      assert.equal("True\n", out)
+      check_still_serves(port)
+      server:stop()
+      H.wait_until(function() return #logs > 0 end)
+      assert.equal(1, #logs)
+      assert.matches("^info: TLS handshake failed with 127%.0%.0%.1:%d+: ", logs[1])
+    end))
+
+    it("stays silent for a port probe that sends nothing", async(function()
+      local server, port = tls_serve(echo)
+      local closed = false
+      raw(port, [[socket.create_connection(("127.0.0.1", port)).close()]])
+      local c = assert(tls_connect(port))
+      c:set_close_callback(function() closed = true end)
+      c:close()
+      H.wait_until(function() return closed end)
+      server:stop()
+      assert.same({}, logs)
+    end))
+
+    it("logs a truncated ClientHello and one abandoned past handshake_timeout", async(function()
+      local server, port = tls_serve(echo, nil, {handshake_timeout = 0.2})
+      -- The first bytes of a ClientHello: a record header and a few more.
+      raw(port, [[
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(bytes.fromhex("16030100c8010000c40303"))
+s.close()
+]])
+      local out = raw(port, [[
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(bytes.fromhex("16030100c8010000c40303"))
+print(s.recv(100) == b"")
+]])
+      assert.equal("True\n", out)
+      check_still_serves(port)
+      server:stop()
+      H.wait_until(function() return #logs >= 2 end)
+      table.sort(logs)
+      assert.matches("connection closed during handshake", logs[1])
+      assert.matches("handshake timed out", logs[2])
+    end))
+
+    it("logs a reset in the middle of the handshake", async(function()
+      local server, port = tls_serve(echo)
+      raw(port, [[
+s = socket.create_connection(("127.0.0.1", port))
+s.sendall(b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03")
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+]])
+      H.wait_until(function() return #logs > 0 end)
+      check_still_serves(port)
+      server:stop()
+      assert.equal(1, #logs)
+      -- The reset may be seen as such or as an early end of the stream.
+      assert.matches("^info: TLS handshake failed with 127%.0%.0%.1:%d+: connection", logs[1])
+    end))
+
+    it("logs a client that rejects our certificate", async(function()
+      local server, port = tls_serve(echo, {certfile = C.self.certfile, keyfile = C.self.keyfile})
+      local c, err = tls_connect(port)
+      assert.is_nil(c)
+      assert.equal("tls: certificate verify failed (self-signed certificate)", err)
+      H.wait_until(function() return #logs > 0 end)
+      server:stop()
+      assert.matches("^info: TLS handshake failed with 127%.0%.0%.1:%d+: .*unknown ca", logs[1])
+    end))
+  end)
+
+  describe("client", function()
+    local server, port
+    before_each(function() server, port = tls_serve(echo) end)
+    after_each(function() server:stop() end)
+
+    it("checks the host name by default", async(function()
+      local c, err = tls_connect(port, {server_hostname = "wrong.test"})
+      assert.is_nil(c)
+      assert.equal("tls: certificate verify failed (hostname mismatch)", err)
+    end))
+
+    it("verifies against the system store without a cafile", async(function()
+      local c, err = tcpclient.connect("127.0.0.1", port, {ssl_options = {}})
+      assert.is_nil(c)
+      assert.equal("tls: certificate verify failed (unable to get local issuer certificate)", err)
+    end))
+
+    it("skips verification only when told verify = none", async(function()
+      local c = assert(tcpclient.connect("127.0.0.1", port, {ssl_options = {verify = "none"},
+                                                            server_hostname = "wrong.test"}))
+      c:write("unverified\n")
+      assert.equal("unverified\n", c:read_until("\n"))
+      assert.is_false(c:peer_certificate().verified)
+      c:close()
+    end))
+
+    it("talks to openssl s_server", async(function()
+      local p = process.Subprocess({"openssl", "s_server", "-accept", "0", "-cert", C.server.certfile,
+                                    "-key", C.server.keyfile, "-naccept", "1", "-rev"},
+                                   {stdin = "pipe", stdout = "pipe"})
+      local sport
+      repeat
+        local line = assert(p.stdout:read_until("\n"))
+        sport = line:match("ACCEPT .*:(%d+)")
+      until sport
+      local c = assert(tcpclient.connect("localhost", tonumber(sport), {ssl_options = {cafile = C.cafile}}))
+      c:write("abc\n")
+      assert.equal("cba\n", c:read_until("\n"))
+      c:close()
+      p.stdin:close()
+      p:kill()
+      p:wait_for_exit()
+    end))
+  end)
+
+  describe("start_tls", function()
+    it("upgrades a plain connection in place (STARTTLS)", async(function()
+      local server, port = H.serve(function(_, stream)
+        assert.equal("STARTTLS\n", stream:read_until("\n"))
+        stream:write("GO\n")
+        assert.is_true(stream:start_tls(true, server_opts()))
+        echo(_, stream)
+      end)
+      local c = H.connect(port)
+      c:write("STARTTLS\n")
+      assert.equal("GO\n", c:read_until("\n"))
+      assert.is_nil(c:tls_version())
+      assert.is_true(c:start_tls(false, {cafile = C.cafile}, "localhost"))
+      assert.equal("TLSv1.3", c:tls_version())
+      c:write("now encrypted\n")
+      assert.equal("now encrypted\n", c:read_until("\n"))
+      c:close()
+      server:stop()
+    end))
+
+    it("refuses while plain data is buffered or a read is pending", async(function()
+      local errs = {}
+      local server, port = H.serve(function(_, stream)
+        stream:read_bytes(1)
+        errs[1] = select(2, pcall(stream.start_tls, stream, true, server_opts()))
+        stream:read_bytes(2)
+        ioloop.current():spawn(function() stream:read_bytes(1) end)
+        errs[2] = select(2, pcall(stream.start_tls, stream, true, server_opts()))
+      end)
+      local c = H.connect(port)
+      c:write("abc")
+      c:read_until_close()
+      server:stop()
+      assert.matches("plain data is buffered", errs[1])
+      assert.matches("a read or write is pending", errs[2])
+    end))
+  end)
+end)

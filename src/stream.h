@@ -1,0 +1,76 @@
+/* The stream struct, shared by stream.c and tls.c. */
+#ifndef TS_STREAM_H
+#define TS_STREAM_H
+
+#include "internal.h"
+
+typedef struct ts_tls ts_tls;
+
+enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE };
+
+enum {
+  F_PIPE = 1 << 0,
+  F_READING = 1 << 1,   /* uv_read_start is active */
+  F_EOF = 1 << 2,       /* the peer finished sending */
+  F_CLOSED = 1 << 3,    /* close() was called or an error ended it */
+  F_HCLOSING = 1 << 4,  /* uv_close was called */
+  F_DONE = 1 << 5,      /* the close callback ran */
+  F_WRITING = 1 << 6,   /* a uv_write is in flight (obuf) */
+  F_DIRTY = 1 << 7,     /* on the loop's dirty list */
+  F_BORROWED = 1 << 8,  /* rbuf points into the loop's shared buffer */
+  F_FLUSHWAIT = 1 << 9  /* wco waits for everything, not just the mark */
+};
+
+#define WRITE_HIGH_WATER (1024 * 1024)
+#define LINGER_MS 10000
+
+struct ts_stream {
+  union {
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;
+  } h;
+  ts_buf rbuf;
+  ts_buf wbuf;            /* filled by write() */
+  ts_buf obuf;            /* owned by the write in flight */
+  uv_timer_t *timer;      /* wait timeouts and close linger; lazy */
+  ts_stream *next_dirty;
+  lua_State *rco, *wco;   /* tasks waiting to read / for the write buffer */
+  int rco_ref, wco_ref, self_ref, close_cb_ref;
+  int err;                /* the libuv error that ended the stream */
+  unsigned flags;
+  int rmode;
+  size_t rn;              /* read_bytes count or read_until max_bytes */
+  const char *delim;      /* lives on the waiting task's stack */
+  size_t dlen, scan;
+  size_t max_buffer, chunk, read_high_water;
+  double timeout;         /* seconds; <= 0 means none */
+  ts_tls *tls;            /* NULL on a plain stream */
+  ts_buf xbuf;            /* TLS: ciphertext waiting to be written */
+};
+
+/* stream.c, for tls.c */
+void ts__stream_close(ts_stream *s, int err);
+void ts__stream_on_data(ts_stream *s);
+void ts__stream_on_eof(ts_stream *s);
+void ts__stream_unborrow(ts_stream *s);
+void ts__stream_borrow(ts_stream *s);
+int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int *refp);
+void ts__stream_wake(ts_stream *s, lua_State **cop, int *refp, int nres);
+const char *ts__stream_error(ts_stream *s);
+
+/* tls.c, for stream.c */
+void ts__tls_on_read(ts_stream *s, const char *data, size_t n);
+void ts__tls_on_eof(ts_stream *s);
+void ts__tls_on_error(ts_stream *s, int err);
+int ts__tls_encrypt(ts_stream *s);
+void ts__tls_pump(ts_stream *s);
+void ts__tls_shutdown(ts_stream *s);
+void ts__tls_closed(ts_stream *s);
+void ts__tls_free(lua_State *L, ts_stream *s);
+int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
+                   const char *host, double timeout);
+const char *ts__tls_error(ts_stream *s);
+
+#endif

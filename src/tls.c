@@ -1,0 +1,787 @@
+/* TLS under a stream: OpenSSL over memory BIOs. Ciphertext read from the
+ * socket is fed to the SSL object and the plaintext lands in the stream's
+ * read buffer; plaintext written is encrypted when the stream is flushed
+ * and the ciphertext goes out through the stream's normal write path. */
+#define _DEFAULT_SOURCE /* timegm */
+#include "stream.h"
+
+#include <arpa/inet.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define TS_CTX_MT "tcpserver.ssl_context"
+
+typedef struct ts_ctx {
+  SSL_CTX *ctx;
+  int verify;            /* SSL_VERIFY_* or -1: the side's default */
+  int has_cert;
+  unsigned char alpn[256]; /* protocols in wire format, in preference order */
+  unsigned alpn_len;
+  int nsni;
+  char **sni_names;
+  SSL_CTX **sni_ctx;
+} ts_ctx;
+
+struct ts_tls {
+  SSL *ssl;
+  BIO *rbio, *wbio;        /* owned by ssl */
+  uv_timer_t *hs_timer;    /* handshake_timeout, until the handshake ends */
+  lua_State *hco;          /* task in wait_for_handshake */
+  int hco_ref, ctx_ref;
+  int server, done, failed, shutdown_sent, close_notify;
+  char peer[INET6_ADDRSTRLEN + 8]; /* server side: the client, for logs */
+  size_t rx;               /* ciphertext bytes received */
+  char err[160];           /* "tls: <reason>" once failed */
+};
+
+/* ---- errors ---- */
+
+/* The newest OpenSSL error as a short reason, clearing the queue. */
+static const char *ssl_reason(char *buf, size_t len) {
+  unsigned long e = ERR_peek_last_error();
+  const char *r = e ? ERR_reason_error_string(e) : NULL;
+
+  snprintf(buf, len, "%s", r ? r : "protocol error");
+  ERR_clear_error();
+  return buf;
+}
+
+static void settle_handshake(ts_stream *s);
+
+/* Ends the connection after a TLS failure, with one info line unless the
+ * peer sent nothing at all (a port probe). */
+static void tls_fail(ts_stream *s, const char *reason) {
+  ts_tls *t = s->tls;
+  char msg[256];
+
+  if (t->failed || (s->flags & F_CLOSED))
+    return;
+  t->failed = 1;
+  snprintf(t->err, sizeof(t->err), "tls: %s", reason);
+  if (t->server && t->rx > 0) {
+    snprintf(msg, sizeof(msg), "TLS %s with %s: %s",
+             t->done ? "error" : "handshake failed", t->peer, reason);
+    ts__log(s->h.handle.loop->data, "info", msg);
+  }
+  s->err = UV_EPROTO;
+  ts__stream_close(s, 0); /* sends the alert OpenSSL queued, then closes */
+}
+
+const char *ts__tls_error(ts_stream *s) {
+  return s->tls->failed ? s->tls->err : NULL;
+}
+
+/* ---- moving bytes ---- */
+
+/* Moves the ciphertext OpenSSL produced into the stream's xbuf. */
+static int move_out(ts_stream *s) {
+  BIO *wbio = s->tls->wbio;
+  size_t pending = BIO_ctrl_pending(wbio);
+  int n;
+
+  if (pending == 0)
+    return 0;
+  if (ts_buf_reserve(&s->xbuf, pending, (size_t)-1) != 0)
+    return UV_ENOMEM;
+  n = BIO_read(wbio, ts_buf_tail(&s->xbuf), (int)pending);
+  if (n > 0)
+    s->xbuf.end += (size_t)n;
+  return 0;
+}
+
+int ts__tls_encrypt(ts_stream *s) {
+  ts_tls *t = s->tls;
+  size_t len;
+  int n;
+
+  while (t->done && !t->failed && !t->shutdown_sent &&
+         (len = ts_buf_len(&s->wbuf)) > 0) {
+    n = SSL_write(t->ssl, ts_buf_head(&s->wbuf), len > 1 << 30 ? 1 << 30 : (int)len);
+    if (n <= 0) {
+      ERR_clear_error();
+      return UV_EPROTO;
+    }
+    ts_buf_consume(&s->wbuf, (size_t)n);
+  }
+  if (ts_buf_len(&s->wbuf) == 0 && s->wbuf.data != NULL)
+    ts_buf_free(&s->wbuf);
+  return move_out(s);
+}
+
+/* Decrypts what OpenSSL holds into the read buffer, up to max_buffer_size
+ * (the rest waits inside OpenSSL: backpressure). */
+static void read_plain(ts_stream *s) {
+  ts_tls *t = s->tls;
+  char reason[120];
+  size_t len, room;
+  int n;
+
+  for (;;) {
+    len = ts_buf_len(&s->rbuf);
+    if (len >= s->max_buffer)
+      return;
+    if (len == 0 && !(s->flags & F_BORROWED))
+      ts__stream_borrow(s);
+    else if ((s->flags & F_BORROWED) && ts_buf_room(&s->rbuf) == 0)
+      ts__stream_unborrow(s);
+    if (!(s->flags & F_BORROWED) &&
+        ts_buf_reserve(&s->rbuf, s->chunk, s->max_buffer) != 0) {
+      ts__stream_close(s, UV_ENOMEM);
+      return;
+    }
+    room = ts_buf_room(&s->rbuf);
+    if (room > s->max_buffer - len)
+      room = s->max_buffer - len;
+    n = SSL_read(t->ssl, ts_buf_tail(&s->rbuf), room > 1 << 30 ? 1 << 30 : (int)room);
+    if (n > 0) {
+      s->rbuf.end += (size_t)n;
+      continue;
+    }
+    switch (SSL_get_error(t->ssl, n)) {
+    case SSL_ERROR_WANT_READ:
+    case SSL_ERROR_WANT_WRITE:
+      return;
+    case SSL_ERROR_ZERO_RETURN:
+      t->close_notify = 1;
+      return;
+    default:
+      tls_fail(s, ssl_reason(reason, sizeof(reason)));
+      return;
+    }
+  }
+}
+
+static void handshake_done(ts_stream *s) {
+  ts_tls *t = s->tls;
+
+  t->done = 1;
+  if (t->hs_timer != NULL)
+    uv_timer_stop(t->hs_timer);
+}
+
+/* Advances the handshake; returns 0, or -1 once it failed. */
+static int handshake(ts_stream *s) {
+  ts_tls *t = s->tls;
+  char reason[200];
+  long verify;
+  int r = SSL_do_handshake(t->ssl);
+
+  if (r == 1) {
+    handshake_done(s);
+    return 0;
+  }
+  switch (SSL_get_error(t->ssl, r)) {
+  case SSL_ERROR_WANT_READ:
+  case SSL_ERROR_WANT_WRITE:
+    return 0;
+  }
+  verify = SSL_get_verify_result(t->ssl);
+  if (verify != X509_V_OK) {
+    ERR_clear_error();
+    snprintf(reason, sizeof(reason), "certificate verify failed (%s)",
+             X509_verify_cert_error_string(verify));
+  } else {
+    ssl_reason(reason, sizeof(reason));
+  }
+  tls_fail(s, reason);
+  return -1;
+}
+
+void ts__tls_on_read(ts_stream *s, const char *data, size_t n) {
+  ts_tls *t = s->tls;
+  int was_done = t->done;
+
+  t->rx += n;
+  if (BIO_write(t->rbio, data, (int)n) != (int)n) {
+    ts__stream_close(s, UV_ENOMEM);
+    return;
+  }
+  if (!t->done)
+    handshake(s);
+  if (t->done && !t->failed)
+    read_plain(s);
+  if (!(s->flags & F_HCLOSING))
+    ts__stream_flush(s); /* handshake messages, alerts, buffered writes */
+  if (t->close_notify)
+    ts__stream_on_eof(s);
+  else
+    ts__stream_on_data(s);
+  if (t->done != was_done || t->failed)
+    settle_handshake(s);
+}
+
+void ts__tls_on_eof(ts_stream *s) {
+  ts_tls *t = s->tls;
+
+  if (!t->done) {
+    if (t->rx == 0) { /* a port probe: no log */
+      t->failed = 1;
+      snprintf(t->err, sizeof(t->err), "closed");
+      ts__stream_close(s, UV_EOF);
+    } else {
+      tls_fail(s, "connection closed during handshake");
+    }
+    settle_handshake(s);
+    return;
+  }
+  ts__stream_on_eof(s); /* EOF without close_notify: end of data all the same */
+}
+
+/* A reset during the handshake is worth a line too (not a probe's). */
+void ts__tls_on_error(ts_stream *s, int err) {
+  ts_tls *t = s->tls;
+  char msg[200];
+
+  if (!t->server || t->done || t->failed || t->rx == 0)
+    return;
+  snprintf(msg, sizeof(msg), "TLS handshake failed with %s: %s", t->peer,
+           uv_strerror(err));
+  ts__log(s->h.handle.loop->data, "info", msg);
+}
+
+void ts__tls_pump(ts_stream *s) {
+  ts_tls *t = s->tls;
+
+  if (t->done && !t->failed &&
+      (SSL_pending(t->ssl) > 0 || BIO_ctrl_pending(t->rbio) > 0))
+    read_plain(s);
+}
+
+void ts__tls_shutdown(ts_stream *s) {
+  ts_tls *t = s->tls;
+
+  if (!t->done || t->failed || t->shutdown_sent)
+    return;
+  if (ts__tls_encrypt(s) != 0)
+    return;
+  t->shutdown_sent = 1;
+  SSL_shutdown(t->ssl); /* queues close_notify; we do not wait for the peer's */
+  ERR_clear_error();
+}
+
+/* ---- handshake waits and timer ---- */
+
+static void settle_handshake(ts_stream *s) {
+  ts_tls *t = s->tls;
+  lua_State *co = t->hco;
+
+  if (co == NULL)
+    return;
+  if (t->done && !t->failed && !(s->flags & F_CLOSED)) {
+    lua_pushboolean(co, 1);
+    ts__stream_wake(s, &t->hco, &t->hco_ref, 1);
+  } else if (t->failed || (s->flags & F_CLOSED)) {
+    lua_pushnil(co);
+    lua_pushstring(co, ts__stream_error(s));
+    ts__stream_wake(s, &t->hco, &t->hco_ref, 2);
+  }
+}
+
+static void hs_timer_free(uv_handle_t *h) {
+  free(h);
+}
+
+static void hs_timeout(uv_timer_t *timer) {
+  ts_stream *s = timer->data;
+
+  if (s->tls->done || (s->flags & F_CLOSED))
+    return;
+  s->tls->rx += 1; /* a stalled handshake is worth its log line */
+  tls_fail(s, "handshake timed out");
+  settle_handshake(s);
+}
+
+void ts__tls_closed(ts_stream *s) {
+  ts_tls *t = s->tls;
+
+  if (t->hs_timer != NULL) {
+    uv_close((uv_handle_t *)t->hs_timer, hs_timer_free);
+    t->hs_timer = NULL;
+  }
+  settle_handshake(s);
+}
+
+void ts__tls_free(lua_State *L, ts_stream *s) {
+  ts_tls *t = s->tls;
+
+  SSL_free(t->ssl);
+  luaL_unref(L, LUA_REGISTRYINDEX, t->ctx_ref);
+  free(t);
+  s->tls = NULL;
+}
+
+/* ---- contexts ---- */
+
+static ts_ctx *check_ctx(lua_State *L, int idx) {
+  return luaL_checkudata(L, idx, TS_CTX_MT);
+}
+
+static int ctx_gc(lua_State *L) {
+  ts_ctx *c = check_ctx(L, 1);
+  int i;
+
+  for (i = 0; i < c->nsni; i++) {
+    SSL_CTX_free(c->sni_ctx[i]);
+    free(c->sni_names[i]);
+  }
+  free(c->sni_ctx);
+  free(c->sni_names);
+  c->nsni = 0;
+  c->sni_ctx = NULL;
+  c->sni_names = NULL;
+  SSL_CTX_free(c->ctx); /* connections hold their own reference */
+  c->ctx = NULL;
+  return 0;
+}
+
+static int raise_ssl(lua_State *L, const char *fmt, const char *arg) {
+  char reason[160];
+  ssl_reason(reason, sizeof(reason));
+  return luaL_error(L, fmt, arg, reason);
+}
+
+static SSL_CTX *new_ssl_ctx(lua_State *L) {
+  SSL_CTX *ctx = SSL_CTX_new(TLS_method());
+
+  if (ctx == NULL)
+    raise_ssl(L, "ssl_options: %s%s", "cannot create a context: ");
+  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+  /* Idle connections give their record buffers back. */
+  SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+  SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION);
+  return ctx;
+}
+
+static void load_pair(lua_State *L, SSL_CTX *ctx, const char *cert,
+                      const char *key) {
+  if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1)
+    raise_ssl(L, "ssl_options: cannot load certfile %s: %s", cert);
+  if (SSL_CTX_use_PrivateKey_file(ctx, key ? key : cert, SSL_FILETYPE_PEM) != 1) {
+    if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH)
+      raise_ssl(L, "ssl_options: keyfile %s does not match the certificate: %s",
+                key ? key : cert);
+    raise_ssl(L, "ssl_options: cannot load keyfile %s: %s", key ? key : cert);
+  }
+  if (SSL_CTX_check_private_key(ctx) != 1)
+    raise_ssl(L, "ssl_options: keyfile %s does not match the certificate: %s",
+              key ? key : cert);
+}
+
+static const char *opt_string(lua_State *L, int t, const char *k) {
+  const char *v;
+  lua_getfield(L, t, k);
+  v = lua_tostring(L, -1); /* the table keeps it alive */
+  lua_pop(L, 1);
+  return v;
+}
+
+static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+                       const unsigned char *in, unsigned inlen, void *arg) {
+  ts_ctx *c = arg;
+  const unsigned char *p, *q;
+
+  (void)ssl;
+  for (p = c->alpn; p < c->alpn + c->alpn_len; p += 1 + *p) {
+    for (q = in; q < in + inlen; q += 1 + *q) {
+      if (*p == *q && memcmp(p + 1, q + 1, *p) == 0) {
+        *out = q + 1;
+        *outlen = *q;
+        return SSL_TLSEXT_ERR_OK;
+      }
+    }
+  }
+  return SSL_TLSEXT_ERR_NOACK;
+}
+
+static int sni_select(SSL *ssl, int *alert, void *arg) {
+  ts_ctx *c = arg;
+  const char *name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+  int i;
+
+  (void)alert;
+  for (i = 0; name != NULL && i < c->nsni; i++) {
+    if (strcasecmp(name, c->sni_names[i]) == 0) {
+      SSL_set_SSL_CTX(ssl, c->sni_ctx[i]);
+      break;
+    }
+  }
+  return SSL_TLSEXT_ERR_OK;
+}
+
+static void set_alpn(lua_State *L, ts_ctx *c, int t) {
+  lua_Integer i, n;
+  size_t len;
+  const char *p;
+
+  lua_getfield(L, t, "alpn");
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return;
+  }
+  n = luaL_len(L, -1);
+  for (i = 1; i <= n; i++) {
+    lua_geti(L, -1, i);
+    p = lua_tolstring(L, -1, &len);
+    if (p == NULL || len == 0 || len > 255 || c->alpn_len + 1 + len > sizeof(c->alpn))
+      luaL_error(L, "ssl_options: bad alpn protocol #%d", (int)i);
+    c->alpn[c->alpn_len] = (unsigned char)len;
+    memcpy(c->alpn + c->alpn_len + 1, p, len);
+    c->alpn_len += 1 + (unsigned)len;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  /* Client side: offer them; server side: pick by our preference. */
+  SSL_CTX_set_alpn_protos(c->ctx, c->alpn, c->alpn_len);
+  SSL_CTX_set_alpn_select_cb(c->ctx, alpn_select, c);
+}
+
+/* sni = {["host"] = {certfile=, keyfile=}, ...} */
+static void set_sni(lua_State *L, ts_ctx *c, int t) {
+  int n = 0;
+
+  lua_getfield(L, t, "sni");
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return;
+  }
+  for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1))
+    n++;
+  c->sni_names = calloc((size_t)n, sizeof(char *));
+  c->sni_ctx = calloc((size_t)n, sizeof(SSL_CTX *));
+  if (n > 0 && (c->sni_names == NULL || c->sni_ctx == NULL))
+    luaL_error(L, "ssl_options: out of memory");
+  for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1)) {
+    const char *name = lua_tostring(L, -2);
+    SSL_CTX *sub = new_ssl_ctx(L);
+    c->sni_ctx[c->nsni] = sub;
+    c->sni_names[c->nsni++] = strdup(name);
+    load_pair(L, sub, opt_string(L, -1, "certfile"), opt_string(L, -1, "keyfile"));
+    if (c->alpn_len > 0)
+      SSL_CTX_set_alpn_select_cb(sub, alpn_select, c);
+  }
+  lua_pop(L, 1);
+  SSL_CTX_set_tlsext_servername_callback(c->ctx, sni_select);
+  SSL_CTX_set_tlsext_servername_arg(c->ctx, c);
+}
+
+static void set_verify(lua_State *L, ts_ctx *c, int t) {
+  const char *verify = opt_string(L, t, "verify");
+  const char *cafile = opt_string(L, t, "cafile");
+
+  c->verify = -1;
+  if (verify != NULL)
+    c->verify = strcmp(verify, "none") == 0 ? SSL_VERIFY_NONE
+              : strcmp(verify, "optional") == 0 ? SSL_VERIFY_PEER
+              : SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT;
+  if (cafile != NULL) {
+    STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(cafile);
+    if (SSL_CTX_load_verify_locations(c->ctx, cafile, NULL) != 1 || names == NULL)
+      raise_ssl(L, "ssl_options: cannot load cafile %s: %s", cafile);
+    SSL_CTX_set_client_CA_list(c->ctx, names);
+  } else {
+    SSL_CTX_set_default_verify_paths(c->ctx);
+  }
+}
+
+static void set_protocol(lua_State *L, ts_ctx *c, int t) {
+  static const char *const names[] = {"tlsv1", "tlsv1.1", "tlsv1.2", "tlsv1.3", NULL};
+  static const int versions[] = {TLS1_VERSION, TLS1_1_VERSION, TLS1_2_VERSION,
+                                 TLS1_3_VERSION};
+  const char *min = opt_string(L, t, "min_version");
+  const char *ciphers = opt_string(L, t, "ciphers");
+  int i;
+
+  for (i = 0; min != NULL && names[i] != NULL; i++) {
+    if (strcmp(min, names[i]) == 0)
+      break;
+  }
+  if (min != NULL && names[i] == NULL)
+    luaL_error(L, "ssl_options: unknown min_version '%s'", min);
+  if (min != NULL)
+    SSL_CTX_set_min_proto_version(c->ctx, versions[i]);
+  if (ciphers != NULL && SSL_CTX_set_cipher_list(c->ctx, ciphers) != 1)
+    raise_ssl(L, "ssl_options: bad ciphers '%s': %s", ciphers);
+}
+
+/* core.ssl_context(opts): opts already checked and normalized in Lua. */
+static int l_ssl_context(lua_State *L) {
+  ts_ctx *c;
+  const char *cert, *key;
+
+  luaL_checktype(L, 1, LUA_TTABLE);
+  c = lua_newuserdatauv(L, sizeof(*c), 0);
+  memset(c, 0, sizeof(*c));
+  luaL_setmetatable(L, TS_CTX_MT);
+  c->ctx = new_ssl_ctx(L);
+  cert = opt_string(L, 1, "certfile");
+  key = opt_string(L, 1, "keyfile");
+  if (cert != NULL) {
+    load_pair(L, c->ctx, cert, key);
+    c->has_cert = 1;
+  } else if (key != NULL) {
+    luaL_error(L, "ssl_options: keyfile given without certfile");
+  }
+  set_protocol(L, c, 1);
+  set_verify(L, c, 1);
+  set_alpn(L, c, 1);
+  set_sni(L, c, 1);
+  return 1;
+}
+
+static int ctx_has_certificate(lua_State *L) {
+  lua_pushboolean(L, check_ctx(L, 1)->has_cert);
+  return 1;
+}
+
+static int ctx_tostring(lua_State *L) {
+  lua_pushfstring(L, "tcpserver.ssl_context (%p)", (void *)check_ctx(L, 1));
+  return 1;
+}
+
+/* ---- attaching to a stream ---- */
+
+static int is_ip(const char *host) {
+  unsigned char buf[sizeof(struct in6_addr)];
+  return inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1;
+}
+
+static void set_peer_name(ts_tls *t, const char *host, int verify) {
+  if (host == NULL)
+    return;
+  if (!is_ip(host))
+    SSL_set_tlsext_host_name(t->ssl, host);
+  if (!(verify & SSL_VERIFY_PEER))
+    return;
+  if (is_ip(host))
+    X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(t->ssl), host);
+  else
+    SSL_set1_host(t->ssl, host);
+}
+
+/* Puts TLS under stream s with the context at ctx_idx. A client starts its
+ * handshake at once. */
+int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
+                   const char *host, double timeout) {
+  ts_ctx *c = check_ctx(L, ctx_idx);
+  ts_tls *t = calloc(1, sizeof(*t));
+  int verify = c->verify >= 0 ? c->verify : server ? SSL_VERIFY_NONE : SSL_VERIFY_PEER;
+
+  if (t == NULL || (t->ssl = SSL_new(c->ctx)) == NULL)
+    goto fail;
+  t->rbio = BIO_new(BIO_s_mem());
+  t->wbio = BIO_new(BIO_s_mem());
+  if (t->rbio == NULL || t->wbio == NULL) {
+    BIO_free(t->rbio);
+    BIO_free(t->wbio);
+    goto fail;
+  }
+  BIO_set_mem_eof_return(t->rbio, -1); /* empty means "want more" */
+  SSL_set_bio(t->ssl, t->rbio, t->wbio);
+  SSL_set_verify(t->ssl, verify, NULL);
+  t->server = server;
+  if (server) {
+    snprintf(t->peer, sizeof(t->peer), "%s", host ? host : "?");
+    SSL_set_accept_state(t->ssl);
+  } else {
+    SSL_set_connect_state(t->ssl);
+    set_peer_name(t, host, verify);
+  }
+  t->hco_ref = LUA_NOREF;
+  lua_pushvalue(L, ctx_idx);
+  t->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  s->tls = t;
+  if (timeout > 0 && (t->hs_timer = malloc(sizeof(*t->hs_timer))) != NULL) {
+    uv_timer_init(s->h.handle.loop, t->hs_timer);
+    t->hs_timer->data = s;
+    uv_timer_start(t->hs_timer, hs_timeout, (uint64_t)(timeout * 1000 + 0.5), 0);
+  }
+  if (!server) {
+    handshake(s);
+    ts__stream_flush(s);
+  }
+  return 0;
+fail:
+  if (t != NULL)
+    SSL_free(t->ssl);
+  free(t);
+  return UV_ENOMEM;
+}
+
+/* ---- stream methods ---- */
+
+static ts_stream *check_stream(lua_State *L) {
+  return luaL_checkudata(L, 1, TS_STREAM_MT);
+}
+
+static int l_wait_for_handshake(lua_State *L) {
+  ts_stream *s = check_stream(L);
+  ts_tls *t = s->tls;
+
+  if (t != NULL && t->failed) {
+    lua_pushnil(L);
+    lua_pushstring(L, t->err);
+    return 2;
+  }
+  if (s->flags & F_CLOSED) {
+    lua_pushnil(L);
+    lua_pushstring(L, ts__stream_error(s));
+    return 2;
+  }
+  if (t == NULL || t->done) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (t->hco != NULL)
+    return luaL_error(L, "wait_for_handshake: already waiting");
+  ts__check_task(L, "wait_for_handshake");
+  return ts__stream_wait(L, s, &t->hco, &t->hco_ref);
+}
+
+/* _start_tls(server_side, ctx, hostname, timeout): the Lua wrapper checks
+ * the arguments and waits for the handshake. */
+static int l_start_tls(lua_State *L) {
+  ts_stream *s = check_stream(L);
+  int server = lua_toboolean(L, 2);
+  const char *host = luaL_optstring(L, 4, NULL);
+  double timeout = luaL_optnumber(L, 5, 0);
+
+  check_ctx(L, 3);
+  if (s->tls != NULL)
+    return luaL_error(L, "start_tls: the stream already uses TLS");
+  if (s->flags & F_CLOSED) {
+    lua_pushnil(L);
+    lua_pushstring(L, ts__stream_error(s));
+    return 2;
+  }
+  if (s->rco != NULL || s->wco != NULL)
+    return luaL_error(L, "start_tls: a read or write is pending");
+  if (ts_buf_len(&s->rbuf) > 0 || ts_buf_len(&s->wbuf) > 0 ||
+      (s->flags & F_WRITING))
+    return luaL_error(L, "start_tls: plain data is buffered");
+  if (ts__tls_attach(L, s, 3, server, host, timeout) != 0)
+    return luaL_error(L, "start_tls: out of memory");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int push_name(lua_State *L, X509_NAME *name) {
+  BIO *b = BIO_new(BIO_s_mem());
+  char *p;
+  long n;
+
+  X509_NAME_print_ex(b, name, 0, XN_FLAG_RFC2253);
+  n = BIO_get_mem_data(b, &p);
+  lua_pushlstring(L, p, (size_t)n);
+  BIO_free(b);
+  return 1;
+}
+
+static void push_time(lua_State *L, const ASN1_TIME *at) {
+  struct tm tm;
+  if (ASN1_TIME_to_tm(at, &tm) == 1)
+    lua_pushinteger(L, (lua_Integer)timegm(&tm));
+  else
+    lua_pushnil(L);
+}
+
+static int l_peer_certificate(lua_State *L) {
+  ts_stream *s = check_stream(L);
+  X509 *x;
+  BIO *b;
+  char *p;
+  long n;
+  BIGNUM *bn;
+  char *hex;
+
+  if (s->tls == NULL || (x = SSL_get1_peer_certificate(s->tls->ssl)) == NULL)
+    return 0;
+  lua_createtable(L, 0, 7);
+  push_name(L, X509_get_subject_name(x));
+  lua_setfield(L, -2, "subject");
+  push_name(L, X509_get_issuer_name(x));
+  lua_setfield(L, -2, "issuer");
+  bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(x), NULL);
+  hex = bn ? BN_bn2hex(bn) : NULL;
+  lua_pushstring(L, hex ? hex : "");
+  lua_setfield(L, -2, "serial");
+  OPENSSL_free(hex);
+  BN_free(bn);
+  push_time(L, X509_get0_notBefore(x));
+  lua_setfield(L, -2, "not_before");
+  push_time(L, X509_get0_notAfter(x));
+  lua_setfield(L, -2, "not_after");
+  b = BIO_new(BIO_s_mem());
+  PEM_write_bio_X509(b, x);
+  n = BIO_get_mem_data(b, &p);
+  lua_pushlstring(L, p, (size_t)n);
+  lua_setfield(L, -2, "pem");
+  BIO_free(b);
+  lua_pushboolean(L, SSL_get_verify_result(s->tls->ssl) == X509_V_OK &&
+                     (SSL_get_verify_mode(s->tls->ssl) & SSL_VERIFY_PEER));
+  lua_setfield(L, -2, "verified");
+  X509_free(x);
+  return 1;
+}
+
+static int l_alpn_protocol(lua_State *L) {
+  ts_stream *s = check_stream(L);
+  const unsigned char *p = NULL;
+  unsigned n = 0;
+
+  if (s->tls != NULL)
+    SSL_get0_alpn_selected(s->tls->ssl, &p, &n);
+  if (n == 0)
+    return 0;
+  lua_pushlstring(L, (const char *)p, n);
+  return 1;
+}
+
+static int l_tls_version(lua_State *L) {
+  ts_stream *s = check_stream(L);
+  if (s->tls == NULL || !s->tls->done)
+    return 0;
+  lua_pushstring(L, SSL_get_version(s->tls->ssl));
+  return 1;
+}
+
+static int l_cipher(lua_State *L) {
+  ts_stream *s = check_stream(L);
+  if (s->tls == NULL || !s->tls->done)
+    return 0;
+  lua_pushstring(L, SSL_get_cipher_name(s->tls->ssl));
+  return 1;
+}
+
+int ts__open_tls(lua_State *L) {
+  static const luaL_Reg stream_methods[] = {
+    {"wait_for_handshake", l_wait_for_handshake},
+    {"_start_tls", l_start_tls},
+    {"peer_certificate", l_peer_certificate},
+    {"alpn_protocol", l_alpn_protocol},
+    {"tls_version", l_tls_version},
+    {"cipher", l_cipher},
+    {NULL, NULL}};
+  static const luaL_Reg ctx_methods[] = {
+    {"has_certificate", ctx_has_certificate}, {NULL, NULL}};
+  static const luaL_Reg ctx_meta[] = {
+    {"__gc", ctx_gc}, {"__tostring", ctx_tostring}, {"__index", NULL},
+    {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"ssl_context", l_ssl_context}, {NULL, NULL}};
+
+  luaL_newmetatable(L, TS_CTX_MT);
+  luaL_setfuncs(L, ctx_meta, 0);
+  luaL_newlib(L, ctx_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  luaL_getmetatable(L, TS_STREAM_MT);
+  lua_getfield(L, -1, "__index");
+  luaL_setfuncs(L, stream_methods, 0);
+  lua_pop(L, 2);
+  luaL_setfuncs(L, funcs, 0);
+  return 0;
+}
