@@ -71,7 +71,9 @@ function H.certs()
   local script = [[
 set -e
 cd "$1"
-key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1.key" 2>/dev/null; }
+key() {
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1.key" 2>/dev/null
+}
 key ca
 openssl req -x509 -new -key ca.key -out ca.pem -days 2 -subj "/CN=tcpserver test CA" 2>/dev/null
 sign() { # name cn san

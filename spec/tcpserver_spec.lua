@@ -279,3 +279,46 @@ sys.stdout.write((f.readline() + f.readline()).decode())
     assert.equal("", idle:read_until_close())
   end))
 end)
+
+describe("TCPServer out of file descriptors", function()
+  it("backs off, logs once and recovers", H.async(function()
+    local process = require "tcpserver.process"
+    local script = os.tmpname()
+    local f = assert(io.open(script, "w"))
+    f:write([[
+local tcpserver = require "tcpserver"
+local Echo = tcpserver.TCPServer:extend()
+function Echo:handle_stream(stream)
+  while true do
+    local line = stream:read_until("\n")
+    if not line then return end
+    stream:write(line)
+  end
+end
+print(Echo():listen(0, "127.0.0.1"))
+io.stdout:flush()
+]])
+    f:close()
+    local p = process.Subprocess({"sh", "-c", "ulimit -n 24 && exec build/luahost " .. script},
+                                 {stdout = "pipe", stderr = "pipe"})
+    local port = tonumber(p.stdout:read_until("\n"))
+    local clients = {}
+    for i = 1, 40 do clients[i] = H.connect(port) end
+    -- The first ones are served until the server runs out of descriptors.
+    clients[1]:write("first\n")
+    assert.equal("first\n", clients[1]:read_until("\n"))
+    local err = p.stderr:read_until("\n")
+    assert.matches("accept: Too many open files; retrying every 100 ms", err)
+    -- Closing clients frees descriptors: every later client is served.
+    for i = 1, 20 do clients[i]:close() end
+    for i = 21, 40 do
+      clients[i]:write("late " .. i .. "\n")
+      assert.equal("late " .. i .. "\n", clients[i]:read_until("\n"))
+      clients[i]:close()
+    end
+    p:kill(15)
+    assert.same({0, 0}, {p:wait_for_exit()})
+    assert.equal("", p.stderr:read_until_close():gsub("[^\n]*INFO[^\n]*\n", ""))
+    os.remove(script)
+  end, 20))
+end)

@@ -12,6 +12,7 @@
 
 #define ACCEPT_BATCH 64
 #define BACKOFF_MS 100
+#define FDS_LOG_MS 60000 /* at most one line a minute while it lasts */
 
 typedef struct ts_listener {
   uv_poll_t poll;
@@ -21,6 +22,7 @@ typedef struct ts_listener {
   int ctx_ref;           /* TLS context, or LUA_NOREF */
   double handshake_timeout;
   int polling, closed, paused, out_of_fds, pending_closes;
+  uint64_t fds_logged;   /* when running out of fds was last logged (ms) */
   size_t max_buffer, chunk;
   double timeout;
 } ts_listener;
@@ -46,11 +48,18 @@ static void backoff_cb(uv_timer_t *t) {
   update_polling(ls);
 }
 
+/* Waits BACKOFF_MS before accepting again: a full descriptor table would
+ * otherwise wake the loop for the same pending connection forever. */
 static void out_of_fds(ts_listener *ls, int err) {
+  uint64_t now = uv_now(ls->poll.loop);
   char msg[160];
-  snprintf(msg, sizeof(msg),
-           "accept: %s; pausing accepts for %d ms", strerror(err), BACKOFF_MS);
-  ts__report(ls->poll.loop->data, msg);
+
+  if (ls->fds_logged == 0 || now - ls->fds_logged >= FDS_LOG_MS) {
+    snprintf(msg, sizeof(msg), "accept: %s; retrying every %d ms",
+             strerror(err), BACKOFF_MS);
+    ts__report(ls->poll.loop->data, msg);
+    ls->fds_logged = now ? now : 1;
+  }
   ls->out_of_fds = 1;
   update_polling(ls);
   uv_timer_start(&ls->backoff, backoff_cb, BACKOFF_MS, 0);
