@@ -81,13 +81,15 @@ sign() { # name cn san
   openssl req -new -key "$1.key" -out "$1.csr" -subj "/CN=$2" 2>/dev/null
   printf 'subjectAltName=%s
 ' "$3" > "$1.ext"
-  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial     -out "$1.pem" -days 2 -extfile "$1.ext" 2>/dev/null
+  openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial \
+    -out "$1.pem" -days 2 -extfile "$1.ext" 2>/dev/null
 }
 sign server localhost "DNS:localhost,IP:127.0.0.1"
 sign other other.test "DNS:other.test"
 sign client "test client" "DNS:client.test"
 key self
-openssl req -x509 -new -key self.key -out self.pem -days 2 -subj "/CN=localhost"   -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+openssl req -x509 -new -key self.key -out self.pem -days 2 -subj "/CN=localhost" \
+  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
 ]]
   local f = assert(io.open(dir .. "/make.sh", "w"))
   f:write(script)

@@ -20,6 +20,7 @@ typedef struct ts_listener {
   int fd, family;
   int fn_ref, self_ref, sock_ref;
   int ctx_ref;           /* TLS context, or LUA_NOREF */
+  int proxy_protocol;    /* a PROXY header comes first */
   double handshake_timeout;
   int polling, closed, paused, out_of_fds, pending_closes;
   uint64_t fds_logged;   /* when running out of fds was last logged (ms) */
@@ -83,6 +84,14 @@ static void serve(ts_listener *ls, int fd, struct sockaddr_storage *ss) {
     return;
   }
   ts__stream_configure(s, ls->max_buffer, ls->chunk, ls->timeout);
+  if (ls->proxy_protocol) {
+    lua_pop(L, 1); /* the stream pins itself */
+    if (ts__proxy_begin(L, s, ls->ctx_ref, ls->handshake_timeout) != 0)
+      ts__stream_abort(s);
+    else
+      ts__stream_start(s);
+    return;
+  }
   if (!is_pipe) {
     /* Writes are coalesced per wake-up, so Nagle only adds latency. */
     uv_tcp_nodelay((uv_tcp_t *)ts__stream_handle(s), 1);
@@ -194,6 +203,9 @@ static int l_listener(lua_State *L) {
   ls->chunk = opt_size(L, 2, "read_chunk_size", 64 * 1024);
   lua_getfield(L, 2, "idle_timeout");
   ls->timeout = luaL_optnumber(L, -1, 0);
+  lua_getfield(L, 2, "proxy_protocol");
+  ls->proxy_protocol = lua_toboolean(L, -1);
+  lua_pop(L, 1);
   lua_getfield(L, 2, "handshake_timeout");
   ls->handshake_timeout = luaL_optnumber(L, -1, 10);
   if (lua_getfield(L, 2, "ssl_context") != LUA_TNIL)

@@ -101,6 +101,10 @@ static void start_timer(ts_stream *s, uint64_t ms) {
   uv_timer_start(s->timer, timer_cb, ms, 0);
 }
 
+void ts__stream_start_timer(ts_stream *s, uint64_t ms) {
+  start_timer(s, ms);
+}
+
 static int wait_on(lua_State *L, ts_stream *s, lua_State **cop, int *refp) {
   *cop = L;
   lua_pushthread(L);
@@ -250,6 +254,11 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 static void on_data(ts_stream *s) {
   int n;
 
+  if (s->proxy != NULL) {
+    ts__proxy_on_data(s);
+    update_reading(s);
+    return;
+  }
   if (s->rco != NULL) {
     n = try_read(s, s->rco);
     unborrow(s);
@@ -263,6 +272,10 @@ static void on_data(ts_stream *s) {
 
 static void on_eof(ts_stream *s) {
   s->flags |= F_EOF;
+  if (s->proxy != NULL) {
+    ts__proxy_on_eof(s);
+    return;
+  }
   if (s->rco != NULL)
     wake(s, &s->rco, &s->rco_ref, try_read(s, s->rco));
   else if (ts_buf_len(&s->rbuf) == 0)
@@ -667,6 +680,10 @@ static void timer_cb(uv_timer_t *t) {
 
   if (s->flags & F_CLOSED) { /* the linger ran out */
     handle_close(s);
+    return;
+  }
+  if (s->proxy != NULL) {
+    ts__proxy_timeout(s);
     return;
   }
   if (s->rco != NULL) {

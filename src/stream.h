@@ -5,6 +5,7 @@
 #include "internal.h"
 
 typedef struct ts_tls ts_tls;
+typedef struct ts_proxy ts_proxy;
 
 enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE };
 
@@ -48,6 +49,7 @@ struct ts_stream {
   double timeout;         /* seconds; <= 0 means none */
   ts_tls *tls;            /* NULL on a plain stream */
   ts_buf xbuf;            /* TLS: ciphertext waiting to be written */
+  ts_proxy *proxy;        /* waiting for a PROXY header, or NULL */
 };
 
 /* stream.c, for tls.c */
@@ -59,6 +61,13 @@ void ts__stream_borrow(ts_stream *s);
 int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int *refp);
 void ts__stream_wake(ts_stream *s, lua_State **cop, int *refp, int nres);
 const char *ts__stream_error(ts_stream *s);
+void ts__stream_start_timer(ts_stream *s, uint64_t ms);
+
+/* proxy.c */
+int ts__proxy_begin(lua_State *L, ts_stream *s, int ctx_ref, double timeout);
+void ts__proxy_on_data(ts_stream *s);
+void ts__proxy_on_eof(ts_stream *s);
+void ts__proxy_timeout(ts_stream *s);
 
 /* tls.c, for stream.c */
 void ts__tls_on_read(ts_stream *s, const char *data, size_t n);

@@ -61,9 +61,6 @@ local function init(self, opts)
   if options.ssl_options then
     options.ssl_context = require("tcpserver.ssl").server_context(options.ssl_options)
   end
-  if options.proxy_protocol then
-    error("TCPServer: proxy_protocol is not available in this build", 3)
-  end
   local state = {
     options = options, listeners = {}, pending = {}, streams = {},
     nstreams = 0, paused = false, drained = {},

@@ -1,0 +1,207 @@
+local H = require "spec.helper"
+local netutil = require "tcpserver.netutil"
+local process = require "tcpserver.process"
+local tcpclient = require "tcpserver.tcpclient"
+local ioloop = require "tcpserver.ioloop"
+
+local async = H.async
+
+-- A PROXY-protocol server that answers each connection with its address
+-- and the first line it reads after the header.
+local function serve(opts)
+  opts = opts or {}
+  opts.proxy_protocol = true
+  return H.serve(function(_, stream, address)
+    local line = stream:read_until("\n") or "-"
+    stream:write(("%s %s %s"):format(address.family, tostring(address), line))
+  end, opts)
+end
+
+-- Sends `payload` (Python bytes expression) and prints what comes back.
+local function send(port, payload, pieces)
+  return H.python(([[
+import socket, struct, sys, time
+port = int(sys.argv[1])
+s = socket.create_connection(("127.0.0.1", port))
+data = %s
+for i in range(0, len(data), %d):
+    s.sendall(data[i:i + %d])
+out = b""
+while True:
+    try:
+        chunk = s.recv(4096)
+    except ConnectionResetError:
+        break
+    if not chunk: break
+    out += chunk
+sys.stdout.write(out.decode("latin-1"))
+]]):format(payload, pieces or 1 << 20, pieces or 1 << 20), tostring(port))
+end
+
+local V2_SIG = [[b"\r\n\r\n\x00\r\nQUIT\n"]]
+
+describe("PROXY protocol", function()
+  local logs, restore
+  before_each(function() logs, restore = H.capture_logs() end)
+  after_each(function() restore() end)
+
+  it("takes the client's address from a v1 header", async(function()
+    local server, port = serve()
+    assert.equal("inet 203.0.113.7:4242 hello\n",
+                 send(port, [[b"PROXY TCP4 203.0.113.7 10.0.0.1 4242 443\r\nhello\n"]]))
+    assert.equal("inet6 [2001:db8::1]:5555 six\n",
+                 send(port, [[b"PROXY TCP6 2001:db8::1 2001:db8::2 5555 443\r\nsix\n"]]))
+    assert.matches("^inet 127%.0%.0%.1:%d+ unknown\n$",
+                   (send(port, [[b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\nunknown\n"]])))
+    server:stop()
+    assert.same({}, logs)
+  end))
+
+  it("parses a header that arrives a few bytes at a time", async(function()
+    local server, port = serve({read_chunk_size = 3})
+    assert.equal("inet 198.51.100.1:1000 split\n",
+                 send(port, [[b"PROXY TCP4 198.51.100.1 10.0.0.1 1000 80\r\nsplit\n"]], 5))
+    server:stop()
+  end))
+
+  it("takes the client's address from a v2 header, and LOCAL keeps the real one", async(function()
+    local server, port = serve()
+    local v4 = V2_SIG .. [[ + bytes([0x21, 0x11]) + struct.pack("!H", 12)
+      + socket.inet_aton("192.0.2.9") + socket.inet_aton("10.0.0.1") + struct.pack("!HH", 6000, 443)
+      + b"v2\n"]]
+    assert.equal("inet 192.0.2.9:6000 v2\n", send(port, v4:gsub("\n%s+", " ")))
+    local v6 = V2_SIG .. [[ + bytes([0x21, 0x21]) + struct.pack("!H", 36 + 5)
+      + socket.inet_pton(socket.AF_INET6, "2001:db8::9") + socket.inet_pton(socket.AF_INET6, "::1")
+      + struct.pack("!HH", 7000, 443) + b"\x04\x00\x02ab" + b"tlv\n"]]
+    assert.equal("inet6 [2001:db8::9]:7000 tlv\n", send(port, v6:gsub("\n%s+", " ")))
+    local localcmd = V2_SIG .. [[ + bytes([0x20, 0x00]) + struct.pack("!H", 0) + b"health\n"]]
+    assert.matches("^inet 127%.0%.0%.1:%d+ health\n$", (send(port, localcmd)))
+    server:stop()
+    assert.same({}, logs)
+  end))
+
+  describe("refuses with one info line", function()
+    local cases = {
+      {"a connection without a header", [[b"GET / HTTP/1.0\r\n\r\n"]], "no PROXY header"},
+      {"a malformed v1 header", [[b"PROXY TCP4 not-an-ip 10.0.0.1 1 2\r\nx\n"]], "malformed v1 header"},
+      {"an oversized v1 header", [[b"PROXY TCP4 " + b"1" * 200]], "header line too long"},
+      {"an oversized v2 header", V2_SIG .. [[ + bytes([0x21, 0x11]) + struct.pack("!H", 5000) + b"x" * 5000]],
+       "header too large"},
+      {"a v2 header of another version", V2_SIG .. [[ + bytes([0x31, 0x11]) + struct.pack("!H", 0)]],
+       "malformed v2 header"},
+      {"a header cut short by the peer", [[b"PROXY TCP4 1.2.3.4"]], "connection closed inside the header"},
+    }
+    for _, case in ipairs(cases) do
+      it(case[1], async(function()
+        local server, port = serve()
+        if case[3] == "connection closed inside the header" then
+          H.python([[
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"PROXY TCP4 1.2.3.4")
+s.close()
+]], tostring(port))
+        else
+          assert.equal("", send(port, case[2]))
+        end
+        H.wait_until(function() return #logs > 0 end)
+        server:stop()
+        assert.equal(1, #logs)
+        assert.equal("info: PROXY protocol: " .. case[3] .. " from 127.0.0.1; closing", logs[1])
+      end))
+    end
+
+    it("a header that does not arrive in time", async(function()
+      local server, port = serve({handshake_timeout = 0.1})
+      local c = H.connect(port)
+      c:write("PROXY TCP4 ")
+      assert.equal("", c:read_until_close())
+      server:stop()
+      assert.same({"info: PROXY protocol: header timed out from 127.0.0.1; closing"}, logs)
+    end))
+  end)
+
+  it("closes a port probe silently", async(function()
+    local server, port = serve()
+    local c = H.connect(port)
+    c:close()
+    local c2 = H.connect(port)
+    c2:write("PROXY TCP4 1.1.1.1 2.2.2.2 1 2\r\nok\n")
+    assert.equal("inet 1.1.1.1:1 ok\n", c2:read_until_close())
+    server:stop()
+    assert.same({}, logs)
+  end))
+
+  describe("behind HAProxy", function()
+    local function free_port()
+      local sock = netutil.bind_sockets(0, "127.0.0.1")[1]
+      local _, port = sock:getsockname()
+      sock:close()
+      return port
+    end
+
+    local function haproxy(backend_port, send_proxy)
+      local front = free_port()
+      local cfg = os.tmpname()
+      local f = assert(io.open(cfg, "w"))
+      f:write(([[
+global
+  maxconn 100
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 10s
+  timeout server 10s
+frontend fe
+  bind 127.0.0.1:%d
+  default_backend be
+backend be
+  server s1 127.0.0.1:%d %s
+]]):format(front, backend_port, send_proxy))
+      f:close()
+      local p = process.Subprocess({"haproxy", "-db", "-f", cfg}, {stdout = "null", stderr = "pipe"})
+      H.wait_until(function()
+        local c = tcpclient.connect("127.0.0.1", front)
+        if c then c:close() return true end
+      end)
+      finally(function() p:kill(9); os.remove(cfg) end)
+      return front, function() p:kill(15); p:wait_for_exit() end
+    end
+
+    for _, mode in ipairs {"send-proxy", "send-proxy-v2"} do
+      it("gets the original client address with " .. mode, async(function()
+        local server, port = serve()
+        local front, stop = haproxy(port, mode)
+        local c = assert(tcpclient.connect("127.0.0.1", front))
+        local _, cport = c:getsockname()
+        c:write("through haproxy\n")
+        assert.equal(("inet 127.0.0.1:%d through haproxy\n"):format(cport), c:read_until_close())
+        server:stop()
+        stop()
+      end))
+    end
+
+    it("passes TLS through to a TLS server behind send-proxy-v2", async(function()
+      local C = H.certs()
+      local server, port = serve({ssl_options = {certfile = C.server.certfile, keyfile = C.server.keyfile}})
+      local front, stop = haproxy(port, "send-proxy-v2")
+      local c = assert(tcpclient.connect("127.0.0.1", front, {ssl_options = {cafile = C.cafile},
+                                                             server_hostname = "localhost"}))
+      local _, cport = c:getsockname()
+      c:write("secure\n")
+      assert.equal(("inet 127.0.0.1:%d secure\n"):format(cport), c:read_until_close())
+      assert.equal("TLSv1.3", c:tls_version())
+      server:stop()
+      stop()
+    end))
+  end)
+
+  it("is off by default: a header is plain data", async(function()
+    local server, port = H.serve(function(_, stream) stream:write(stream:read_until("\n")) end)
+    local c = H.connect(port)
+    c:write("PROXY TCP4 1.1.1.1 2.2.2.2 1 2\r\n")
+    assert.equal("PROXY TCP4 1.1.1.1 2.2.2.2 1 2\r\n", c:read_until_close())
+    server:stop()
+    ioloop.sleep(0)
+  end))
+end)
