@@ -14,8 +14,17 @@
 static void stream_close(ts_stream *s, int err);
 static void update_reading(ts_stream *s);
 
+/* Methods carry the metatable as upvalue 1: comparing it is much cheaper
+ * than luaL_checkudata's registry lookup by name, on every read and write. */
 static ts_stream *check_stream(lua_State *L) {
-  return luaL_checkudata(L, 1, TS_STREAM_MT);
+  ts_stream *s = lua_touserdata(L, 1);
+  int ok = s != NULL && lua_getmetatable(L, 1) &&
+           lua_rawequal(L, -1, lua_upvalueindex(1));
+
+  if (!ok)
+    return luaL_checkudata(L, 1, TS_STREAM_MT); /* raises */
+  lua_pop(L, 1);
+  return s;
 }
 
 uv_stream_t *ts__stream_handle(ts_stream *s) {
@@ -857,7 +866,9 @@ int ts__open_stream(lua_State *L) {
 
   luaL_newmetatable(L, TS_STREAM_MT);
   luaL_setfuncs(L, metamethods, 0);
-  luaL_newlib(L, methods);
+  luaL_newlibtable(L, methods);
+  lua_pushvalue(L, -2);
+  luaL_setfuncs(L, methods, 1);
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);
   return 0;
