@@ -148,6 +148,36 @@ describe("IOStream", function()
     end))
   end)
 
+  describe("max_buffer_size", function()
+    it("limits what is buffered, not the total: 100 reads of 1 KiB with 10 KiB", async(function()
+      local got = 0
+      local client = pair(function(_, stream)
+        for _ = 1, 100 do
+          if #assert(stream:read_bytes(1024)) == 1024 then got = got + 1 end
+        end
+        stream:write("done\n")
+      end, {max_buffer_size = 10 * 1024})
+      for _ = 1, 100 do client:write(("k"):rep(1024)) end
+      assert.equal("done\n", client:read_until("\n"))
+      assert.equal(100, got)
+    end))
+
+    it("lets 10 MB through a 5 MB limit while the reader keeps up", async(function()
+      local total = 0
+      local client = pair(function(_, stream)
+        while total < 10 * 1000 * 1000 do
+          local data = assert(stream:read_bytes(64 * 1024, true))
+          total = total + #data
+        end
+        stream:write("ok\n")
+      end, {max_buffer_size = 5 * 1000 * 1000})
+      local chunk = ("m"):rep(100 * 1000)
+      for _ = 1, 100 do assert(client:write(chunk)) end
+      assert.equal("ok\n", client:read_until("\n"))
+      assert.equal(10 * 1000 * 1000, total)
+    end))
+  end)
+
   describe("read_bytes", function()
     it("returns exactly n bytes, and '' for 0", async(function()
       local got = {}
@@ -311,6 +341,32 @@ sys.stdout.write(data.decode())
       assert.equal(total, received)
       assert.is_true(max_pending <= 1024 * 1024 + #chunk, "pending " .. max_pending)
       H.wait_until(function() return finished end)
+    end))
+
+    it("closes quietly when the peer resets in the middle of a write", async(function()
+      local logs, restore = H.capture_logs()
+      local result
+      local server, port = H.serve(function(_, stream)
+        stream:write("go\n")
+        local chunk = ("r"):rep(256 * 1024)
+        for _ = 1, 400 do
+          local ok, err = stream:write(chunk)
+          if not ok then result = err break end
+        end
+        result = result or "wrote everything"
+      end)
+      H.python([[
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.makefile("rb").readline()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+]], tostring(port))
+      H.wait_until(function() return result end)
+      server:stop()
+      restore()
+      assert.equal("closed", result)
+      assert.same({}, logs)
     end))
 
     it("lets ten concurrent writers finish", async(function()
