@@ -30,7 +30,7 @@ typedef struct ts_loop {
 
 ts_loop *ts__loop(lua_State *L);
 /* Marks `co` as a loop task: yielding calls are allowed there. */
-void ts__mark_task(lua_State *co);
+void ts__mark_task(lua_State *co, void *owner);
 int ts__in_task(lua_State *L);
 /* Raises unless L is a task; used before a call may yield. */
 void ts__check_task(lua_State *L, const char *what);
@@ -39,11 +39,18 @@ void ts__check_task(lua_State *L, const char *what);
 void ts__resume(lua_State *co, int narg);
 /* Calls the function under `narg` args on loop->L, logging any error. */
 void ts__pcall(ts_loop *loop, int narg);
+void ts__pcall_on(lua_State *L, int narg);
 void ts__log(ts_loop *loop, const char *level, const char *msg);
 void ts__report(ts_loop *loop, const char *msg); /* at level error */
 void ts__flush_dirty(ts_loop *loop);
-/* Runs the function under `narg` args on L's top in a new task. */
-void ts__spawn(lua_State *L, int narg);
+/* Runs the function under `narg` args on L's top in a new task; a stream
+ * as owner hears of the task's end (ts__stream_task_done). */
+void ts__spawn(lua_State *L, int narg, void *owner);
+void ts__stream_task_done(lua_State *L, ts_stream *s, lua_State *co, int status);
+/* Runs a server's handler on s: handler is the registry ref of the
+ * server's {server=, begin=, done=, Address=} table. */
+void ts__serve(lua_State *L, ts_stream *s, int handler_ref, const char *host,
+               int port, const char *family);
 
 /* netutil.c: a listener takes a socket's fd, and gives it back closed. */
 int ts__socket_take(lua_State *L, int idx, int *family);
@@ -60,6 +67,7 @@ void ts__stream_abort(ts_stream *s);
 int ts__stream_flush(ts_stream *s);
 const char *ts__errname(int uverr);
 int ts__push_addr(lua_State *L, const struct sockaddr *sa);
+int ts__addr_name(const struct sockaddr *sa, char *host, size_t len);
 
 int ts__open_loop(lua_State *L);
 int ts__open_stream(lua_State *L);

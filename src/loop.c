@@ -27,14 +27,14 @@ ts_loop *ts__loop(lua_State *L) {
   return the_loop;
 }
 
-/* Tasks carry the loop's address in their extra space; other threads carry
- * whatever the main thread has there (NULL). */
-void ts__mark_task(lua_State *co) {
-  *(void **)lua_getextraspace(co) = the_loop;
+/* A task's extra space holds the loop's address, or the stream whose
+ * handler it runs; other threads hold what the main thread has (NULL). */
+void ts__mark_task(lua_State *co, void *owner) {
+  *(void **)lua_getextraspace(co) = owner ? owner : the_loop;
 }
 
 int ts__in_task(lua_State *L) {
-  return the_loop != NULL && *(void **)lua_getextraspace(L) == the_loop;
+  return the_loop != NULL && *(void **)lua_getextraspace(L) != NULL;
 }
 
 void ts__check_task(lua_State *L, const char *what) {
@@ -70,7 +70,11 @@ static int traceback(lua_State *L) {
 }
 
 void ts__pcall(ts_loop *loop, int narg) {
-  lua_State *L = loop->L;
+  ts__pcall_on(loop->L, narg);
+}
+
+void ts__pcall_on(lua_State *L, int narg) {
+  ts_loop *loop = the_loop;
   int base = lua_gettop(L) - narg;
   lua_pushcfunction(L, traceback);
   lua_insert(L, base);
@@ -84,9 +88,13 @@ void ts__pcall(ts_loop *loop, int narg) {
 
 static void resume_from(lua_State *L, lua_State *co, int narg) {
   int nres, status;
+  void *owner;
 
   status = lua_resume(co, L, narg, &nres);
-  if (status == LUA_OK || status == LUA_YIELD) {
+  owner = *(void **)lua_getextraspace(co);
+  if (status != LUA_YIELD && owner != the_loop) {
+    ts__stream_task_done(L, owner, co, status);
+  } else if (status == LUA_OK || status == LUA_YIELD) {
     lua_pop(co, nres);
   } else {
     const char *msg = lua_tostring(co, -1);
@@ -105,7 +113,7 @@ void ts__resume(lua_State *co, int narg) {
 static int l_spawn(lua_State *L) {
   luaL_checktype(L, 1, LUA_TFUNCTION);
   ts__loop(L);
-  ts__spawn(L, lua_gettop(L) - 1);
+  ts__spawn(L, lua_gettop(L) - 1, NULL);
   return 0;
 }
 
@@ -335,9 +343,9 @@ int ts__open_loop(lua_State *L) {
 }
 
 /* Runs the function under `narg` args on L's top in a new task. */
-void ts__spawn(lua_State *L, int narg) {
+void ts__spawn(lua_State *L, int narg, void *owner) {
   lua_State *co = lua_newthread(L);
-  ts__mark_task(co);
+  ts__mark_task(co, owner);
   lua_insert(L, -(narg + 2));
   lua_xmove(L, co, narg + 1);
   resume_from(L, co, narg);

@@ -20,7 +20,7 @@ typedef struct proxy_addr {
 } proxy_addr;
 
 struct ts_proxy {
-  int fn_ref, ctx_ref;
+  int handler_ref, ctx_ref;
   double handshake_timeout;
 };
 
@@ -134,7 +134,7 @@ static void refuse(ts_stream *s, const char *why) {
   if (why != NULL)
     log_refusal(s, why);
   s->proxy = NULL;
-  luaL_unref(L, LUA_REGISTRYINDEX, p->fn_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, p->handler_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, p->ctx_ref);
   free(p);
   ts__stream_unborrow(s);
@@ -142,9 +142,9 @@ static void refuse(ts_stream *s, const char *why) {
 }
 
 /* TLS behind the header: what came after it is ciphertext. */
-static int start_tls(lua_State *L, ts_stream *s, int ctx_ref, double timeout) {
-  const char *peer = lua_pushfstring(L, "%s:%d", lua_tostring(L, -3),
-                                     (int)lua_tointeger(L, -2));
+static int start_tls(lua_State *L, ts_stream *s, int ctx_ref, const char *host,
+                     int port, double timeout) {
+  const char *peer = lua_pushfstring(L, "%s:%d", host, port);
   size_t n = ts_buf_len(&s->rbuf);
   char *early = NULL;
   int err;
@@ -164,42 +164,37 @@ static int start_tls(lua_State *L, ts_stream *s, int ctx_ref, double timeout) {
   return 0;
 }
 
-/* Runs the server's function on the stream now that its peer is known. */
+/* Serves the stream now that its peer is known. */
 static void finish(ts_stream *s, const proxy_addr *a) {
   lua_State *L = ((ts_loop *)s->h.handle.loop->data)->L;
   ts_proxy *p = s->proxy;
   struct sockaddr_storage ss;
-  int len = sizeof(ss), err = 0;
+  int len = sizeof(ss), err = 0, port = 0;
+  char host[INET6_ADDRSTRLEN] = "";
+  const char *family = (s->flags & F_PIPE) ? "unix" : "inet";
 
   s->proxy = NULL;
   ts__stream_unborrow(s);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, p->fn_ref);
-  ts__stream_push(L, s);
-  if (a->family != NULL) {
-    lua_pushstring(L, a->host);
-    lua_pushinteger(L, a->port);
-    lua_pushstring(L, a->family);
-  } else if (!(s->flags & F_PIPE) &&
-             uv_tcp_getpeername(&s->h.tcp, (struct sockaddr *)&ss, &len) == 0) {
-    ts__push_addr(L, (struct sockaddr *)&ss);
-  } else {
-    lua_pushliteral(L, "");
-    lua_pushinteger(L, 0);
-    lua_pushstring(L, (s->flags & F_PIPE) ? "unix" : "inet");
-  }
   if (s->timer != NULL)
     uv_timer_stop(s->timer);
+  if (a->family != NULL) {
+    snprintf(host, sizeof(host), "%s", a->host);
+    port = a->port;
+    family = a->family;
+  } else if (!(s->flags & F_PIPE) &&
+             uv_tcp_getpeername(&s->h.tcp, (struct sockaddr *)&ss, &len) == 0) {
+    port = ts__addr_name((struct sockaddr *)&ss, host, sizeof(host));
+    family = ss.ss_family == AF_INET6 ? "inet6" : "inet";
+  }
   if (p->ctx_ref != LUA_NOREF)
-    err = start_tls(L, s, p->ctx_ref, p->handshake_timeout);
-  luaL_unref(L, LUA_REGISTRYINDEX, p->fn_ref);
+    err = start_tls(L, s, p->ctx_ref, host, port, p->handshake_timeout);
+  if (err == 0)
+    ts__serve(L, s, p->handler_ref, host, port, family);
+  else
+    ts__stream_close(s, err);
+  luaL_unref(L, LUA_REGISTRYINDEX, p->handler_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, p->ctx_ref);
   free(p);
-  if (err != 0) {
-    ts__stream_close(s, err);
-    lua_pop(L, 5);
-    return;
-  }
-  ts__spawn(L, 4);
 }
 
 void ts__proxy_on_data(ts_stream *s) {
@@ -229,16 +224,15 @@ void ts__proxy_timeout(ts_stream *s) {
   refuse(s, "header timed out");
 }
 
-/* Waits for the header before fn(stream, host, port, family) runs. Takes
- * fn from L's top. */
-int ts__proxy_begin(lua_State *L, ts_stream *s, int ctx_ref, double timeout) {
+/* Waits for the header before the server's handler runs. */
+int ts__proxy_begin(lua_State *L, ts_stream *s, int handler_ref, int ctx_ref,
+                    double timeout) {
   ts_proxy *p = malloc(sizeof(*p));
 
-  if (p == NULL) {
-    lua_pop(L, 1);
+  if (p == NULL)
     return UV_ENOMEM;
-  }
-  p->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, handler_ref);
+  p->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   if (ctx_ref != LUA_NOREF) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, ctx_ref);
     p->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);

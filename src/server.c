@@ -18,7 +18,7 @@ typedef struct ts_listener {
   uv_poll_t poll;
   uv_timer_t backoff;    /* restarts accepting after EMFILE */
   int fd, family;
-  int fn_ref, self_ref, sock_ref;
+  int handler_ref, self_ref, sock_ref;
   int ctx_ref;           /* TLS context, or LUA_NOREF */
   int proxy_protocol;    /* a PROXY header comes first */
   double handshake_timeout;
@@ -66,57 +66,91 @@ static void out_of_fds(ts_listener *ls, int err) {
   uv_timer_start(&ls->backoff, backoff_cb, BACKOFF_MS, 0);
 }
 
-/* Wraps an accepted fd in a stream and runs the server's function on it. */
+/* Runs the server's handle_stream in a task owned by s. The handler table
+ * holds the server, begin(stream, address) (books the connection), done
+ * (see ts__stream_task_done) and Address (the metatable of addresses). */
+void ts__serve(lua_State *L, ts_stream *s, int handler_ref, const char *host,
+               int port, const char *family) {
+  int h;
+
+  lua_rawgeti(L, LUA_REGISTRYINDEX, handler_ref);
+  h = lua_gettop(L);
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, host);
+  lua_setfield(L, -2, "host");
+  lua_pushinteger(L, port);
+  lua_setfield(L, -2, "port");
+  lua_pushstring(L, family);
+  lua_setfield(L, -2, "family");
+  lua_getfield(L, h, "Address");
+  lua_setmetatable(L, -2);
+  lua_getfield(L, h, "begin");
+  ts__stream_push(L, s);
+  lua_pushvalue(L, h + 1);
+  ts__pcall_on(L, 2);
+  lua_getfield(L, h, "server");
+  lua_getfield(L, -1, "handle_stream");
+  lua_insert(L, -2);                 /* h, address, fn, server */
+  ts__stream_push(L, s);
+  lua_pushvalue(L, h + 1);
+  lua_pushvalue(L, h + 1);
+  s->addr_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, h);
+  s->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  s->flags |= F_TASK;
+  ts__spawn(L, 3, s);
+  lua_pop(L, 2);
+}
+
+/* TLS from the first byte: the peer as accept saw it names the stream in
+ * logs, as a reset may leave getpeername nothing. */
+static int attach_tls(lua_State *L, ts_listener *ls, ts_stream *s,
+                      const char *host, int port, int family) {
+  const char *peer = lua_pushfstring(L, family == AF_INET6 ? "[%s]:%d" : "%s:%d",
+                                     host, port);
+  int err;
+
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->ctx_ref);
+  err = ts__tls_attach(L, s, lua_gettop(L), 1, peer, ls->handshake_timeout);
+  lua_pop(L, 2);
+  return err;
+}
+
+/* Wraps an accepted fd in a stream and serves it. */
 static void serve(ts_listener *ls, int fd, struct sockaddr_storage *ss) {
   ts_loop *loop = ls->poll.loop->data;
   lua_State *L = loop->L;
   int is_pipe = ls->family == AF_UNIX, err;
-  ts_stream *s;
+  char host[INET6_ADDRSTRLEN] = "";
+  int port = 0;
+  ts_stream *s = ts__stream_new(L, is_pipe);
 
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->fn_ref);
-  s = ts__stream_new(L, is_pipe);
+  lua_pop(L, 1); /* the stream pins itself */
   err = is_pipe ? uv_pipe_open((uv_pipe_t *)ts__stream_handle(s), fd)
                 : uv_tcp_open((uv_tcp_t *)ts__stream_handle(s), fd);
   if (err != 0) {
     close(fd);
     ts__stream_abort(s);
-    lua_pop(L, 2);
     return;
   }
   ts__stream_configure(s, ls->max_buffer, ls->chunk, ls->timeout);
-  if (ls->proxy_protocol) {
-    lua_pop(L, 1); /* the stream pins itself */
-    if (ts__proxy_begin(L, s, ls->ctx_ref, ls->handshake_timeout) != 0)
-      ts__stream_abort(s);
-    else
-      ts__stream_start(s);
-    return;
-  }
   if (!is_pipe) {
     /* Writes are coalesced per wake-up, so Nagle only adds latency. */
     uv_tcp_nodelay((uv_tcp_t *)ts__stream_handle(s), 1);
-    ts__push_addr(L, (struct sockaddr *)ss);
-  } else {
-    lua_pushliteral(L, "");
-    lua_pushinteger(L, 0);
-    lua_pushliteral(L, "unix");
+    port = ts__addr_name((struct sockaddr *)ss, host, sizeof(host));
   }
-  if (ls->ctx_ref != LUA_NOREF) {
-    /* The peer as accept saw it: a reset may leave getpeername nothing. */
-    const char *peer = lua_pushfstring(
-        L, ss->ss_family == AF_INET6 ? "[%s]:%d" : "%s:%d",
-        lua_tostring(L, -3), (int)lua_tointeger(L, -2));
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ls->ctx_ref);
-    err = ts__tls_attach(L, s, lua_gettop(L), 1, peer, ls->handshake_timeout);
-    lua_pop(L, 2);
-    if (err != 0) {
-      ts__stream_abort(s);
-      lua_pop(L, 5);
-      return;
-    }
+  if (ls->proxy_protocol)
+    err = ts__proxy_begin(L, s, ls->handler_ref, ls->ctx_ref, ls->handshake_timeout);
+  else if (ls->ctx_ref != LUA_NOREF)
+    err = attach_tls(L, ls, s, host, port, ss->ss_family);
+  if (err != 0) {
+    ts__stream_abort(s);
+    return;
   }
   ts__stream_start(s);
-  ts__spawn(L, 4);
+  if (!ls->proxy_protocol)
+    ts__serve(L, s, ls->handler_ref, host, port,
+              is_pipe ? "unix" : ss->ss_family == AF_INET6 ? "inet6" : "inet");
 }
 
 static void accept_cb(uv_poll_t *h, int status, int events) {
@@ -152,7 +186,7 @@ static void listener_closed(uv_handle_t *h) {
   ts__socket_release(L, -1);
   lua_pop(L, 1);
   close(ls->fd);
-  luaL_unref(L, LUA_REGISTRYINDEX, ls->fn_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, ls->handler_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->sock_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->ctx_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->self_ref);
@@ -187,16 +221,16 @@ static size_t opt_size(lua_State *L, int t, const char *k, size_t def) {
   return (size_t)v;
 }
 
-/* core.listener(socket, opts, fn): fn(stream, host, port, family) runs in a
- * new task for each connection. opts: max_buffer_size, read_chunk_size,
- * idle_timeout. */
+/* core.listener(socket, opts, handler): see ts__serve for handler. opts:
+ * max_buffer_size, read_chunk_size, idle_timeout, handshake_timeout,
+ * ssl_context, proxy_protocol. */
 static int l_listener(lua_State *L) {
   ts_loop *loop = ts__loop(L);
   ts_listener *ls;
   int fd, family;
 
   luaL_checktype(L, 2, LUA_TTABLE);
-  luaL_checktype(L, 3, LUA_TFUNCTION);
+  luaL_checktype(L, 3, LUA_TTABLE);
   ls = lua_newuserdatauv(L, sizeof(*ls), 0);
   memset(ls, 0, sizeof(*ls));
   ls->max_buffer = opt_size(L, 2, "max_buffer_size", 100 * 1024 * 1024);
@@ -220,7 +254,7 @@ static int l_listener(lua_State *L) {
   uv_timer_init(loop->uv, &ls->backoff);
   ls->poll.data = ls->backoff.data = ls;
   lua_pushvalue(L, 3);
-  ls->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  ls->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushvalue(L, 1);
   ls->sock_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushvalue(L, -1);

@@ -49,6 +49,21 @@ const char *ts__errname(int err) {
   }
 }
 
+/* Writes the IP of sa into host; returns its port. */
+int ts__addr_name(const struct sockaddr *sa, char *host, size_t len) {
+  if (sa->sa_family == AF_INET6) {
+    uv_ip6_name((const struct sockaddr_in6 *)sa, host, len);
+    return ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
+  }
+  if (sa->sa_family == AF_INET) {
+    uv_ip4_name((const struct sockaddr_in *)sa, host, len);
+    return ntohs(((const struct sockaddr_in *)sa)->sin_port);
+  }
+  if (len > 0)
+    host[0] = '\0';
+  return 0;
+}
+
 int ts__push_addr(lua_State *L, const struct sockaddr *sa) {
   char host[INET6_ADDRSTRLEN] = "";
   int port = 0;
@@ -629,8 +644,38 @@ static void close_cb(uv_handle_t *h) {
     s->close_cb_ref = LUA_NOREF;
     ts__pcall(loop, 0);
   }
-  luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
-  s->self_ref = LUA_NOREF;
+  if (!(s->flags & F_TASK)) { /* else the task's end unpins it */
+    luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
+    s->self_ref = LUA_NOREF;
+  }
+}
+
+/* The handler's task ended: the server's done(stream, address, failed,
+ * err, traceback) closes the stream and keeps the books. */
+void ts__stream_task_done(lua_State *L, ts_stream *s, lua_State *co, int status) {
+  int failed = status != LUA_OK;
+
+  s->flags &= ~F_TASK;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_ref);
+  lua_getfield(L, -1, "done");
+  lua_remove(L, -2);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->self_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->addr_ref);
+  lua_pushboolean(L, failed);
+  if (failed) {
+    const char *msg = lua_tostring(co, -1);
+    lua_pushvalue(co, -1);
+    lua_xmove(co, L, 1);
+    luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
+  }
+  luaL_unref(L, LUA_REGISTRYINDEX, s->handler_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, s->addr_ref);
+  s->handler_ref = s->addr_ref = LUA_NOREF;
+  ts__pcall_on(L, failed ? 5 : 3);
+  if (s->flags & F_DONE) {
+    luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
+    s->self_ref = LUA_NOREF;
+  }
 }
 
 static void handle_close(ts_stream *s) {
@@ -832,6 +877,7 @@ ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
   }
   s->h.handle.data = s;
   s->rco_ref = s->wco_ref = s->close_cb_ref = LUA_NOREF;
+  s->handler_ref = s->addr_ref = LUA_NOREF;
   ts__stream_configure(s, 100 * 1024 * 1024, 64 * 1024, 0);
   /* Pinned until the close callback: libuv owns the handle until then. */
   lua_pushvalue(L, -1);

@@ -19,7 +19,8 @@ enum {
   F_WRITING = 1 << 6,   /* a uv_write is in flight (obuf) */
   F_DIRTY = 1 << 7,     /* on the loop's dirty list */
   F_BORROWED = 1 << 8,  /* rbuf points into the loop's shared buffer */
-  F_FLUSHWAIT = 1 << 9  /* wco waits for everything, not just the mark */
+  F_FLUSHWAIT = 1 << 9, /* wco waits for everything, not just the mark */
+  F_TASK = 1 << 10      /* a server's handler runs on it: stay pinned */
 };
 
 #define WRITE_HIGH_WATER (1024 * 1024)
@@ -39,6 +40,7 @@ struct ts_stream {
   ts_stream *next_dirty;
   lua_State *rco, *wco;   /* tasks waiting to read / for the write buffer */
   int rco_ref, wco_ref, self_ref, close_cb_ref;
+  int handler_ref, addr_ref; /* while a server's handler runs on it */
   int err;                /* the libuv error that ended the stream */
   unsigned flags;
   int rmode;
@@ -64,7 +66,8 @@ const char *ts__stream_error(ts_stream *s);
 void ts__stream_start_timer(ts_stream *s, uint64_t ms);
 
 /* proxy.c */
-int ts__proxy_begin(lua_State *L, ts_stream *s, int ctx_ref, double timeout);
+int ts__proxy_begin(lua_State *L, ts_stream *s, int handler_ref, int ctx_ref,
+                    double timeout);
 void ts__proxy_on_data(ts_stream *s);
 void ts__proxy_on_eof(ts_stream *s);
 void ts__proxy_timeout(ts_stream *s);

@@ -118,10 +118,6 @@ local function set_paused(state, paused)
   for _, listener in ipairs(state.listeners) do listener:pause(paused) end
 end
 
-local function capture(err)
-  return {err = err, traceback = debug.traceback(tostring(err), 2)}
-end
-
 function TCPServer:_report(err, traceback, address)
   local on_error = self._tcpserver.options.on_error
   if on_error then
@@ -132,34 +128,41 @@ function TCPServer:_report(err, traceback, address)
   log.error("Uncaught error in handle_stream for %s: %s", tostring(address), traceback)
 end
 
--- Runs in a new task for each accepted connection.
-function TCPServer:_serve(stream, host, port, family)
-  local state = self._tcpserver
+-- What the core needs to serve a connection: handle_stream runs in a task
+-- of its own (the core resumes it; no Lua frame wraps it, which keeps an
+-- idle connection's stack small); begin and done keep the books.
+local function make_handler(self, state)
   local max = state.options.max_connections
-  state.streams[stream] = true
-  state.nstreams = state.nstreams + 1
-  if max and state.nstreams >= max then set_paused(state, true) end
-  local address = setmetatable({host = host, port = port, family = family}, Address)
-  local ok, e = xpcall(self.handle_stream, capture, self, stream, address)
-  if not ok then self:_report(e.err, e.traceback, address) end
-  stream:close()
-  state.streams[stream] = nil
-  state.nstreams = state.nstreams - 1
-  if max and state.nstreams < max and not state.stopped then set_paused(state, false) end
-  if state.nstreams == 0 and #state.drained > 0 then
-    local callbacks = state.drained
-    state.drained = {}
-    for _, fn in ipairs(callbacks) do fn() end
+  local handler = {server = self, Address = Address}
+
+  function handler.begin(stream)
+    state.streams[stream] = true
+    state.nstreams = state.nstreams + 1
+    if max and state.nstreams >= max then set_paused(state, true) end
   end
+
+  function handler.done(stream, address, failed, err, traceback)
+    if failed then self:_report(err, traceback, address) end
+    stream:close()
+    state.streams[stream] = nil
+    state.nstreams = state.nstreams - 1
+    if max and state.nstreams < max and not state.stopped then set_paused(state, false) end
+    if state.nstreams == 0 and #state.drained > 0 then
+      local callbacks = state.drained
+      state.drained = {}
+      for _, fn in ipairs(callbacks) do fn() end
+    end
+  end
+
+  return handler
 end
 
 --- Starts accepting on already bound sockets.
 function TCPServer:add_socket(sock)
   local state = state_of(self)
   state.stopped = false
-  local listener = core.listener(sock, state.options, function(stream, host, port, family)
-    return self:_serve(stream, host, port, family)
-  end)
+  state.handler = state.handler or make_handler(self, state)
+  local listener = core.listener(sock, state.options, state.handler)
   if state.paused then listener:pause(true) end
   state.listeners[#state.listeners + 1] = listener
 end
