@@ -32,7 +32,8 @@ uv_stream_t *ts__stream_handle(ts_stream *s) {
 }
 
 static size_t pending_writes(ts_stream *s) {
-  return ts_buf_len(&s->wbuf) + ts_buf_len(&s->xbuf) + ts_buf_len(&s->obuf);
+  return ts_buf_len(&s->wbuf) + ts_buf_len(&s->obuf) +
+         (s->tls != NULL ? ts_buf_len(ts__tls_out(s)) : 0);
 }
 
 static int quiet_error(int err) {
@@ -433,7 +434,7 @@ int ts__stream_flush(ts_stream *s) {
   uv_write_t *req;
   int n;
 
-  ts_buf *src = s->tls != NULL ? &s->xbuf : &s->wbuf;
+  ts_buf *src = s->tls != NULL ? ts__tls_out(s) : &s->wbuf;
 
   if (s->flags & F_HCLOSING)
     return 0;
@@ -630,7 +631,6 @@ static void close_cb(uv_handle_t *h) {
   if (s->flags & F_DIRTY)
     unlink_dirty(s);
   ts_buf_free(&s->wbuf);
-  ts_buf_free(&s->xbuf);
   ts_buf_free(&s->obuf);
   s->flags |= F_DONE;
   if (s->tls != NULL)

@@ -50,7 +50,6 @@ struct ts_stream {
   size_t max_buffer, chunk, read_high_water;
   double timeout;         /* seconds; <= 0 means none */
   ts_tls *tls;            /* NULL on a plain stream */
-  ts_buf xbuf;            /* TLS: ciphertext waiting to be written */
   ts_proxy *proxy;        /* waiting for a PROXY header, or NULL */
 };
 
@@ -81,6 +80,7 @@ void ts__tls_pump(ts_stream *s);
 void ts__tls_shutdown(ts_stream *s);
 void ts__tls_closed(ts_stream *s);
 void ts__tls_free(lua_State *L, ts_stream *s);
+ts_buf *ts__tls_out(ts_stream *s); /* ciphertext waiting to be written */
 int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
                    const char *host, double timeout);
 const char *ts__tls_error(ts_stream *s);

@@ -36,6 +36,7 @@ struct ts_tls {
   int server, done, failed, shutdown_sent, close_notify;
   char peer[INET6_ADDRSTRLEN + 8]; /* server side: the client, for logs */
   size_t rx;               /* ciphertext bytes received */
+  ts_buf xbuf;             /* ciphertext waiting to be written */
   char err[160];           /* "tls: <reason>" once failed */
 };
 
@@ -86,11 +87,11 @@ static int move_out(ts_stream *s) {
 
   if (pending == 0)
     return 0;
-  if (ts_buf_reserve(&s->xbuf, pending, (size_t)-1) != 0)
+  if (ts_buf_reserve(&s->tls->xbuf, pending, (size_t)-1) != 0)
     return UV_ENOMEM;
-  n = BIO_read(wbio, ts_buf_tail(&s->xbuf), (int)pending);
+  n = BIO_read(wbio, ts_buf_tail(&s->tls->xbuf), (int)pending);
   if (n > 0)
-    s->xbuf.end += (size_t)n;
+    s->tls->xbuf.end += (size_t)n;
   return 0;
 }
 
@@ -296,9 +297,14 @@ static void hs_timeout(uv_timer_t *timer) {
   settle_handshake(s);
 }
 
+ts_buf *ts__tls_out(ts_stream *s) {
+  return &s->tls->xbuf;
+}
+
 void ts__tls_closed(ts_stream *s) {
   ts_tls *t = s->tls;
 
+  ts_buf_free(&t->xbuf);
   if (t->hs_timer != NULL) {
     uv_close((uv_handle_t *)t->hs_timer, hs_timer_free);
     t->hs_timer = NULL;
