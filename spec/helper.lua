@@ -27,6 +27,15 @@ function H.connect(port)
   return assert(tcpclient.connect("127.0.0.1", port))
 end
 
+--- A handle_stream that echoes lines until the peer closes.
+function H.echo_lines(_, stream)
+  while true do
+    local line = stream:read_until("\n")
+    if not line then return end
+    stream:write(line)
+  end
+end
+
 --- Runs argv with `input` on its stdin; returns its stdout and exit status.
 function H.run(argv, input, env)
   local p = process.Subprocess(argv, {stdin = "pipe", stdout = "pipe", env = env})

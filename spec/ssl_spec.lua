@@ -14,13 +14,7 @@ local function server_opts(extra)
   return o
 end
 
-local function echo(_, stream)
-  while true do
-    local line = stream:read_until("\n")
-    if not line then return end
-    stream:write(line)
-  end
-end
+local echo = H.echo_lines
 
 local function tls_serve(handler, ssl_extra, opts)
   opts = opts or {}

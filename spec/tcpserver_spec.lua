@@ -7,13 +7,7 @@ local tcpclient = require "tcpserver.tcpclient"
 local async = H.async
 local TCPServer = tcpserver.TCPServer
 
-local function echo_lines(_, stream)
-  while true do
-    local line = stream:read_until("\n")
-    if not line then return end
-    stream:write(line)
-  end
-end
+local echo_lines = H.echo_lines
 
 describe("TCPServer", function()
   local logs, restore
