@@ -23,6 +23,7 @@ typedef struct ts_loop {
   uv_loop_t *uv;
   lua_State *L;          /* the thread running start(); callbacks run on it */
   ts_stream *dirty;      /* streams with unflushed writes */
+  ts_stream *borrower;   /* the stream whose rbuf is `shared` right now */
   int running;
   int log_ref;           /* Lua function(level, msg) for the core's logs */
   char shared[TS_SHARED_READ_SIZE];

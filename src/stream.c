@@ -14,16 +14,17 @@
 static void stream_close(ts_stream *s, int err);
 static void update_reading(ts_stream *s);
 
-/* Methods carry the metatable as upvalue 1: comparing it is much cheaper
- * than luaL_checkudata's registry lookup by name, on every read and write. */
+/* The address every stream carries in `tag`. */
+static const char stream_tag[] = TS_STREAM_MT;
+
+/* Runs on every read and write: a userdata of our size that carries our
+ * tag is a stream (luaL_checkudata's lookup of the metatable by name cost
+ * a third of the echo path). Anything else gets luaL_checkudata's error. */
 static ts_stream *check_stream(lua_State *L) {
   ts_stream *s = lua_touserdata(L, 1);
-  int ok = s != NULL && lua_getmetatable(L, 1) &&
-           lua_rawequal(L, -1, lua_upvalueindex(1));
 
-  if (!ok)
-    return luaL_checkudata(L, 1, TS_STREAM_MT); /* raises */
-  lua_pop(L, 1);
+  if (s == NULL || lua_rawlen(L, 1) != sizeof(*s) || s->tag != stream_tag)
+    return luaL_checkudata(L, 1, TS_STREAM_MT);
   return s;
 }
 
@@ -227,6 +228,7 @@ static void unborrow(ts_stream *s) {
   if (!(s->flags & F_BORROWED))
     return;
   s->flags &= ~F_BORROWED;
+  ((ts_loop *)s->h.handle.loop->data)->borrower = NULL;
   ts_buf_init(&s->rbuf);
   if (ts_buf_len(&shared) > 0 &&
       (ts_buf_reserve(&s->rbuf, ts_buf_len(&shared), s->max_buffer) != 0 ||
@@ -234,12 +236,19 @@ static void unborrow(ts_stream *s) {
     stream_close(s, UV_ENOMEM);
 }
 
-/* Lends the loop's shared buffer as an empty read buffer. */
-void ts__stream_borrow(ts_stream *s) {
+/* Lends the loop's shared buffer as s's empty read buffer, unless another
+ * stream holds it (its task may be running and reading it). */
+int ts__stream_borrow(ts_stream *s) {
+  ts_loop *loop = s->h.handle.loop->data;
+
+  if (loop->borrower != NULL)
+    return loop->borrower == s;
   ts_buf_free(&s->rbuf);
-  s->rbuf.data = ((ts_loop *)s->h.handle.loop->data)->shared;
+  s->rbuf.data = loop->shared;
   s->rbuf.cap = TS_SHARED_READ_SIZE;
   s->flags |= F_BORROWED;
+  loop->borrower = s;
+  return 1;
 }
 
 void ts__stream_unborrow(ts_stream *s) {
@@ -256,7 +265,7 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     *buf = uv_buf_init(loop->shared, TS_SHARED_READ_SIZE);
     return;
   }
-  if (len == 0) {
+  if (len == 0 && loop->borrower == NULL) {
     ts_buf_free(&s->rbuf);
     want = want < s->max_buffer ? want : s->max_buffer;
     *buf = uv_buf_init(loop->shared, want < TS_SHARED_READ_SIZE ? want
@@ -284,14 +293,11 @@ static void on_data(ts_stream *s) {
     update_reading(s);
     return;
   }
-  if (s->rco != NULL) {
-    n = try_read(s, s->rco);
-    unborrow(s);
-    if (n > 0)
-      wake(s, &s->rco, &s->rco_ref, n);
-  } else {
-    unborrow(s);
-  }
+  /* The woken task reads what else it wants straight from the borrowed
+   * buffer; only what it leaves there is copied. */
+  if (s->rco != NULL && (n = try_read(s, s->rco)) > 0)
+    wake(s, &s->rco, &s->rco_ref, n);
+  unborrow(s);
   update_reading(s);
 }
 
@@ -325,11 +331,8 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
     ts__tls_on_eof(s);
   } else if (nread > 0) {
     if (buf->base == ((ts_loop *)h->loop->data)->shared) {
-      s->rbuf.data = buf->base;
-      s->rbuf.cap = buf->len;
-      s->rbuf.start = 0;
+      ts__stream_borrow(s);
       s->rbuf.end = (size_t)nread;
-      s->flags |= F_BORROWED;
     } else {
       s->rbuf.end += (size_t)nread;
     }
@@ -365,16 +368,18 @@ static void update_reading(ts_stream *s) {
 
 /* Common tail of the read methods: answer now or wait. */
 static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
-  int r;
+  int r, lent;
 
   if (s->rco != NULL)
     return luaL_error(L, "already reading");
   s->rmode = mode;
   s->rn = n;
+  lent = (s->flags & F_BORROWED) != 0; /* by on_data, which wakes us */
   if (s->tls != NULL) /* plaintext OpenSSL holds back past max_buffer_size */
     ts__tls_pump(s);
   r = try_read(s, L);
-  unborrow(s);
+  if (!lent)
+    unborrow(s);
   if (r > 0) {
     update_reading(s);
     return r;
@@ -868,6 +873,7 @@ ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
   ts_stream *s = lua_newuserdatauv(L, sizeof(*s), 0);
 
   memset(s, 0, sizeof(*s));
+  s->tag = stream_tag;
   luaL_setmetatable(L, TS_STREAM_MT);
   if (is_pipe) {
     uv_pipe_init(loop->uv, &s->h.pipe, 0);
@@ -912,9 +918,7 @@ int ts__open_stream(lua_State *L) {
 
   luaL_newmetatable(L, TS_STREAM_MT);
   luaL_setfuncs(L, metamethods, 0);
-  luaL_newlibtable(L, methods);
-  lua_pushvalue(L, -2);
-  luaL_setfuncs(L, methods, 1);
+  luaL_newlib(L, methods);
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);
   return 0;

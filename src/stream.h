@@ -27,6 +27,7 @@ enum {
 #define LINGER_MS 10000
 
 struct ts_stream {
+  const char *tag;        /* identifies a live stream userdata cheaply */
   union {
     uv_handle_t handle;
     uv_stream_t stream;
@@ -58,7 +59,7 @@ void ts__stream_close(ts_stream *s, int err);
 void ts__stream_on_data(ts_stream *s);
 void ts__stream_on_eof(ts_stream *s);
 void ts__stream_unborrow(ts_stream *s);
-void ts__stream_borrow(ts_stream *s);
+int ts__stream_borrow(ts_stream *s);
 int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int *refp);
 void ts__stream_wake(ts_stream *s, lua_State **cop, int *refp, int nres);
 const char *ts__stream_error(ts_stream *s);
