@@ -43,6 +43,13 @@ void ts__report(ts_loop *loop, const char *msg);
 void ts__flush_dirty(ts_loop *loop);
 /* Runs the function under `narg` args on L's top in a new task. */
 void ts__spawn(lua_State *L, int narg);
+/* After fork: reinitializes the loop, if there is one, for the child. */
+int ts__loop_fork(void);
+int ts__loop_running(void);
+
+/* process.c: a worker of fork_processes tells its supervisor it is ready
+ * (called when its loop starts; does nothing elsewhere). */
+void ts__worker_ready(void);
 
 /* netutil.c: a listener takes a socket's fd, and gives it back closed. */
 int ts__socket_take(lua_State *L, int idx, int *family);
