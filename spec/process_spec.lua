@@ -404,7 +404,7 @@ Server():add_sockets({sock})
 print("up " .. process.task_id())
 ]], {path})
       for _ = 1, 2 do p.out:await("^up (%d+)$") end
-      local out = H.python([[
+      local out = P.python([[
 import socket, sys
 for _ in range(5):
     s = socket.socket(socket.AF_UNIX)

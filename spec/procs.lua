@@ -2,6 +2,7 @@
 -- output read line by line as events, and clients that keep connecting.
 -- The busted process itself never forks: forking servers run under
 -- build/luahost as a Subprocess.
+local H = require "spec.helper"
 local ioloop = require "tcpserver.ioloop"
 local locks = require "tcpserver.locks"
 local netutil = require "tcpserver.netutil"
@@ -10,6 +11,15 @@ local tcpclient = require "tcpserver.tcpclient"
 
 local P = {}
 P.LUAHOST = "build/luahost"
+-- Debian's python3 directly: a version manager's shim in PATH can take a
+-- second to start.
+P.PYTHON = io.open("/usr/bin/python3") and "/usr/bin/python3" or "python3"
+
+--- Runs a Python 3 snippet (extra args in sys.argv[1:]); returns its
+-- stdout and exit status.
+function P.python(code, ...)
+  return H.run({P.PYTHON, "-c", code, ...})
+end
 
 --- Writes `source` to a temporary file; returns its path.
 function P.tmpfile(source)
@@ -117,6 +127,51 @@ function P.luahost(source, args, opts)
     kill = function(_, sig) return p:kill(sig) end,
     wait = function() return p:wait_for_exit() end,
   }
+end
+
+-- Execs argv[2..] with listening sockets from fd 3 on, the way systemd's
+-- socket activation passes them. argv[1] says what to pass: "N:name,..."
+-- (N sockets on 127.0.0.1, port 0, with these LISTEN_FDNAMES; the ports go
+-- to stdout as "port P"), "file" (a regular file at fd 3), or "env:FDS:PID"
+-- (just these variables, PID "self" for the exec'd pid).
+local SYSTEMD = [[
+import os, socket, sys
+what, argv = sys.argv[1], sys.argv[2:]
+env = dict(os.environ)
+if what == "file":
+    fd = os.open("/dev/null", os.O_RDONLY)
+    if fd != 3:
+        os.dup2(fd, 3)
+    os.set_inheritable(3, True)
+    env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+elif what.startswith("env:"):
+    _, fds, pid = what.split(":")
+    env.update(LISTEN_FDS=fds, LISTEN_PID=str(os.getpid()) if pid == "self" else pid)
+else:
+    n, names = what.split(":", 1)
+    socks = []
+    for _ in range(int(n)):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        socks.append(s)
+        print("port", s.getsockname()[1], flush=True)
+    fds = [os.dup(s.fileno()) for s in socks]  # above 3..3+n, then moved down
+    for s in socks:
+        s.close()
+    for i, fd in enumerate(fds):
+        os.dup2(fd, 3 + i)  # inheritable
+        os.close(fd)
+    env.update(LISTEN_FDS=n, LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES=names)
+os.execve(argv[0], argv, env)
+]]
+
+--- opts.launcher for P.luahost: run luahost the way systemd would, with
+-- `what` as described above.
+function P.systemd(what)
+  return function(argv)
+    return {P.PYTHON, "-c", SYSTEMD, what, table.unpack(argv)}
+  end
 end
 
 --- One request: connect, send `line`, read one line back.
