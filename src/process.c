@@ -257,6 +257,8 @@ static void sup_log(supervisor *s, const char *level, const char *fmt, ...) {
   char msg[256];
   va_list ap;
 
+  int logged = 0;
+
   va_start(ap, fmt);
   vsnprintf(msg, sizeof(msg), fmt, ap);
   va_end(ap);
@@ -264,11 +266,12 @@ static void sup_log(supervisor *s, const char *level, const char *fmt, ...) {
     lua_pushvalue(s->L, s->log_idx);
     lua_pushstring(s->L, level);
     lua_pushstring(s->L, msg);
-    if (lua_pcall(s->L, 2, 0, 0) == LUA_OK)
-      return;
-    lua_pop(s->L, 1);
+    logged = lua_pcall(s->L, 2, 0, 0) == LUA_OK;
+    if (!logged)
+      lua_pop(s->L, 1);
   }
-  fprintf(stderr, "tcpserver: %s\n", msg);
+  if (!logged)
+    fprintf(stderr, "tcpserver: %s\n", msg);
 }
 
 static int sup_fail(supervisor *s, const char *what) {
@@ -531,6 +534,10 @@ static void terminate_all(supervisor *s) {
   s->nw = 0;
 }
 
+/* Blocks the signals the supervisor handles and reads them from a
+ * signalfd. Only this thread's mask changes: a process that started other
+ * threads before forking (libuv's thread pool, for a name lookup) may have
+ * them take these signals instead. */
 static int sup_open(supervisor *s) {
   struct sigaction dfl;
   sigset_t set;
@@ -554,6 +561,9 @@ static int sup_open(supervisor *s) {
     sigprocmask(SIG_SETMASK, &s->saved_mask, NULL);
     goto fail;
   }
+  /* A log line to a closed pipe must not kill the supervisor (the workers
+   * ignore SIGPIPE anyway: the loop does). */
+  signal(SIGPIPE, SIG_IGN);
   /* With SIGCHLD ignored the kernel would reap the workers unreported. */
   sigaction(SIGCHLD, NULL, &s->saved_chld);
   if (s->saved_chld.sa_handler == SIG_IGN) {

@@ -65,8 +65,10 @@ end
 -- from a signal is restarted with the same id (at most max_restarts times
 -- in all, 100 by default; after that the parent stops the others and
 -- raises), one that exits 0 is not. SIGTERM and SIGINT are forwarded to
--- the workers; SIGHUP replaces them one by one (the new worker first, once
--- its loop runs; then the old one gets SIGTERM and drains). The parent
+-- the workers; SIGHUP replaces them one by one: the new worker first, and
+-- once it is ready (its loop runs for the first time: ioloop start or
+-- run_sync, so listen before that) the old one gets SIGTERM and drains; a
+-- new worker that exits before it is ready stops the reload. The parent
 -- exits 0 when every worker is gone. Bind sockets before, start the loop
 -- after.
 function M.fork_processes(n, max_restarts)
