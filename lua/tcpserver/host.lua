@@ -31,10 +31,11 @@ fork_processes or TCPServer:start(n)):
   SIGTERM, SIGINT      forwarded to every worker, which stops gracefully;
                        the supervisor exits 0 once they are gone
   SIGHUP               reload: replace the workers one by one; each new
-                       worker re-runs the script and, once its loop runs,
-                       the old one gets SIGTERM and drains. A new worker
-                       that dies before its loop runs stops the reload and
-                       the old workers keep serving.
+                       worker re-runs the script (with --workers; else what
+                       follows fork_processes) and, once its loop runs, the
+                       old one gets SIGTERM and drains. A new worker that
+                       dies before its loop runs stops the reload and the
+                       old workers keep serving.
 
 systemd socket activation: when LISTEN_FDS and LISTEN_PID (for luahost's
 pid) are set, luahost takes the passed sockets before anything else and
