@@ -149,6 +149,34 @@ os.exit(3)
     assert.equal(3, #p.out:all(), p.out:text()) -- two, and one restart
   end))
 
+  it("forks one child per CPU for nil, 0 or a negative number", async(function()
+    for _, n in ipairs {"nil", "0", "-1"} do
+      local p = P.luahost([[
+local process = require "tcpserver.process"
+print(process.fork_processes(tonumber(arg[1])))
+]], {n})
+      assert.equal(process.cpu_count(), #p.out:all(), n)
+      assert.same({0, 0}, {p:wait()})
+    end
+  end))
+
+  it("restarts at most 100 times by default", async(function()
+    local p = P.luahost([[
+local process = require "tcpserver.process"
+process.fork_processes(1)
+os.exit(1)
+]])
+    assert.equal(1, p:wait())
+    p.err:await("too many child restarts %(100%), giving up")
+    local restarting = 0
+    for _, line in ipairs(p.err:all()) do
+      if line:match("child 0 %(pid %d+%) exited with status 1, restarting") then
+        restarting = restarting + 1
+      end
+    end
+    assert.equal(101, restarting)
+  end))
+
   it("is called once, never while the loop runs, and rejects bad arguments", async(function()
     local p = P.luahost([[
 local process = require "tcpserver.process"
