@@ -132,8 +132,9 @@ end
 -- Execs argv[2..] with listening sockets from fd 3 on, the way systemd's
 -- socket activation passes them. argv[1] says what to pass: "N:name,..."
 -- (N sockets on 127.0.0.1, port 0, with these LISTEN_FDNAMES; the ports go
--- to stdout as "port P"), "file" (a regular file at fd 3), or "env:FDS:PID"
--- (just these variables, PID "self" for the exec'd pid).
+-- to stdout as "port P"), "unix:PATH" (a unix socket named "local"), "file"
+-- (a regular file at fd 3), or "env:FDS:PID" (just these variables, PID
+-- "self" for the exec'd pid).
 local SYSTEMD = [[
 import os, socket, sys
 what, argv = sys.argv[1], sys.argv[2:]
@@ -144,6 +145,14 @@ if what == "file":
         os.dup2(fd, 3)
     os.set_inheritable(3, True)
     env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+elif what.startswith("unix:"):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(what[5:])
+    s.listen(16)
+    if s.fileno() != 3:
+        os.dup2(s.fileno(), 3)
+    os.set_inheritable(3, True)
+    env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="local")
 elif what.startswith("env:"):
     _, fds, pid = what.split(":")
     env.update(LISTEN_FDS=fds, LISTEN_PID=str(os.getpid()) if pid == "self" else pid)

@@ -199,13 +199,18 @@ static long parse_count(const char *str) {
 }
 
 /* Checks that fd is a listening stream socket and gets it ready for the
- * accept loop: non-blocking, close-on-exec. Returns its family or -1. */
-static int adopt_listener(int fd) {
+ * accept loop: non-blocking, close-on-exec. Returns its family, or -1 and
+ * why not in *why. */
+static int adopt_listener(int fd, const char **why) {
   struct sockaddr_storage ss;
   socklen_t len = sizeof(ss);
   int type = 0, listening = 0, flags;
   socklen_t ilen = sizeof(int);
 
+  *why = "is not open";
+  if (fcntl(fd, F_GETFD) < 0)
+    return -1;
+  *why = "is not a listening stream socket";
   if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &ilen) != 0 || type != SOCK_STREAM)
     return -1;
   ilen = sizeof(int);
@@ -216,6 +221,7 @@ static int adopt_listener(int fd) {
   if (ss.ss_family != AF_INET && ss.ss_family != AF_INET6 && ss.ss_family != AF_UNIX)
     return -1;
   flags = fcntl(fd, F_GETFL);
+  *why = "cannot be made non-blocking";
   if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0 ||
       fcntl(fd, F_SETFD, FD_CLOEXEC) != 0)
     return -1;
@@ -248,6 +254,7 @@ static void push_fdname(lua_State *L, const char *names, int i) {
 static int l_inherited_sockets(lua_State *L) {
   const char *pid = getenv("LISTEN_PID"), *fds = getenv("LISTEN_FDS");
   const char *names = getenv("LISTEN_FDNAMES");
+  const char *why;
   long n, owner;
   int i, family;
 
@@ -271,10 +278,9 @@ static int l_inherited_sockets(lua_State *L) {
   if (n < 0)
     return luaL_error(L, "inherited_sockets: bad LISTEN_FDS '%s'", fds);
   for (i = 0; i < n; i++) {
-    family = adopt_listener(LISTEN_FDS_START + i);
+    family = adopt_listener(LISTEN_FDS_START + i, &why);
     if (family < 0)
-      return luaL_error(L, "inherited_sockets: fd %d is not a listening stream socket",
-                        LISTEN_FDS_START + i);
+      return luaL_error(L, "inherited_sockets: fd %d %s", LISTEN_FDS_START + i, why);
     push_socket(L, LISTEN_FDS_START + i, family);
     push_fdname(L, names, i);
     lua_setiuservalue(L, -2, 1);
