@@ -181,7 +181,6 @@ static int l_bind_unix_socket(lua_State *L) {
   return 1;
 }
 
-
 /* ---- sockets passed by systemd (socket activation) ---- */
 
 #define LISTEN_FDS_START 3
