@@ -96,3 +96,218 @@ describe("luahost", function()
     assert.same({0, 0}, {p:wait_for_exit()})
   end))
 end)
+
+-- Deployment: luahost --workers, reloads, and sockets passed by systemd.
+local P = require "spec.procs"
+
+-- Replies "<version> <task id> <pid>"; each worker reads the version file
+-- when the script runs, and prints "up <id> <pid> <version> <port>".
+local WORKER = [[
+local tcpserver = require "tcpserver"
+local process = require "tcpserver.process"
+local netutil = require "tcpserver.netutil"
+local version = io.open(arg[1]):read("l")
+local Server = tcpserver.TCPServer:extend()
+function Server:handle_stream(stream)
+  if stream:read_until("\n") then
+    stream:write(("%s %s %d\n"):format(version, process.task_id(), process.getpid()))
+  end
+end
+local server = Server()
+local port
+if arg[2] == "inherited" then
+  local socks = netutil.inherited_sockets()
+  port = select(2, socks[1]:getsockname())
+  server:add_sockets(socks)
+else
+  port = server:listen(tonumber(arg[2]), "127.0.0.1")
+end
+print(("up %s %d %s %d"):format(process.task_id(), process.getpid(), version, port))
+io.stdout:flush()
+]]
+
+local function version_file(v)
+  local path = P.tmpfile(v .. "\n")
+  finally(function() os.remove(path) end)
+  return path
+end
+
+local function set_version(path, v)
+  local f = assert(io.open(path, "w"))
+  f:write(v, "\n")
+  f:close()
+end
+
+-- Starts a reload and waits until the n new workers run `v` and the
+-- supervisor is done; returns the new pids.
+local function reload(p, path, n, v)
+  set_version(path, v)
+  p:kill(1)
+  local pids = {}
+  for _ = 1, n do pids[#pids + 1] = p.out:await("^up %d+ (%d+) " .. v .. " ") end
+  p.err:await("reload done")
+  return pids
+end
+
+describe("luahost --workers", function()
+  after_each(P.cleanup)
+
+  it("runs N copies of the script, each binding its own reuse_port socket", async(function()
+    local port = P.free_port()
+    local p = P.luahost(WORKER, {version_file("v1"), port}, {flags = {"--workers", "2"}})
+    local ids = {}
+    for _ = 1, 2 do
+      local id, _, p2 = p.out:await("^up (%d+) (%d+) v1 (%d+)$")
+      assert.equal(port, tonumber(p2))
+      ids[#ids + 1] = tonumber(id)
+    end
+    table.sort(ids)
+    assert.same({0, 1}, ids)
+    for _ = 1, 4 do assert.matches("^v1 [01] %d+\n$", P.request(port, "hi\n")) end
+    p:kill(15)
+    assert.same({0, 0}, {p:wait()})
+  end))
+
+  it("SIGHUP re-runs the script in a new worker, which binds before the old "
+     .. "one stops: a client connecting in a loop is never refused", async(function()
+    local port = P.free_port()
+    local path = version_file("v1")
+    -- One worker: with more, another one's socket would hide a gap.
+    local p = P.luahost(WORKER, {path, port}, {flags = {"-w", "1"}})
+    p.out:await("^up 0 %d+ v1 ")
+    local client = P.hammer(port)
+    client:wait_requests(10)
+    reload(p, path, 1, "v2")
+    reload(p, path, 1, "v3")
+    client:wait_requests(20)
+    client:stop()
+    -- Each worker has its own reuse_port socket: a connection the kernel
+    -- queued on an old worker's socket in the instant it closes is reset
+    -- (unless net.ipv4.tcp_migrate_req=1), so "closed" may show here, rarely;
+    -- a refused connection never may.
+    client.errors.closed = nil
+    assert.same({}, client.errors)
+    assert.is_true(client.replies.v1 >= 10 and client.replies.v3 >= 1)
+    p:kill(15)
+    assert.same({0, 0}, {p:wait()})
+  end))
+
+  it("gives up after --max-restarts when the script keeps failing", async(function()
+    local p = P.luahost([[error("broken at startup")]], {}, {flags = {"--workers", "2", "--max-restarts", "2"}})
+    assert.equal(1, p:wait())
+    p.err:await("broken at startup")
+    p.err:await("luahost: .*too many child restarts %(2%), giving up")
+  end))
+
+  it("rejects bad flag values", async(function()
+    for _, argv in ipairs {{"--workers", "x", "s.lua"}, {"-w"}, {"--max-restarts", "3", "s.lua"},
+                           {"--workers", "-1", "s.lua"}} do
+      local p = process.Subprocess({LUAHOST, table.unpack(argv)}, {stderr = "pipe"})
+      assert.matches("^luahost: ", p.stderr:read_until_close())
+      assert.equal(2, p:wait_for_exit())
+    end
+  end))
+
+  it("--help documents every flag that the parser accepts", async(function()
+    local help = H.run({LUAHOST, "--help"})
+    local source = assert(io.open("lua/tcpserver/host.lua")):read("a")
+    local flags = 0
+    for flag in source:gmatch('a == "(%-[%w-]*)"') do
+      flags = flags + 1
+      assert.is_truthy(help:find("%f[%S]" .. flag:gsub("%-", "%%-") .. "%f[%s,]"), flag)
+    end
+    assert.is_true(flags >= 8)
+    assert.matches("SIGHUP", help)
+    assert.matches("LISTEN_FDS", help)
+  end))
+end)
+
+describe("luahost with systemd socket activation", function()
+  after_each(P.cleanup)
+
+  it("takes the sockets passed at fd 3.., names them and unsets the variables", async(function()
+    local p = P.luahost([[
+local tcpserver = require "tcpserver"
+local netutil = require "tcpserver.netutil"
+local socks = netutil.inherited_sockets()
+print(#socks, socks[1].name, socks[2].name, os.getenv("LISTEN_FDS"), os.getenv("LISTEN_PID"),
+      os.getenv("LISTEN_FDNAMES"), select(2, socks[1]:getsockname()), (select(2, socks[2]:getsockname())))
+io.stdout:flush()
+local Echo = tcpserver.TCPServer:extend({handle_stream = function(_, stream, address)
+  stream:write(tostring(address.port > 0) .. " " .. stream:read_until("\n"))
+end})
+Echo():add_sockets(socks)
+]], {}, {launcher = P.systemd("2:web:admin")})
+    local port1 = p.out:await("^port (%d+)$")
+    local port2 = p.out:await("^port (%d+)$")
+    assert.equal(("2\tweb\tadmin\tnil\tnil\tnil\t%s\t%s"):format(port1, port2), p.out:await("^(2\t.*)$"))
+    assert.equal("true over systemd\n", P.request(tonumber(port1), "over systemd\n"))
+    assert.equal("true second\n", P.request(tonumber(port2), "second\n"))
+    p:kill(15)
+    assert.same({0, 0}, {p:wait()})
+  end))
+
+  it("serves a unix socket passed that way", async(function()
+    local path = os.tmpname()
+    os.remove(path)
+    finally(function() os.remove(path) end)
+    local p = P.luahost([[
+local tcpserver = require "tcpserver"
+local socks = require("tcpserver.netutil").inherited_sockets()
+local Echo = tcpserver.TCPServer:extend({handle_stream = function(_, stream, address)
+  stream:write(socks[1].name .. " " .. tostring(address) .. " " .. stream:read_until("\n"))
+end})
+Echo():add_sockets(socks)
+print(socks[1]:getsockname())
+io.stdout:flush()
+]], {}, {launcher = P.systemd("unix:" .. path)})
+    assert.equal(path .. "\t0\tunix", p.out:await("^(/.*)$"))
+    local out = P.python([[
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b"hello\n")
+sys.stdout.write(s.makefile("rb").readline().decode())
+]], path)
+    assert.equal("local unix: hello\n", out)
+    p:kill(15)
+    assert.same({0, 0}, {p:wait()})
+  end))
+
+  it("keeps them for every worker: a reload is lossless and re-runs the script", async(function()
+    local path = version_file("v1")
+    local p = P.luahost(WORKER, {path, "inherited"},
+                        {flags = {"--workers", "2"}, launcher = P.systemd("1:web")})
+    local port = tonumber(p.out:await("^port (%d+)$"))
+    for _ = 1, 2 do assert.equal(port, tonumber(p.out:await("^up %d+ %d+ v1 (%d+)$"))) end
+    local client = P.hammer(port)
+    client:wait_requests(10)
+    reload(p, path, 2, "v2")
+    reload(p, path, 2, "v3")
+    client:wait_requests(20)
+    client:stop()
+    assert.same({}, client.errors)
+    assert.is_true(client.replies.v1 >= 10 and client.replies.v3 >= 1)
+    p:kill(15)
+    assert.same({0, 0}, {p:wait()})
+  end))
+
+  it("ignores sockets passed to another pid and rejects what is not a listening socket",
+     async(function()
+    local show = [[print(#require("tcpserver.netutil").inherited_sockets(), os.getenv("LISTEN_FDS"))]]
+    local p = P.luahost(show, {}, {launcher = P.systemd("env:1:1")})
+    assert.same({"0\tnil"}, p.out:all())
+    assert.equal(0, p:wait())
+    p = P.luahost(show, {}, {launcher = P.systemd("env:0:self")})
+    assert.same({"0\tnil"}, p.out:all())
+    p = P.luahost(show, {}, {launcher = P.systemd("file")})
+    assert.equal(2, p:wait())
+    p.err:await("luahost: .*inherited_sockets: fd 3 is not a listening stream socket")
+    p = P.luahost(show, {}, {launcher = P.systemd("env:1:self")})
+    assert.equal(2, p:wait())
+    p.err:await("luahost: .*inherited_sockets: fd 3 is not open")
+    p = P.luahost(show, {}, {launcher = P.systemd("env:x:self")})
+    assert.equal(2, p:wait())
+    p.err:await("inherited_sockets: bad LISTEN_FDS 'x'")
+  end))
+end)

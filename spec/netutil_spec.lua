@@ -106,3 +106,114 @@ sys.stdout.write(s.makefile("rb").readline().decode())
     assert.equal("keep me", io.open(path):read("a"))
   end)
 end)
+
+local P = require "spec.procs"
+local locks = require "tcpserver.locks"
+
+describe("netutil.bind_sockets reuse_port", function()
+  it("defaults to netutil.default_reuse_port, and must be a boolean", function()
+    finally(function() netutil.default_reuse_port = false end)
+    netutil.default_reuse_port = true
+    local a = netutil.bind_sockets(0, "127.0.0.1")[1]
+    local _, port = a:getsockname()
+    local b = netutil.bind_sockets(port, "127.0.0.1")[1]
+    netutil.default_reuse_port = false
+    assert.has_error(function() netutil.bind_sockets(port, "127.0.0.1") end)
+    assert.has_error(function() netutil.bind_sockets(0, "127.0.0.1", {reuse_port = 1}) end,
+                     "bind_sockets: reuse_port must be a boolean")
+    a:close(); b:close()
+  end)
+end)
+
+describe("netutil.inherited_sockets", function()
+  it("is an empty list when nothing was passed, and sockets have no name", function()
+    assert.is_nil(os.getenv("LISTEN_FDS"))
+    assert.same({}, netutil.inherited_sockets())
+    local sock = netutil.bind_sockets(0, "127.0.0.1")[1]
+    assert.is_nil(sock.name)
+    assert.is_function(sock.getsockname)
+    assert.matches("^tcpserver.socket %(fd %d+%)$", tostring(sock))
+    sock:close()
+  end)
+  -- With real sockets passed the systemd way: see host_spec.lua.
+end)
+
+describe("a stream over a unix socket", function()
+  local path = os.tmpname()
+  after_each(function() os.remove(path) end)
+
+  local function serve(handler)
+    os.remove(path)
+    local server = tcpserver.TCPServer:extend({handle_stream = handler})()
+    server:add_sockets({netutil.bind_unix_socket(path)})
+    return server
+  end
+
+  it("supports the whole stream API", async(function()
+    local got, closed = {}, locks.Event()
+    local server = serve(function(_, stream, address)
+      got.address = tostring(address)
+      got.sockname = {stream:getsockname()}
+      got.peername = {stream:getpeername()}
+      stream:set_nodelay(true) -- nothing to do on a pipe, and no error
+      got.handshake = {stream:wait_for_handshake()}
+      got.tls = {stream:tls_version(), stream:peer_certificate(), stream:alpn_protocol()}
+      stream:set_close_callback(function() closed:set() end)
+      stream:settimeout(5)
+      got.line = stream:read_until("\n")
+      got.bytes = stream:read_bytes(4)
+      got.partial = stream:read_bytes(100, true)
+      assert(stream:write({"two ", "parts\n"}))
+      assert(stream:flush())
+      got.sizes = {stream:buffer_sizes()}
+      stream:settimeout(0.05)
+      got.timeout = {stream:read_until("\n")}
+      got.open_after_timeout = not stream:closed()
+      stream:write("timed out\n")
+      stream:settimeout(nil)
+      got.more = stream:read_until("\n")
+      got.rest = stream:read_until_close()
+      got.closed = stream:closed()
+      got.write_closed = {stream:write("late")}
+    end)
+    local out = P.python([[
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rb")
+s.sendall(b"line\nabcdXYZ")
+out = [f.readline(), f.readline()]
+s.sendall(b"more\nrest of it")
+s.shutdown(socket.SHUT_WR)
+out.append(f.read())
+sys.stdout.write(b"".join(out).decode())
+]], path)
+    server:stop()
+    assert.equal("two parts\ntimed out\n", out)
+    assert.same({
+      address = "unix:", sockname = {path, 0, "unix"}, peername = {"", 0, "unix"},
+      handshake = {true}, tls = {}, line = "line\n", bytes = "abcd", partial = "XYZ",
+      sizes = {0, 0}, timeout = {nil, "timeout"}, open_after_timeout = true,
+      more = "more\n", rest = "rest of it", closed = true, write_closed = {nil, "closed"},
+    }, got)
+    assert.is_true(closed:wait(5))
+  end))
+
+  it("is closed by a line over max_bytes", async(function()
+    local got = {}
+    local server = serve(function(_, stream)
+      got[#got + 1] = {stream:read_until("\n", 4)}
+      got[#got + 1] = stream:closed()
+    end)
+    local out = P.python([[
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b"0123456789\n")
+sys.stdout.write(repr(s.recv(10)))
+]], path)
+    server:stop()
+    assert.equal("b''", out)
+    assert.same({{nil, "too large"}, true}, got)
+  end))
+end)

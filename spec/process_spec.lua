@@ -45,3 +45,404 @@ describe("process", function()
     end)
   end)
 end)
+
+-- fork_processes and its supervisor, with real forks: every forking server
+-- runs under build/luahost (spec/procs.lua), never in busted itself.
+local P = require "spec.procs"
+
+-- A server for the restart specs: replies "<task id> <pid>" and then obeys
+-- the command it got ("exit N"); prints "up <id> <pid>" in each worker.
+local COMMANDS = [[
+local tcpserver = require "tcpserver"
+local process = require "tcpserver.process"
+local Server = tcpserver.TCPServer:extend()
+function Server:handle_stream(stream)
+  local cmd, n = stream:read_until("\n"):match("^(%a+) ?(%d*)")
+  stream:write(("%d %d\n"):format(process.task_id(), process.getpid()))
+  stream:flush()
+  if cmd == "exit" then os.exit(tonumber(n)) end
+end
+local server = Server()
+print("port " .. server:bind(0, "127.0.0.1"))
+io.stdout:flush()
+server:start(3, tonumber(arg[1]))
+print(("up %d %d"):format(process.task_id(), process.getpid()))
+io.stdout:flush()
+]]
+
+local function ups(p, n)
+  local pids = {}
+  for _ = 1, n do
+    local id, pid = p.out:await("^up (%d+) ?(%d*)$")
+    pids[tonumber(id)] = tonumber(pid) or true
+  end
+  return pids
+end
+
+describe("process.fork_processes", function()
+  after_each(P.cleanup)
+
+  it("gives task ids 0..n-1, task_id() agrees, the loop survives the fork, "
+     .. "and the parent exits 0 when all children have", async(function()
+    local p = P.luahost([[
+local process = require "tcpserver.process"
+local ioloop = require "tcpserver.ioloop"
+-- made before the fork, run by each child's loop
+ioloop.current():call_later(0, function() print("timer " .. process.task_id()) end)
+local id = process.fork_processes(3)
+print(("up %d %s %d"):format(id, tostring(process.task_id()), process.getpid()))
+]])
+    local lines = p.out:all()
+    table.sort(lines)
+    assert.equal(6, #lines, table.concat(lines, "\n"))
+    for id = 0, 2 do
+      assert.matches(("^up %d %d %%d+$"):format(id, id), lines[id + 4])
+      assert.equal("timer " .. id, lines[id + 1])
+    end
+    assert.same({0, 0}, {p:wait()})
+    p.err:await("Starting 3 processes")
+    for id = 0, 2 do p.err:await("child " .. id .. " %(pid %d+%) exited normally") end
+  end))
+
+  it("restarts a child that exits non-zero or is killed, with the same id and a new pid, "
+     .. "but not one that exits 0", async(function()
+    local p = P.luahost(COMMANDS, {3})
+    local port = tonumber(p.out:await("^port (%d+)"))
+    local pids = ups(p, 3)
+
+    local function exit_one(status)
+      local id, pid = assert(P.request(port, "exit " .. status .. "\n")):match("(%d+) (%d+)")
+      return tonumber(id), tonumber(pid)
+    end
+    local id, pid = exit_one(2)
+    assert.equal(pids[id], pid)
+    local new = tonumber(p.out:await("^up " .. id .. " (%d+)"))
+    assert.are_not.equal(pid, new)
+    pids[id] = new
+    p.err:await("child " .. id .. " %(pid " .. pid .. "%) exited with status 2, restarting")
+
+    assert.same({"", 0, 0}, {H.run({"kill", "-KILL", tostring(pids[1])})})
+    new = tonumber(p.out:await("^up 1 (%d+)"))
+    assert.are_not.equal(pids[1], new)
+    p.err:await("child 1 %(pid " .. pids[1] .. "%) killed by signal 9, restarting")
+
+    for _ = 1, 3 do exit_one(0) end -- each worker once: none comes back
+    assert.same({0, 0}, {p:wait()})
+    local up = 0
+    for _, line in ipairs(p.out:all()) do
+      if line:match("^up ") then up = up + 1 end
+    end
+    assert.equal(5, up, p.out:text())
+  end))
+
+  it("gives up after max_restarts: stops the others and raises in the parent", async(function()
+    local p = P.luahost([[
+local process = require "tcpserver.process"
+local id = process.fork_processes(2, 1)
+print("up " .. id)
+io.stdout:flush()
+os.exit(3)
+]])
+    local status = p:wait()
+    assert.equal(1, status)
+    p.err:await("luahost: .*fork_processes: too many child restarts %(1%), giving up")
+    assert.equal(3, #p.out:all(), p.out:text()) -- two, and one restart
+  end))
+
+  it("forks one child per CPU for nil, 0 or a negative number", async(function()
+    for _, n in ipairs {"nil", "0", "-1"} do
+      local p = P.luahost([[
+local process = require "tcpserver.process"
+print(process.fork_processes(tonumber(arg[1])))
+]], {n})
+      assert.equal(process.cpu_count(), #p.out:all(), n)
+      assert.same({0, 0}, {p:wait()})
+    end
+  end))
+
+  it("restarts at most 100 times by default", async(function()
+    local p = P.luahost([[
+local process = require "tcpserver.process"
+process.fork_processes(1)
+os.exit(1)
+]])
+    assert.equal(1, p:wait())
+    p.err:await("too many child restarts %(100%), giving up")
+    local restarting = 0
+    for _, line in ipairs(p.err:all()) do
+      if line:match("child 0 %(pid %d+%) exited with status 1, restarting") then
+        restarting = restarting + 1
+      end
+    end
+    assert.equal(101, restarting)
+  end))
+
+  it("is called once, never while the loop runs, and rejects bad arguments", async(function()
+    local p = P.luahost([[
+local process = require "tcpserver.process"
+local ioloop = require "tcpserver.ioloop"
+local _, err = pcall(ioloop.current().run_sync, ioloop.current(), function()
+  return process.fork_processes(2)
+end)
+print((err:match("[^\n]*"))) -- without run_sync's traceback
+for _, args in ipairs {{"x"}, {2.5}, {2, -1}, {2, 0.5}} do
+  print(select(2, pcall(process.fork_processes, table.unpack(args))))
+end
+print(process.task_id())
+local id = process.fork_processes(1)
+print(select(2, pcall(process.fork_processes, 1)))
+os.exit(id)
+]])
+    local lines = p.out:all()
+    assert.same({0, 0}, {p:wait()})
+    assert.same({
+      "fork_processes: cannot fork from a task or while the loop runs",
+      "fork_processes: number of processes must be an integer or nil",
+      "fork_processes: number of processes must be an integer or nil",
+      "fork_processes: max_restarts must be a non-negative integer or nil",
+      "fork_processes: max_restarts must be a non-negative integer or nil",
+      "nil",
+      "fork_processes: already called (this is task 0)",
+    }, lines)
+  end))
+
+  it("leaves no orphans: killing the supervisor stops the workers", async(function()
+    local p = P.luahost([[
+local tcpserver = require "tcpserver"
+local process = require "tcpserver.process"
+local ioloop = require "tcpserver.ioloop"
+local server = tcpserver.TCPServer()
+server:bind(0, "127.0.0.1")
+server:start(2)
+ioloop.current():add_signal_handler("SIGTERM", function()
+  print("term " .. process.task_id())
+  io.stdout:flush()
+end)
+print("up " .. process.task_id())
+io.stdout:flush()
+]])
+    ups(p, 2)
+    p:kill(9)
+    assert.same({0, 9}, {p:wait()})
+    -- stdout ends only when every worker has exited: each got SIGTERM
+    -- (PR_SET_PDEATHSIG) and stopped gracefully
+    p.out:all()
+    p.out:await("^term 0$")
+    p.out:await("^term 1$")
+  end))
+
+  describe("signals to the supervisor", function()
+    -- "slow" makes a request that stays in flight until the client sends
+    -- another line; "term <id>" is printed when a worker gets SIGTERM.
+    local DRAIN = [[
+local tcpserver = require "tcpserver"
+local process = require "tcpserver.process"
+local ioloop = require "tcpserver.ioloop"
+local Server = tcpserver.TCPServer:extend()
+function Server:handle_stream(stream)
+  local line = stream:read_until("\n")
+  if line == "slow\n" then
+    stream:write("working " .. process.task_id() .. "\n")
+    local more, err = stream:read_until("\n")
+    stream:write("done " .. (more or err .. "\n"))
+  else
+    stream:write("ok\n")
+  end
+end
+local server = Server({shutdown_timeout = tonumber(arg[1])})
+print("port " .. server:bind(0, "127.0.0.1"))
+io.stdout:flush()
+server:start(2)
+ioloop.current():add_signal_handler("SIGTERM", function()
+  print("term " .. process.task_id())
+  io.stdout:flush()
+end)
+print("up " .. process.task_id())
+io.stdout:flush()
+]]
+
+    it("SIGTERM is forwarded; a request in flight finishes, then all exit 0", async(function()
+      local p = P.luahost(DRAIN, {10})
+      local port = tonumber(p.out:await("^port (%d+)"))
+      ups(p, 2)
+      local c = H.connect(port)
+      c:write("slow\n")
+      assert.matches("^working %d\n$", c:read_until("\n"))
+      p:kill(15)
+      p.out:await("^term 0$")
+      p.out:await("^term 1$")
+      c:write("finish\n")
+      assert.equal("done finish\n", c:read_until("\n"))
+      assert.same({nil, "closed", ""}, {c:read_until("\n")})
+      assert.same({0, 0}, {p:wait()})
+    end))
+
+    it("SIGINT too, and shutdown_timeout ends a handler that does not finish", async(function()
+      local p = P.luahost(DRAIN, {0.2})
+      local port = tonumber(p.out:await("^port (%d+)"))
+      ups(p, 2)
+      local c = H.connect(port)
+      c:write("slow\n")
+      assert.matches("^working %d\n$", c:read_until("\n"))
+      p:kill(2)
+      -- the server closes the stream after shutdown_timeout: the handler's
+      -- pending read fails, and what it writes then is not sent
+      assert.same({nil, "closed", ""}, {c:read_until("\n")})
+      assert.same({0, 0}, {p:wait()})
+    end))
+
+    -- Each worker reads the version file when it starts (after the fork),
+    -- so a reload shows in the replies: "<version> <pid>".
+    local RELOAD = [[
+local tcpserver = require "tcpserver"
+local process = require "tcpserver.process"
+local ioloop = require "tcpserver.ioloop"
+local Server = tcpserver.TCPServer:extend()
+local server = Server()
+print("port " .. server:bind(0, "127.0.0.1"))
+io.stdout:flush()
+server:start(2)
+local version = io.open(arg[1]):read("l")
+if version == "broken" then error("this release is broken") end
+function Server:handle_stream(stream)
+  if stream:read_until("\n") then stream:write(version .. " " .. process.getpid() .. "\n") end
+end
+ioloop.current():add_signal_handler("SIGTERM", function()
+  print("term " .. process.getpid())
+  io.stdout:flush()
+end)
+print(("up %d %d %s"):format(process.task_id(), process.getpid(), version))
+io.stdout:flush()
+]]
+
+    local function set_version(path, v)
+      local f = assert(io.open(path, "w"))
+      f:write(v, "\n")
+      f:close()
+    end
+
+    it("SIGHUP replaces the workers one by one with reloaded code; a client "
+       .. "connecting in a loop is never refused nor dropped (shared socket)", async(function()
+      local version = P.tmpfile()
+      finally(function() os.remove(version) end)
+      set_version(version, "v1")
+      local p = P.luahost(RELOAD, {version})
+      local port = tonumber(p.out:await("^port (%d+)"))
+      local old = {}
+      for _ = 1, 2 do old[#old + 1] = p.out:await("^up %d (%d+) v1$") end
+      local client = P.hammer(port)
+      client:wait_requests(20)
+      set_version(version, "v2")
+      p:kill(1)
+      for _ = 1, 2 do p.out:await("^up %d %d+ v2$") end
+      for _, pid in ipairs(old) do p.out:await("^term " .. pid .. "$") end
+      p.err:await("reload done")
+      client:wait_requests(50)
+      client:stop()
+      assert.same({}, client.errors)
+      assert.is_true(client.replies.v1 >= 20 and client.replies.v2 >= 1)
+      p:kill(15)
+      assert.same({0, 0}, {p:wait()})
+    end))
+
+    it("a reload whose new worker dies before it is ready keeps the old workers", async(function()
+      local version = P.tmpfile()
+      finally(function() os.remove(version) end)
+      set_version(version, "v1")
+      local p = P.luahost(RELOAD, {version})
+      local port = tonumber(p.out:await("^port (%d+)"))
+      local old = {}
+      for _ = 1, 2 do old[p.out:await("^up %d (%d+) v1$")] = true end
+      set_version(version, "broken")
+      p:kill(1)
+      p.err:await("this release is broken")
+      p.err:await("reload: the new worker for task 0 %(pid %d+%) exited with status 1 before "
+                  .. "it was ready; keeping the old workers")
+      for _ = 1, 5 do
+        local v, pid = assert(P.request(port, "hi\n")):match("(%S+) (%d+)")
+        assert.equal("v1", v)
+        assert.is_true(old[pid])
+      end
+      p:kill(15)
+      assert.same({0, 0}, {p:wait()})
+    end))
+  end)
+
+  describe("serves one port from forked workers", function()
+    local HANDLER = [[
+local tcpserver = require "tcpserver"
+local process = require "tcpserver.process"
+local netutil = require "tcpserver.netutil"
+local Server = tcpserver.TCPServer:extend({handle_stream = function(_, stream)
+  stream:write(process.task_id() .. "\n")
+end})
+]]
+
+    local function check(p, port, n)
+      local ids = {}
+      for _ = 1, n do ids[#ids + 1] = tonumber(p.out:await("^up (%d+)$")) end
+      table.sort(ids)
+      assert.same(n == 3 and {0, 1, 2} or {0, 1}, ids)
+      for _ = 1, 5 do assert.matches("^%d\n$", P.request(port, "")) end
+      p:kill(15)
+      assert.same({0, 0}, {p:wait()})
+    end
+
+    it("with TCPServer:bind and start(3)", async(function()
+      local p = P.luahost(HANDLER .. [[
+local server = Server()
+print("port " .. server:bind(0, "127.0.0.1"))
+io.stdout:flush()
+server:start(3)
+print("up " .. process.task_id())
+]])
+      check(p, tonumber(p.out:await("^port (%d+)")), 3)
+    end))
+
+    it("with bind_sockets, fork_processes(3) and add_sockets", async(function()
+      local p = P.luahost(HANDLER .. [[
+local socks = netutil.bind_sockets(0, "127.0.0.1")
+print("port " .. select(2, socks[1]:getsockname()))
+io.stdout:flush()
+process.fork_processes(3)
+Server():add_sockets(socks)
+print("up " .. process.task_id())
+]])
+      check(p, tonumber(p.out:await("^port (%d+)")), 3)
+    end))
+
+    it("with a reuse_port listen in each of three forked workers", async(function()
+      local port = P.free_port()
+      local p = P.luahost(HANDLER .. [[
+process.fork_processes(3)
+Server():listen(tonumber(arg[1]), "127.0.0.1", {reuse_port = true})
+print("up " .. process.task_id())
+]], {port})
+      check(p, port, 3)
+    end))
+
+    it("with a unix socket bound before the fork", async(function()
+      local path = os.tmpname()
+      os.remove(path)
+      finally(function() os.remove(path) end)
+      local p = P.luahost(HANDLER .. [[
+local sock = netutil.bind_unix_socket(arg[1])
+process.fork_processes(2)
+Server():add_sockets({sock})
+print("up " .. process.task_id())
+]], {path})
+      for _ = 1, 2 do p.out:await("^up (%d+)$") end
+      local out = P.python([[
+import socket, sys
+for _ in range(5):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    sys.stdout.write(s.makefile("rb").readline().decode())
+    s.close()
+]], path)
+      assert.matches("^[01]\n[01]\n[01]\n[01]\n[01]\n$", out)
+      p:kill(15)
+      assert.same({0, 0}, {p:wait()})
+    end))
+  end)
+end)

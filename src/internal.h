@@ -52,6 +52,13 @@ void ts__stream_task_done(lua_State *L, ts_stream *s, lua_State *co, int status)
  * server's {server=, begin=, done=, Address=} table. */
 void ts__serve(lua_State *L, ts_stream *s, int handler_ref, const char *host,
                int port, const char *family);
+/* After fork: reinitializes the loop, if there is one, for the child. */
+int ts__loop_fork(void);
+int ts__loop_running(void);
+
+/* process.c: a worker of fork_processes tells its supervisor it is ready
+ * (called when its loop starts; does nothing elsewhere). */
+void ts__worker_ready(void);
 
 /* netutil.c: a listener takes a socket's fd, and gives it back closed. */
 int ts__socket_take(lua_State *L, int idx, int *family);

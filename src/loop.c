@@ -27,6 +27,15 @@ ts_loop *ts__loop(lua_State *L) {
   return the_loop;
 }
 
+/* In a forked child: the inherited loop gets its own kernel state. */
+int ts__loop_fork(void) {
+  return the_loop != NULL ? uv_loop_fork(the_loop->uv) : 0;
+}
+
+int ts__loop_running(void) {
+  return the_loop != NULL && the_loop->running;
+}
+
 /* A task's extra space holds the loop's address, or the stream whose
  * handler it runs; other threads hold what the main thread has (NULL). */
 void ts__mark_task(lua_State *co, void *owner) {
@@ -143,6 +152,8 @@ static int l_start(lua_State *L) {
     return luaL_error(L, "ioloop: the loop is already running");
   loop->running = 1;
   loop->L = L;
+  /* A forked worker is ready once its loop runs (see fork_processes). */
+  ts__worker_ready();
   uv_run(loop->uv, UV_RUN_DEFAULT);
   loop->running = 0;
   loop->L = prev;

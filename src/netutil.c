@@ -4,8 +4,11 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <netdb.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -22,8 +25,9 @@ static ts_socket *check_socket(lua_State *L) {
   return luaL_checkudata(L, 1, TS_SOCKET_MT);
 }
 
+/* The user value holds the socket's name (systemd's LISTEN_FDNAMES). */
 static ts_socket *push_socket(lua_State *L, int fd, int family) {
-  ts_socket *s = lua_newuserdatauv(L, sizeof(*s), 0);
+  ts_socket *s = lua_newuserdatauv(L, sizeof(*s), 1);
   s->fd = fd;
   s->family = family;
   s->in_use = 0;
@@ -177,6 +181,113 @@ static int l_bind_unix_socket(lua_State *L) {
   return 1;
 }
 
+/* ---- sockets passed by systemd (socket activation) ---- */
+
+#define LISTEN_FDS_START 3
+
+/* Parses a decimal integer that is the whole string; -1 if it is not. */
+static long parse_count(const char *str) {
+  char *end;
+  long v;
+
+  if (str == NULL || *str < '0' || *str > '9')
+    return -1;
+  errno = 0;
+  v = strtol(str, &end, 10);
+  return (errno != 0 || *end != '\0' || v > INT_MAX - LISTEN_FDS_START) ? -1 : v;
+}
+
+/* Checks that fd is a listening stream socket and gets it ready for the
+ * accept loop: non-blocking, close-on-exec. Returns its family, or -1 and
+ * why not in *why. */
+static int adopt_listener(int fd, const char **why) {
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof(ss);
+  int type = 0, listening = 0, flags;
+  socklen_t ilen = sizeof(int);
+
+  *why = "is not open";
+  if (fcntl(fd, F_GETFD) < 0)
+    return -1;
+  *why = "is not a listening stream socket";
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &ilen) != 0 || type != SOCK_STREAM)
+    return -1;
+  ilen = sizeof(int);
+  if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &ilen) != 0 || !listening)
+    return -1;
+  if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0)
+    return -1;
+  if (ss.ss_family != AF_INET && ss.ss_family != AF_INET6 && ss.ss_family != AF_UNIX)
+    return -1;
+  flags = fcntl(fd, F_GETFL);
+  *why = "cannot be made non-blocking";
+  if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0 ||
+      fcntl(fd, F_SETFD, FD_CLOEXEC) != 0)
+    return -1;
+  return ss.ss_family;
+}
+
+/* Pushes the i-th (0-based) name of a colon-separated list, or nil. */
+static void push_fdname(lua_State *L, const char *names, int i) {
+  const char *end;
+
+  for (; names != NULL && i > 0; i--) {
+    names = strchr(names, ':');
+    if (names != NULL)
+      names++;
+  }
+  if (names == NULL) {
+    lua_pushnil(L);
+    return;
+  }
+  end = strchr(names, ':');
+  lua_pushlstring(L, names, end ? (size_t)(end - names) : strlen(names));
+  if (lua_rawlen(L, -1) == 0) {
+    lua_pop(L, 1);
+    lua_pushnil(L);
+  }
+}
+
+/* core.inherited_sockets() -> the listening sockets systemd passed (as
+ * sd_listen_fds(1): LISTEN_PID must be ours; the variables are unset). */
+static int l_inherited_sockets(lua_State *L) {
+  const char *pid = getenv("LISTEN_PID"), *fds = getenv("LISTEN_FDS");
+  const char *names = getenv("LISTEN_FDNAMES");
+  const char *why;
+  long n, owner;
+  int i, family;
+
+  /* Copies: unsetenv may free them. */
+  lua_pushstring(L, fds);
+  lua_pushstring(L, names);
+  names = lua_tostring(L, -1);
+  fds = lua_tostring(L, -2);
+  owner = parse_count(pid);
+  unsetenv("LISTEN_PID");
+  unsetenv("LISTEN_FDS");
+  unsetenv("LISTEN_FDNAMES");
+  lua_newtable(L);
+  if (fds == NULL || pid == NULL)
+    return 1; /* nothing passed */
+  if (owner <= 0)
+    return luaL_error(L, "inherited_sockets: bad LISTEN_PID");
+  if (owner != (long)getpid())
+    return 1; /* passed to another process, which exec'd us */
+  n = parse_count(fds);
+  if (n < 0)
+    return luaL_error(L, "inherited_sockets: bad LISTEN_FDS '%s'", fds);
+  for (i = 0; i < n; i++) {
+    family = adopt_listener(LISTEN_FDS_START + i, &why);
+    if (family < 0)
+      return luaL_error(L, "inherited_sockets: fd %d %s", LISTEN_FDS_START + i, why);
+    push_socket(L, LISTEN_FDS_START + i, family);
+    push_fdname(L, names, i);
+    lua_setiuservalue(L, -2, 1);
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 1;
+}
+
 static int sock_getsockname(lua_State *L) {
   ts_socket *s = check_socket(L);
   struct sockaddr_storage ss;
@@ -220,7 +331,23 @@ static int sock_gc(lua_State *L) {
 }
 
 static int sock_tostring(lua_State *L) {
-  lua_pushfstring(L, "tcpserver.socket (fd %d)", check_socket(L)->fd);
+  ts_socket *s = check_socket(L);
+  if (lua_getiuservalue(L, 1, 1) == LUA_TSTRING)
+    lua_pushfstring(L, "tcpserver.socket %s (fd %d)", lua_tostring(L, -1), s->fd);
+  else
+    lua_pushfstring(L, "tcpserver.socket (fd %d)", s->fd);
+  return 1;
+}
+
+/* Methods, and the `name` field (nil unless systemd named the socket). */
+static int sock_index(lua_State *L) {
+  check_socket(L);
+  if (lua_type(L, 2) == LUA_TSTRING && strcmp(lua_tostring(L, 2), "name") == 0) {
+    lua_getiuservalue(L, 1, 1);
+    return 1;
+  }
+  lua_pushvalue(L, 2);
+  lua_gettable(L, lua_upvalueindex(1));
   return 1;
 }
 
@@ -230,14 +357,15 @@ int ts__open_netutil(lua_State *L) {
     {"close", sock_close}, {NULL, NULL}};
   static const luaL_Reg meta[] = {
     {"__gc", sock_gc}, {"__close", sock_gc}, {"__tostring", sock_tostring},
-    {"__index", NULL}, {NULL, NULL}};
+    {NULL, NULL}};
   static const luaL_Reg funcs[] = {
     {"bind_sockets", l_bind_sockets}, {"bind_unix_socket", l_bind_unix_socket},
-    {NULL, NULL}};
+    {"inherited_sockets", l_inherited_sockets}, {NULL, NULL}};
 
   luaL_newmetatable(L, TS_SOCKET_MT);
   luaL_setfuncs(L, meta, 0);
   luaL_newlib(L, methods);
+  lua_pushcclosure(L, sock_index, 1);
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);

@@ -29,13 +29,36 @@ function M.bind_sockets(port, address, opts)
   if math.type(backlog) ~= "integer" or backlog < 1 then
     error("bind_sockets: backlog must be a positive integer", 2)
   end
-  return core.bind_sockets(port, address, opts.family, backlog, opts.reuse_port)
+  local reuse_port = opts.reuse_port
+  if reuse_port == nil then reuse_port = M.default_reuse_port end
+  if type(reuse_port) ~= "boolean" then
+    error("bind_sockets: reuse_port must be a boolean", 2)
+  end
+  return core.bind_sockets(port, address, opts.family, backlog, reuse_port)
 end
+
+--- What bind_sockets (and so TCPServer:listen and :bind) uses when
+-- opts.reuse_port is nil. `luahost --workers` sets it, so that each worker
+-- binds its own socket.
+M.default_reuse_port = false
 
 --- Binds a unix stream socket at `path` (a stale socket file is replaced).
 function M.bind_unix_socket(path, mode, backlog)
   if type(path) ~= "string" then error("bind_unix_socket: path must be a string", 2) end
   return core.bind_unix_socket(path, mode or tonumber("600", 8), backlog or 128)
+end
+
+local inherited
+
+--- The listening sockets passed by systemd socket activation (LISTEN_FDS,
+-- LISTEN_PID, LISTEN_FDNAMES), as socket objects like bind_sockets gives,
+-- each with a `name` when LISTEN_FDNAMES names it. The first call takes
+-- them (and unsets the variables, as sd_listen_fds does); later calls, in
+-- this process and in the workers it forks, return the same sockets. An
+-- empty list when none were passed to this process.
+function M.inherited_sockets()
+  inherited = inherited or core.inherited_sockets()
+  return table.move(inherited, 1, #inherited, 1, {})
 end
 
 return M

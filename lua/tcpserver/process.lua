@@ -1,6 +1,7 @@
---- Processes: child processes with streams on their pipes (Subprocess)
--- and the CPU count.
+--- Processes: prefork workers (fork_processes), child processes with
+-- streams on their pipes (Subprocess) and the CPU count.
 local core = require "tcpserver.core"
+local log = require "tcpserver.log"
 require "tcpserver.iostream"
 
 local M = {}
@@ -45,6 +46,48 @@ function Subprocess:kill(signal)
 end
 
 M.cpu_count = core.cpu_count
+
+--- The id of this process (an integer).
+M.getpid = core.getpid
+
+--- The task id given by fork_processes in this worker, nil elsewhere.
+function M.task_id()
+  return core.task_id()
+end
+
+local function supervisor_log(level, message)
+  log.log(level, "%s", message)
+end
+
+--- fork_processes(n [, max_restarts]): forks n workers (nil, 0 or a
+-- negative n: one per CPU) and returns the task id (0..n-1) in each. The
+-- parent never returns: it supervises. A worker that exits non-zero or dies
+-- from a signal is restarted with the same id (at most max_restarts times
+-- in all, 100 by default; after that the parent stops the others and
+-- raises), one that exits 0 is not. SIGTERM and SIGINT are forwarded to
+-- the workers; SIGHUP replaces them one by one: the new worker first, and
+-- once it is ready (its loop runs for the first time: ioloop start or
+-- run_sync, so listen before that) the old one gets SIGTERM and drains; a
+-- new worker that exits before it is ready stops the reload. The parent
+-- exits 0 when every worker is gone. Bind sockets before, start the loop
+-- after.
+function M.fork_processes(n, max_restarts)
+  if n ~= nil and math.type(n) ~= "integer" then
+    error("fork_processes: number of processes must be an integer or nil", 2)
+  end
+  if max_restarts ~= nil and (math.type(max_restarts) ~= "integer" or max_restarts < 0) then
+    error("fork_processes: max_restarts must be a non-negative integer or nil", 2)
+  end
+  if core.task_id() then
+    error(("fork_processes: already called (this is task %d)"):format(core.task_id()), 2)
+  end
+  if core.running() or core.in_task() then
+    error("fork_processes: cannot fork from a task or while the loop runs", 2)
+  end
+  if n == nil or n <= 0 then n = core.cpu_count() end
+  log.info("Starting %d processes", n)
+  return core.fork_processes(n, max_restarts or 100, supervisor_log)
+end
 
 --- Raises the soft RLIMIT_NOFILE to the hard limit; returns the limit.
 M.raise_fd_limit = core.raise_fd_limit

@@ -1,0 +1,231 @@
+-- Real processes for the specs: luahost scripts (which may fork), their
+-- output read line by line as events, and clients that keep connecting.
+-- The busted process itself never forks: forking servers run under
+-- build/luahost as a Subprocess.
+local H = require "spec.helper"
+local ioloop = require "tcpserver.ioloop"
+local locks = require "tcpserver.locks"
+local netutil = require "tcpserver.netutil"
+local process = require "tcpserver.process"
+local tcpclient = require "tcpserver.tcpclient"
+
+local P = {}
+P.LUAHOST = "build/luahost"
+-- Debian's python3 directly: a version manager's shim in PATH can take a
+-- second to start.
+P.PYTHON = io.open("/usr/bin/python3") and "/usr/bin/python3" or "python3"
+
+--- Runs a Python 3 snippet (extra args in sys.argv[1:]); returns its
+-- stdout and exit status.
+function P.python(code, ...)
+  return H.run({P.PYTHON, "-c", code, ...})
+end
+
+--- Writes `source` to a temporary file; returns its path.
+function P.tmpfile(source)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "w"))
+  f:write(source or "")
+  f:close()
+  return path
+end
+
+--- A port that nothing listens on right now (bound, then closed): for
+-- servers that bind it themselves with reuse_port.
+function P.free_port()
+  local sock = netutil.bind_sockets(0, "127.0.0.1")[1]
+  local _, port = sock:getsockname()
+  sock:close()
+  return port
+end
+
+-- Reads a stream line by line into `lines`; `changed` is set on each line
+-- and at the end.
+local Lines = {}
+Lines.__index = Lines
+
+local function reader(stream)
+  local self = setmetatable({lines = {}, used = {}, closed = false, changed = locks.Event()}, Lines)
+  ioloop.current():spawn(function()
+    while true do
+      local line = stream:read_until("\n")
+      if not line then break end
+      self.lines[#self.lines + 1] = line:sub(1, -2)
+      self.changed:set()
+    end
+    self.closed = true
+    self.changed:set()
+  end)
+  return self
+end
+
+function Lines:wait_change()
+  self.changed:clear()
+  self.changed:wait()
+end
+
+--- Returns the captures of the first line not matched before that
+-- matches `pattern`, waiting for more lines as needed (workers write in any
+-- order). Raises if the stream ends first.
+function Lines:await(pattern)
+  while true do
+    for i, line in ipairs(self.lines) do
+      if not self.used[i] then
+        local caps = table.pack(line:match(pattern))
+        if caps[1] ~= nil then
+          self.used[i] = true
+          return table.unpack(caps, 1, caps.n)
+        end
+      end
+    end
+    if self.closed then
+      error(("no line matched '%s'; got:\n%s"):format(pattern, table.concat(self.lines, "\n")), 2)
+    end
+    self:wait_change()
+  end
+end
+
+--- Waits until the stream ends; returns every line it carried.
+function Lines:all()
+  while not self.closed do self:wait_change() end
+  return self.lines
+end
+
+--- Every line so far as one string (for failure messages).
+function Lines:text()
+  return table.concat(self.lines, "\n")
+end
+
+local started = {}
+
+--- For after_each: kills what a spec started and left running (its workers
+-- follow, PR_SET_PDEATHSIG) and removes the script files.
+function P.cleanup()
+  for _, s in ipairs(started) do
+    s.proc:kill(9)
+    os.remove(s.path)
+  end
+  started = {}
+end
+
+--- Runs `luahost [flags...] script args...`; `script` is Lua source. The
+-- result has .out and .err (line readers), :kill(sig), :wait() -> status,
+-- signal. opts: flags (list), env (table), argv (a full argv instead).
+function P.luahost(source, args, opts)
+  opts = opts or {}
+  local path = P.tmpfile(source)
+  local argv = {P.LUAHOST}
+  for _, f in ipairs(opts.flags or {}) do argv[#argv + 1] = f end
+  argv[#argv + 1] = path
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = tostring(a) end
+  if opts.launcher then argv = opts.launcher(argv) end
+  local p = process.Subprocess(argv, {stdout = "pipe", stderr = "pipe", env = opts.env})
+  started[#started + 1] = {proc = p, path = path}
+  return {
+    proc = p, pid = p.pid, script = path,
+    out = reader(p.stdout), err = reader(p.stderr),
+    kill = function(_, sig) return p:kill(sig) end,
+    wait = function() return p:wait_for_exit() end,
+  }
+end
+
+-- Execs argv[2..] with listening sockets from fd 3 on, the way systemd's
+-- socket activation passes them. argv[1] says what to pass: "N:name,..."
+-- (N sockets on 127.0.0.1, port 0, with these LISTEN_FDNAMES; the ports go
+-- to stdout as "port P"), "unix:PATH" (a unix socket named "local"), "file"
+-- (a regular file at fd 3), or "env:FDS:PID" (just these variables, PID
+-- "self" for the exec'd pid).
+local SYSTEMD = [[
+import os, socket, sys
+what, argv = sys.argv[1], sys.argv[2:]
+env = dict(os.environ)
+if what == "file":
+    fd = os.open("/dev/null", os.O_RDONLY)
+    if fd != 3:
+        os.dup2(fd, 3)
+    os.set_inheritable(3, True)
+    env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+elif what.startswith("unix:"):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(what[5:])
+    s.listen(16)
+    if s.fileno() != 3:
+        os.dup2(s.fileno(), 3)
+    os.set_inheritable(3, True)
+    env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="local")
+elif what.startswith("env:"):
+    _, fds, pid = what.split(":")
+    env.update(LISTEN_FDS=fds, LISTEN_PID=str(os.getpid()) if pid == "self" else pid)
+else:
+    n, names = what.split(":", 1)
+    socks = []
+    for _ in range(int(n)):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        socks.append(s)
+        print("port", s.getsockname()[1], flush=True)
+    fds = [os.dup(s.fileno()) for s in socks]  # above 3..3+n, then moved down
+    for s in socks:
+        s.close()
+    for i, fd in enumerate(fds):
+        os.dup2(fd, 3 + i)  # inheritable
+        os.close(fd)
+    env.update(LISTEN_FDS=n, LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES=names)
+os.execve(argv[0], argv, env)
+]]
+
+--- opts.launcher for P.luahost: run luahost the way systemd would, with
+-- `what` as described above.
+function P.systemd(what)
+  return function(argv)
+    return {P.PYTHON, "-c", SYSTEMD, what, table.unpack(argv)}
+  end
+end
+
+--- One request: connect, send `line`, read one line back.
+function P.request(port, line)
+  local c, err = tcpclient.connect("127.0.0.1", port)
+  if not c then return nil, err end
+  c:write(line)
+  local reply, rerr = c:read_until("\n")
+  c:close()
+  return reply, rerr
+end
+
+--- A client that connects again and again (one request each) until
+-- :stop(); counts replies by their first word and errors by message.
+-- :wait_requests(n) waits for n more successful requests.
+function P.hammer(port, line)
+  local h = {ok = 0, replies = {}, errors = {}, stopped = false, done = locks.Event(),
+             progress = locks.Event()}
+  ioloop.current():spawn(function()
+    while not h.stopped do
+      local reply, err = P.request(port, line or "hi\n")
+      if reply then
+        h.ok = h.ok + 1
+        local key = reply:match("^(%S+)")
+        h.replies[key] = (h.replies[key] or 0) + 1
+        h.progress:set()
+      else
+        h.errors[err] = (h.errors[err] or 0) + 1
+      end
+    end
+    h.done:set()
+  end)
+  function h.wait_requests(_, count)
+    local target = h.ok + count
+    while h.ok < target do
+      h.progress:clear()
+      h.progress:wait()
+    end
+  end
+  function h.stop()
+    h.stopped = true
+    h.done:wait()
+    return h
+  end
+  return h
+end
+
+return P
