@@ -39,7 +39,7 @@ describe("TCPServer", function()
       assert.has_error(function() TCPServer({max_bufer_size = 1}) end,
                        "TCPServer: unknown option 'max_bufer_size'")
       assert.has_error(function() TCPServer({max_buffer_size = -1}) end,
-                       "TCPServer: option 'max_buffer_size' must be a positive integer, got -1")
+                       "TCPServer: option 'max_buffer_size' must be a positive integer below 4 GiB, got -1")
       assert.has_error(function() TCPServer({on_error = 1}) end,
                        "TCPServer: option 'on_error' must be a function, got 1")
       assert.has_error(function() TCPServer("x") end, "TCPServer: options must be a table")

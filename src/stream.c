@@ -33,7 +33,8 @@ uv_stream_t *ts__stream_handle(ts_stream *s) {
 }
 
 static size_t pending_writes(ts_stream *s) {
-  return ts_buf_len(&s->wbuf) + ts_buf_len(&s->obuf) +
+  return ts_buf_len(&s->wbuf) +
+         (s->inflight != NULL ? ts_buf_len(&s->inflight->buf) : 0) +
          (s->tls != NULL ? ts_buf_len(ts__tls_out(s)) : 0);
 }
 
@@ -434,18 +435,16 @@ static void write_cb(uv_write_t *req, int status);
 /* Hands the write buffer to the kernel: try_write first, then one uv_write
  * for what is left. Returns 0 or a libuv error (the stream is closed). */
 int ts__stream_flush(ts_stream *s) {
-  ts_buf tmp;
-  uv_buf_t b;
-  uv_write_t *req;
-  int n;
-
   ts_buf *src = s->tls != NULL ? ts__tls_out(s) : &s->wbuf;
+  write_req *w;
+  uv_buf_t b;
+  int n;
 
   if (s->flags & F_HCLOSING)
     return 0;
   if (s->tls != NULL && (n = ts__tls_encrypt(s)) != 0)
     goto fail;
-  if ((s->flags & F_WRITING) || ts_buf_len(src) == 0)
+  if (s->inflight != NULL || ts_buf_len(src) == 0)
     return 0;
   b = uv_buf_init(ts_buf_head(src), (unsigned)ts_buf_len(src));
   n = uv_try_write(&s->h.stream, &b, 1);
@@ -456,21 +455,21 @@ int ts__stream_flush(ts_stream *s) {
   if (n < 0 && n != UV_EAGAIN)
     goto fail;
   ts_buf_consume(src, n > 0 ? (size_t)n : 0);
-  tmp = s->obuf;
-  s->obuf = *src;
-  *src = tmp;
-  req = malloc(sizeof(*req));
+  w = malloc(sizeof(*w));
   n = UV_ENOMEM;
-  if (req == NULL)
+  if (w == NULL)
     goto fail;
-  req->data = s;
-  b = uv_buf_init(ts_buf_head(&s->obuf), (unsigned)ts_buf_len(&s->obuf));
-  n = uv_write(req, &s->h.stream, &b, 1, write_cb);
+  w->buf = *src; /* the request owns the bytes; writes go to a new buffer */
+  ts_buf_init(src);
+  w->req.data = s;
+  b = uv_buf_init(ts_buf_head(&w->buf), (unsigned)ts_buf_len(&w->buf));
+  n = uv_write(&w->req, &s->h.stream, &b, 1, write_cb);
   if (n != 0) {
-    free(req);
+    ts_buf_free(&w->buf);
+    free(w);
     goto fail;
   }
-  s->flags |= F_WRITING;
+  s->inflight = w;
   return 0;
 fail:
   stream_close(s, n);
@@ -497,10 +496,11 @@ static void handle_close(ts_stream *s);
 
 static void write_cb(uv_write_t *req, int status) {
   ts_stream *s = req->data;
+  write_req *w = (write_req *)req;
 
-  free(req);
-  s->flags &= ~F_WRITING;
-  ts_buf_free(&s->obuf);
+  ts_buf_free(&w->buf);
+  free(w);
+  s->inflight = NULL;
   if (status == UV_ECANCELED)
     return;
   if (status < 0) {
@@ -636,7 +636,6 @@ static void close_cb(uv_handle_t *h) {
   if (s->flags & F_DIRTY)
     unlink_dirty(s);
   ts_buf_free(&s->wbuf);
-  ts_buf_free(&s->obuf);
   s->flags |= F_DONE;
   if (s->tls != NULL)
     ts__tls_closed(s);
@@ -862,10 +861,10 @@ static int l_tostring(lua_State *L) {
 
 void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk,
                           double timeout) {
-  s->max_buffer = max_buffer;
-  s->chunk = chunk;
-  s->read_high_water = 4 * chunk < max_buffer ? 4 * chunk : max_buffer;
-  s->timeout = timeout;
+  s->max_buffer = (uint32_t)(max_buffer < UINT32_MAX ? max_buffer : UINT32_MAX);
+  s->chunk = (uint32_t)(chunk < s->max_buffer ? chunk : s->max_buffer);
+  s->read_high_water = 4 * (size_t)s->chunk < s->max_buffer ? 4 * s->chunk : s->max_buffer;
+  s->timeout = (float)timeout;
 }
 
 ts_stream *ts__stream_new(lua_State *L, int is_pipe) {

@@ -7,6 +7,12 @@
 typedef struct ts_tls ts_tls;
 typedef struct ts_proxy ts_proxy;
 
+/* A write the kernel did not take at once: the request and its bytes. */
+typedef struct write_req {
+  uv_write_t req;
+  ts_buf buf;
+} write_req;
+
 enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE };
 
 enum {
@@ -16,7 +22,6 @@ enum {
   F_CLOSED = 1 << 3,    /* close() was called or an error ended it */
   F_HCLOSING = 1 << 4,  /* uv_close was called */
   F_DONE = 1 << 5,      /* the close callback ran */
-  F_WRITING = 1 << 6,   /* a uv_write is in flight (obuf) */
   F_DIRTY = 1 << 7,     /* on the loop's dirty list */
   F_BORROWED = 1 << 8,  /* rbuf points into the loop's shared buffer */
   F_FLUSHWAIT = 1 << 9, /* wco waits for everything, not just the mark */
@@ -36,20 +41,20 @@ struct ts_stream {
   } h;
   ts_buf rbuf;
   ts_buf wbuf;            /* filled by write() */
-  ts_buf obuf;            /* owned by the write in flight */
+  struct write_req *inflight; /* the uv_write under way, with its bytes */
   uv_timer_t *timer;      /* wait timeouts and close linger; lazy */
   ts_stream *next_dirty;
   lua_State *rco, *wco;   /* tasks waiting to read / for the write buffer */
   int rco_ref, wco_ref, self_ref, close_cb_ref;
   int handler_ref, addr_ref; /* while a server's handler runs on it */
   int err;                /* the libuv error that ended the stream */
-  unsigned flags;
-  int rmode;
+  uint16_t flags;
+  uint8_t rmode;
   size_t rn;              /* read_bytes count or read_until max_bytes */
   const char *delim;      /* lives on the waiting task's stack */
   size_t dlen, scan;
-  size_t max_buffer, chunk, read_high_water;
-  double timeout;         /* seconds; <= 0 means none */
+  uint32_t max_buffer, chunk, read_high_water; /* < 4 GiB: see init.lua */
+  float timeout;          /* seconds; <= 0 means none */
   ts_tls *tls;            /* NULL on a plain stream */
   ts_proxy *proxy;        /* waiting for a PROXY header, or NULL */
 };

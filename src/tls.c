@@ -667,7 +667,7 @@ static int l_start_tls(lua_State *L) {
   if (s->rco != NULL || s->wco != NULL)
     return luaL_error(L, "start_tls: a read or write is pending");
   if (ts_buf_len(&s->rbuf) > 0 || ts_buf_len(&s->wbuf) > 0 ||
-      (s->flags & F_WRITING))
+      s->inflight != NULL)
     return luaL_error(L, "start_tls: plain data is buffered");
   if (ts__tls_attach(L, s, 3, server, host, timeout) != 0)
     return luaL_error(L, "start_tls: out of memory");

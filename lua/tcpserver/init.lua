@@ -34,12 +34,12 @@ local function check_option(k, v)
   local kind = CHECKS[k]
   if not kind then error("TCPServer: unknown option '" .. tostring(k) .. "'", 4) end
   local ok
-  if kind == "size" then ok = math.type(v) == "integer" and v > 0
+  if kind == "size" then ok = math.type(v) == "integer" and v > 0 and v < 1 << 32
   elseif kind == "seconds" then ok = type(v) == "number" and v > 0
   elseif kind == "ssl" then ok = type(v) == "table" or type(v) == "userdata"
   else ok = type(v) == kind end
   if not ok then
-    local want = kind == "size" and "a positive integer"
+    local want = kind == "size" and "a positive integer below 4 GiB"
       or kind == "seconds" and "a positive number of seconds"
       or kind == "ssl" and "a table or an ssl context" or "a " .. kind
     error(("TCPServer: option '%s' must be %s, got %s"):format(k, want, tostring(v)), 4)
