@@ -7,6 +7,7 @@
  * An idle connection therefore holds no read buffer. */
 #include "stream.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -566,14 +567,44 @@ static int push_error(lua_State *L, const char *err) {
   return 2;
 }
 
+/* A large string with nothing queued before it goes to the kernel at once,
+ * straight from the Lua string: copying it into the write buffer first
+ * would cost more than the syscall that batching saves. Returns 1 if it
+ * does not apply, else 0 (the rest, if any, is appended) or an error. */
+static int write_direct(lua_State *L, ts_stream *s) {
+  size_t len;
+  const char *p;
+  uv_buf_t b;
+  int n;
+
+  if (lua_type(L, 2) != LUA_TSTRING || s->tls != NULL || pending_writes(s) > 0)
+    return 1;
+  p = lua_tolstring(L, 2, &len);
+  if (len < DIRECT_WRITE_MIN || len > INT_MAX)
+    return 1;
+  b = uv_buf_init((char *)p, (unsigned)len);
+  n = uv_try_write(&s->h.stream, &b, 1);
+  if (n == UV_EAGAIN)
+    n = 0;
+  if (n < 0) {
+    stream_close(s, n);
+    return n;
+  }
+  return ts_buf_append(&s->wbuf, p + n, len - (size_t)n) ? UV_ENOMEM : 0;
+}
+
 static int l_write(lua_State *L) {
   ts_stream *s = check_stream(L);
+  int direct;
 
   if (s->flags & F_CLOSED) {
     luaL_checkany(L, 2);
     return push_error(L, "closed");
   }
-  if (append_all(L, s) != 0)
+  direct = write_direct(L, s);
+  if (direct < 0 && direct != UV_ENOMEM)
+    return push_error(L, ts__stream_error(s));
+  if (direct == UV_ENOMEM || (direct == 1 && append_all(L, s) != 0))
     return luaL_error(L, "write: out of memory");
   if (ts_buf_len(&s->wbuf) > 0)
     mark_dirty(s);

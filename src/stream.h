@@ -29,6 +29,7 @@ enum {
 };
 
 #define WRITE_HIGH_WATER (1024 * 1024)
+#define DIRECT_WRITE_MIN (16 * 1024) /* see write_direct */
 #define LINGER_MS 10000
 
 struct ts_stream {
