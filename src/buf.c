@@ -14,6 +14,23 @@ void ts_buf_free(ts_buf *b) {
   ts_buf_init(b);
 }
 
+void ts_buf_release(ts_buf *b, ts_buf_pool *pool) {
+  if (b->data != NULL && b->cap <= TS_BUF_POOL_MAX_CAP &&
+      pool->n < TS_BUF_POOL_SIZE) {
+    pool->item[pool->n] = *b;
+    pool->item[pool->n].start = pool->item[pool->n].end = 0;
+    pool->n++;
+    ts_buf_init(b);
+    return;
+  }
+  ts_buf_free(b);
+}
+
+void ts_buf_adopt(ts_buf *b, ts_buf_pool *pool) {
+  if (b->data == NULL && pool->n > 0)
+    *b = pool->item[--pool->n];
+}
+
 int ts_buf_reserve(ts_buf *b, size_t room, size_t limit) {
   size_t len = ts_buf_len(b);
   size_t cap;

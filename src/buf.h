@@ -16,7 +16,21 @@ typedef struct ts_buf {
 #define ts_buf_tail(b) ((b)->data + (b)->end)
 #define ts_buf_room(b) ((b)->cap - (b)->end)
 
+/* Drained write buffers kept for reuse, so that a stream that writes a
+ * reply per message neither holds a buffer while idle nor calls malloc
+ * and free per message. */
+#define TS_BUF_POOL_SIZE 16
+#define TS_BUF_POOL_MAX_CAP (64 * 1024)
+typedef struct ts_buf_pool {
+  int n;
+  ts_buf item[TS_BUF_POOL_SIZE];
+} ts_buf_pool;
+
 void ts_buf_init(ts_buf *b);
+/* Empties b, giving its memory to the pool (or back to malloc). */
+void ts_buf_release(ts_buf *b, ts_buf_pool *pool);
+/* Gives an unallocated b memory from the pool, if it has some. */
+void ts_buf_adopt(ts_buf *b, ts_buf_pool *pool);
 void ts_buf_free(ts_buf *b);
 /* Makes at least `room` bytes free at the tail, compacting before growing.
  * The capacity never exceeds max(limit, current). Returns 0 or -1 (ENOMEM). */

@@ -24,6 +24,7 @@ typedef struct ts_loop {
   lua_State *L;          /* the thread running start(); callbacks run on it */
   ts_stream *dirty;      /* streams with unflushed writes */
   ts_stream *borrower;   /* the stream whose rbuf is `shared` right now */
+  ts_buf_pool wpool;     /* drained write buffers */
   int running;
   int log_ref;           /* Lua function(level, msg) for the core's logs */
   char shared[TS_SHARED_READ_SIZE];

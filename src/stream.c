@@ -105,15 +105,14 @@ static void stop_timer(ts_stream *s) {
     uv_timer_stop(s->timer);
 }
 
-static void wake(ts_stream *s, lua_State **cop, int *refp, int nres) {
+/* The waiting task stays in its user value slot after the wake: it is
+ * running then, and the slot is simply overwritten by the next wait. */
+static void wake(ts_stream *s, lua_State **cop, int nres) {
   lua_State *co = *cop;
-  int ref = *refp;
 
   *cop = NULL;
-  *refp = LUA_NOREF;
   stop_timer(s);
   ts__resume(co, nres);
-  luaL_unref(co, LUA_REGISTRYINDEX, ref);
 }
 
 static void timer_cb(uv_timer_t *t);
@@ -133,21 +132,24 @@ void ts__stream_start_timer(ts_stream *s, uint64_t ms) {
   start_timer(s, ms);
 }
 
-static int wait_on(lua_State *L, ts_stream *s, lua_State **cop, int *refp) {
+/* Suspends the task L, which called a method of s (at index 1), until a
+ * callback wakes it. The task is anchored in the stream's user value `slot`
+ * (a registry ref per wait cost more than the rest of a read). */
+static int wait_on(lua_State *L, ts_stream *s, lua_State **cop, int slot) {
   *cop = L;
   lua_pushthread(L);
-  *refp = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_setiuservalue(L, 1, slot);
   if (s->timeout > 0)
     start_timer(s, (uint64_t)(s->timeout * 1000 + 0.5));
   return lua_yield(L, 0);
 }
 
-void ts__stream_wake(ts_stream *s, lua_State **cop, int *refp, int nres) {
-  wake(s, cop, refp, nres);
+void ts__stream_wake(ts_stream *s, lua_State **cop, int nres) {
+  wake(s, cop, nres);
 }
 
-int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int *refp) {
-  return wait_on(L, s, cop, refp);
+int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int slot) {
+  return wait_on(L, s, cop, slot);
 }
 
 /* ---- reading ---- */
@@ -298,7 +300,7 @@ static void on_data(ts_stream *s) {
   /* The woken task reads what else it wants straight from the borrowed
    * buffer; only what it leaves there is copied. */
   if (s->rco != NULL && (n = try_read(s, s->rco)) > 0)
-    wake(s, &s->rco, &s->rco_ref, n);
+    wake(s, &s->rco, n);
   unborrow(s);
   update_reading(s);
 }
@@ -310,7 +312,7 @@ static void on_eof(ts_stream *s) {
     return;
   }
   if (s->rco != NULL)
-    wake(s, &s->rco, &s->rco_ref, try_read(s, s->rco));
+    wake(s, &s->rco, try_read(s, s->rco));
   else if (ts_buf_len(&s->rbuf) == 0)
     stream_close(s, 0);
   update_reading(s);
@@ -393,7 +395,7 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
   update_reading(s);
   if (s->flags & F_CLOSED) /* update_reading failed */
     return try_read(s, L);
-  return wait_on(L, s, &s->rco, &s->rco_ref);
+  return wait_on(L, s, &s->rco, SLOT_READER);
 }
 
 static int l_read_until(lua_State *L) {
@@ -450,7 +452,7 @@ int ts__stream_flush(ts_stream *s) {
   b = uv_buf_init(ts_buf_head(src), (unsigned)ts_buf_len(src));
   n = uv_try_write(&s->h.stream, &b, 1);
   if (n == (int)b.len) {
-    ts_buf_free(src);
+    ts_buf_release(src, &((ts_loop *)s->h.handle.loop->data)->wpool);
     return 0;
   }
   if (n < 0 && n != UV_EAGAIN)
@@ -485,11 +487,11 @@ static void check_writer(ts_stream *s) {
   if (s->flags & F_CLOSED) {
     lua_pushnil(s->wco);
     lua_pushstring(s->wco, ts__stream_error(s));
-    wake(s, &s->wco, &s->wco_ref, 2);
+    wake(s, &s->wco, 2);
   } else if (left == 0 || (!(s->flags & F_FLUSHWAIT) &&
                            left <= WRITE_HIGH_WATER / 2)) {
     lua_pushboolean(s->wco, 1);
-    wake(s, &s->wco, &s->wco_ref, 1);
+    wake(s, &s->wco, 1);
   }
 }
 
@@ -499,7 +501,7 @@ static void write_cb(uv_write_t *req, int status) {
   ts_stream *s = req->data;
   write_req *w = (write_req *)req;
 
-  ts_buf_free(&w->buf);
+  ts_buf_release(&w->buf, &((ts_loop *)s->h.handle.loop->data)->wpool);
   free(w);
   s->inflight = NULL;
   if (status == UV_ECANCELED)
@@ -547,6 +549,7 @@ static int append_all(lua_State *L, ts_stream *s) {
   lua_Integer i, n;
   int rc = 0;
 
+  ts_buf_adopt(&s->wbuf, &((ts_loop *)s->h.handle.loop->data)->wpool);
   if (lua_type(L, 2) == LUA_TSTRING)
     return append_value(L, s, 2);
   luaL_argexpected(L, lua_type(L, 2) == LUA_TTABLE, 2, "string or array of strings");
@@ -615,7 +618,7 @@ static int l_write(lua_State *L) {
       if (s->wco != NULL)
         return luaL_error(L, "already writing");
       s->flags &= ~F_FLUSHWAIT;
-      return wait_on(L, s, &s->wco, &s->wco_ref);
+      return wait_on(L, s, &s->wco, SLOT_WRITER);
     }
   }
   lua_pushboolean(L, 1);
@@ -637,7 +640,7 @@ static int l_flush(lua_State *L) {
   if (s->wco != NULL)
     return luaL_error(L, "already writing");
   s->flags |= F_FLUSHWAIT;
-  return wait_on(L, s, &s->wco, &s->wco_ref);
+  return wait_on(L, s, &s->wco, SLOT_WRITER);
 }
 
 /* ---- closing ---- */
@@ -671,7 +674,7 @@ static void close_cb(uv_handle_t *h) {
   if (s->tls != NULL)
     ts__tls_closed(s);
   if (s->rco != NULL)
-    wake(s, &s->rco, &s->rco_ref, try_read(s, s->rco));
+    wake(s, &s->rco, try_read(s, s->rco));
   check_writer(s);
   if (s->close_cb_ref != LUA_NOREF) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->close_cb_ref);
@@ -777,12 +780,12 @@ static void timer_cb(uv_timer_t *t) {
   }
   if (s->rco != NULL) {
     fail(s, s->rco, "timeout");
-    wake(s, &s->rco, &s->rco_ref, 2);
+    wake(s, &s->rco, 2);
   }
   if (s->wco != NULL) {
     lua_pushnil(s->wco);
     lua_pushliteral(s->wco, "timeout");
-    wake(s, &s->wco, &s->wco_ref, 2);
+    wake(s, &s->wco, 2);
   }
   update_reading(s);
 }
@@ -900,7 +903,7 @@ void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk,
 
 ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
   ts_loop *loop = ts__loop(L);
-  ts_stream *s = lua_newuserdatauv(L, sizeof(*s), 0);
+  ts_stream *s = lua_newuserdatauv(L, sizeof(*s), SLOT_COUNT);
 
   memset(s, 0, sizeof(*s));
   s->tag = stream_tag;
@@ -912,7 +915,7 @@ ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
     uv_tcp_init(loop->uv, &s->h.tcp);
   }
   s->h.handle.data = s;
-  s->rco_ref = s->wco_ref = s->close_cb_ref = LUA_NOREF;
+  s->close_cb_ref = LUA_NOREF;
   s->handler_ref = s->addr_ref = LUA_NOREF;
   ts__stream_configure(s, 100 * 1024 * 1024, 64 * 1024, 0);
   /* Pinned until the close callback: libuv owns the handle until then. */

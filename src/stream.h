@@ -28,6 +28,9 @@ enum {
   F_TASK = 1 << 10      /* a server's handler runs on it: stay pinned */
 };
 
+/* User value slots of a stream userdata: the tasks waiting on it. */
+enum { SLOT_READER = 1, SLOT_WRITER, SLOT_HANDSHAKE, SLOT_COUNT = SLOT_HANDSHAKE };
+
 #define WRITE_HIGH_WATER (1024 * 1024)
 #define DIRECT_WRITE_MIN (16 * 1024) /* see write_direct */
 #define LINGER_MS 10000
@@ -46,7 +49,7 @@ struct ts_stream {
   uv_timer_t *timer;      /* wait timeouts and close linger; lazy */
   ts_stream *next_dirty;
   lua_State *rco, *wco;   /* tasks waiting to read / for the write buffer */
-  int rco_ref, wco_ref, self_ref, close_cb_ref;
+  int self_ref, close_cb_ref;
   int handler_ref, addr_ref; /* while a server's handler runs on it */
   int err;                /* the libuv error that ended the stream */
   uint16_t flags;
@@ -66,8 +69,8 @@ void ts__stream_on_data(ts_stream *s);
 void ts__stream_on_eof(ts_stream *s);
 void ts__stream_unborrow(ts_stream *s);
 int ts__stream_borrow(ts_stream *s);
-int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int *refp);
-void ts__stream_wake(ts_stream *s, lua_State **cop, int *refp, int nres);
+int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int slot);
+void ts__stream_wake(ts_stream *s, lua_State **cop, int nres);
 const char *ts__stream_error(ts_stream *s);
 void ts__stream_start_timer(ts_stream *s, uint64_t ms);
 

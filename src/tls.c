@@ -32,7 +32,7 @@ struct ts_tls {
   BIO *rbio, *wbio;        /* owned by ssl */
   uv_timer_t *hs_timer;    /* handshake_timeout, until the handshake ends */
   lua_State *hco;          /* task in wait_for_handshake */
-  int hco_ref, ctx_ref;
+  int ctx_ref;
   int server, done, failed, shutdown_sent, close_notify;
   char peer[INET6_ADDRSTRLEN + 8]; /* server side: the client, for logs */
   size_t rx;               /* ciphertext bytes received */
@@ -275,11 +275,11 @@ static void settle_handshake(ts_stream *s) {
     return;
   if (t->done && !t->failed && !(s->flags & F_CLOSED)) {
     lua_pushboolean(co, 1);
-    ts__stream_wake(s, &t->hco, &t->hco_ref, 1);
+    ts__stream_wake(s, &t->hco, 1);
   } else if (t->failed || (s->flags & F_CLOSED)) {
     lua_pushnil(co);
     lua_pushstring(co, ts__stream_error(s));
-    ts__stream_wake(s, &t->hco, &t->hco_ref, 2);
+    ts__stream_wake(s, &t->hco, 2);
   }
 }
 
@@ -597,7 +597,6 @@ int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
     SSL_set_connect_state(t->ssl);
     set_peer_name(t, host, verify);
   }
-  t->hco_ref = LUA_NOREF;
   lua_pushvalue(L, ctx_idx);
   t->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   s->tls = t;
@@ -645,7 +644,7 @@ static int l_wait_for_handshake(lua_State *L) {
   if (t->hco != NULL)
     return luaL_error(L, "wait_for_handshake: already waiting");
   ts__check_task(L, "wait_for_handshake");
-  return ts__stream_wait(L, s, &t->hco, &t->hco_ref);
+  return ts__stream_wait(L, s, &t->hco, SLOT_HANDSHAKE);
 }
 
 /* _start_tls(server_side, ctx, hostname, timeout): the Lua wrapper checks
