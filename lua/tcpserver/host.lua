@@ -15,6 +15,10 @@ options:
   -h, --help           show this help and exit
   -v, --version        print the version and exit
   -e CHUNK             run the Lua CHUNK before the script (repeatable)
+      --gc MODE        Lua's garbage collector: "generational" (the
+                       default: a server's garbage is mostly short-lived
+                       strings, which minor collections reclaim cheaply)
+                       or "incremental" (Lua's own default)
   -w, --workers N      run N copies of the script (0: one per CPU) under a
                        supervisor that restarts a copy that crashes (exits
                        non-zero or dies from a signal) but not one that
@@ -72,6 +76,12 @@ local function parse(argv)
     elseif a == "-w" or a == "--workers" then
       opts.workers = count_arg(argv, i, a)
       i = i + 1
+    elseif a == "--gc" then
+      opts.gc = argv[i + 1]
+      if opts.gc ~= "generational" and opts.gc ~= "incremental" then
+        die("--gc needs generational or incremental (try --help)")
+      end
+      i = i + 1
     elseif a == "--max-restarts" then
       opts.max_restarts = count_arg(argv, i, a)
       i = i + 1
@@ -107,6 +117,7 @@ function M.main(argv)
   local script = argv[i]
   if not script then io.stderr:write(M.usage); return 2 end
 
+  collectgarbage(opts.gc or "generational")
   take_inherited_sockets()
   if opts.workers then fork_workers(opts.workers, opts.max_restarts) end
 
