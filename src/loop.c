@@ -37,7 +37,9 @@ int ts__loop_running(void) {
 }
 
 /* A task's extra space holds the loop's address, or the stream whose
- * handler it runs; other threads hold what the main thread has (NULL). */
+ * handler it runs; other threads hold what the main thread has: NULL, set
+ * when the module opens (threads created before that hold what Lua left
+ * there, which is zero in practice but not by contract). */
 void ts__mark_task(lua_State *co, void *owner) {
   *(void **)lua_getextraspace(co) = owner ? owner : the_loop;
 }

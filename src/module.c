@@ -2,6 +2,15 @@
 #include "internal.h"
 
 int luaopen_tcpserver_core(lua_State *L) {
+  lua_State *main_thread;
+
+  /* Lua leaves the main thread's extra space uninitialized and copies it
+   * into every new thread; tasks are told apart by it (loop.c), so it must
+   * start NULL before any thread is created after this. */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  main_thread = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  *(void **)lua_getextraspace(main_thread) = NULL;
   lua_newtable(L);
   ts__open_loop(L);
   ts__open_stream(L);

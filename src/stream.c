@@ -24,7 +24,10 @@ static const char stream_tag[] = TS_STREAM_MT;
 static ts_stream *check_stream(lua_State *L) {
   ts_stream *s = lua_touserdata(L, 1);
 
-  if (s == NULL || lua_rawlen(L, 1) != sizeof(*s) || s->tag != stream_tag)
+  size_t size = s != NULL ? lua_rawlen(L, 1) : 0;
+
+  if ((size != TS_STREAM_SIZE(0) && size != TS_STREAM_SIZE(1)) ||
+      s->tag != stream_tag)
     return luaL_checkudata(L, 1, TS_STREAM_MT);
   return s;
 }
@@ -105,14 +108,21 @@ static void stop_timer(ts_stream *s) {
     uv_timer_stop(s->timer);
 }
 
-/* The waiting task stays in its user value slot after the wake: it is
- * running then, and the slot is simply overwritten by the next wait. */
-static void wake(ts_stream *s, lua_State **cop, int nres) {
+/* A woken reader stays in the user value after the wake: it is running
+ * then, and the next wait overwrites it. The rarer waiters hold a registry
+ * ref, dropped after the resume (which may have taken a new one). */
+static void wake(ts_stream *s, lua_State **cop, int slot, int nres) {
   lua_State *co = *cop;
+  int ref = LUA_NOREF;
 
   *cop = NULL;
+  if (slot != SLOT_READER) {
+    ref = s->anchor[slot - SLOT_WRITER];
+    s->anchor[slot - SLOT_WRITER] = LUA_NOREF;
+  }
   stop_timer(s);
   ts__resume(co, nres);
+  luaL_unref(co, LUA_REGISTRYINDEX, ref);
 }
 
 static void timer_cb(uv_timer_t *t);
@@ -133,19 +143,22 @@ void ts__stream_start_timer(ts_stream *s, uint64_t ms) {
 }
 
 /* Suspends the task L, which called a method of s (at index 1), until a
- * callback wakes it. The task is anchored in the stream's user value `slot`
- * (a registry ref per wait cost more than the rest of a read). */
+ * callback wakes it. A reader, the common case, is anchored in the stream's
+ * user value (a registry ref per read cost more than the rest of it). */
 static int wait_on(lua_State *L, ts_stream *s, lua_State **cop, int slot) {
   *cop = L;
   lua_pushthread(L);
-  lua_setiuservalue(L, 1, slot);
+  if (slot == SLOT_READER)
+    lua_setiuservalue(L, 1, 1);
+  else
+    s->anchor[slot - SLOT_WRITER] = luaL_ref(L, LUA_REGISTRYINDEX);
   if (s->timeout > 0)
     start_timer(s, (uint64_t)(s->timeout * 1000 + 0.5));
   return lua_yield(L, 0);
 }
 
-void ts__stream_wake(ts_stream *s, lua_State **cop, int nres) {
-  wake(s, cop, nres);
+void ts__stream_wake(ts_stream *s, lua_State **cop, int slot, int nres) {
+  wake(s, cop, slot, nres);
 }
 
 int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int slot) {
@@ -300,7 +313,7 @@ static void on_data(ts_stream *s) {
   /* The woken task reads what else it wants straight from the borrowed
    * buffer; only what it leaves there is copied. */
   if (s->rco != NULL && (n = try_read(s, s->rco)) > 0)
-    wake(s, &s->rco, n);
+    wake(s, &s->rco, SLOT_READER, n);
   unborrow(s);
   update_reading(s);
 }
@@ -312,7 +325,7 @@ static void on_eof(ts_stream *s) {
     return;
   }
   if (s->rco != NULL)
-    wake(s, &s->rco, try_read(s, s->rco));
+    wake(s, &s->rco, SLOT_READER, try_read(s, s->rco));
   else if (ts_buf_len(&s->rbuf) == 0)
     stream_close(s, 0);
   update_reading(s);
@@ -487,11 +500,11 @@ static void check_writer(ts_stream *s) {
   if (s->flags & F_CLOSED) {
     lua_pushnil(s->wco);
     lua_pushstring(s->wco, ts__stream_error(s));
-    wake(s, &s->wco, 2);
+    wake(s, &s->wco, SLOT_WRITER, 2);
   } else if (left == 0 || (!(s->flags & F_FLUSHWAIT) &&
                            left <= WRITE_HIGH_WATER / 2)) {
     lua_pushboolean(s->wco, 1);
-    wake(s, &s->wco, 1);
+    wake(s, &s->wco, SLOT_WRITER, 1);
   }
 }
 
@@ -674,12 +687,12 @@ static void close_cb(uv_handle_t *h) {
   if (s->tls != NULL)
     ts__tls_closed(s);
   if (s->rco != NULL)
-    wake(s, &s->rco, try_read(s, s->rco));
+    wake(s, &s->rco, SLOT_READER, try_read(s, s->rco));
   check_writer(s);
   if (s->close_cb_ref != LUA_NOREF) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->close_cb_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, s->close_cb_ref);
-    s->close_cb_ref = LUA_NOREF;
+    s->close_cb_ref = s->anchor[0] = s->anchor[1] = LUA_NOREF;
     ts__pcall(loop, 0);
   }
   if (!(s->flags & F_TASK)) { /* else the task's end unpins it */
@@ -780,12 +793,12 @@ static void timer_cb(uv_timer_t *t) {
   }
   if (s->rco != NULL) {
     fail(s, s->rco, "timeout");
-    wake(s, &s->rco, 2);
+    wake(s, &s->rco, SLOT_READER, 2);
   }
   if (s->wco != NULL) {
     lua_pushnil(s->wco);
     lua_pushliteral(s->wco, "timeout");
-    wake(s, &s->wco, 2);
+    wake(s, &s->wco, SLOT_WRITER, 2);
   }
   update_reading(s);
 }
@@ -903,9 +916,10 @@ void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk,
 
 ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
   ts_loop *loop = ts__loop(L);
-  ts_stream *s = lua_newuserdatauv(L, sizeof(*s), SLOT_COUNT);
+  size_t size = TS_STREAM_SIZE(is_pipe);
+  ts_stream *s = lua_newuserdatauv(L, size, 1);
 
-  memset(s, 0, sizeof(*s));
+  memset(s, 0, size);
   s->tag = stream_tag;
   luaL_setmetatable(L, TS_STREAM_MT);
   if (is_pipe) {

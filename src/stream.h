@@ -4,6 +4,8 @@
 
 #include "internal.h"
 
+#include <stddef.h>
+
 typedef struct ts_tls ts_tls;
 typedef struct ts_proxy ts_proxy;
 
@@ -28,8 +30,8 @@ enum {
   F_TASK = 1 << 10      /* a server's handler runs on it: stay pinned */
 };
 
-/* User value slots of a stream userdata: the tasks waiting on it. */
-enum { SLOT_READER = 1, SLOT_WRITER, SLOT_HANDSHAKE, SLOT_COUNT = SLOT_HANDSHAKE };
+/* What a task waits for on a stream (see wait_on). */
+enum { SLOT_READER = 1, SLOT_WRITER, SLOT_HANDSHAKE };
 
 #define WRITE_HIGH_WATER (1024 * 1024)
 #define DIRECT_WRITE_MIN (16 * 1024) /* see write_direct */
@@ -37,12 +39,6 @@ enum { SLOT_READER = 1, SLOT_WRITER, SLOT_HANDSHAKE, SLOT_COUNT = SLOT_HANDSHAKE
 
 struct ts_stream {
   const char *tag;        /* identifies a live stream userdata cheaply */
-  union {
-    uv_handle_t handle;
-    uv_stream_t stream;
-    uv_tcp_t tcp;
-    uv_pipe_t pipe;
-  } h;
   ts_buf rbuf;
   ts_buf wbuf;            /* filled by write() */
   struct write_req *inflight; /* the uv_write under way, with its bytes */
@@ -50,6 +46,7 @@ struct ts_stream {
   ts_stream *next_dirty;
   lua_State *rco, *wco;   /* tasks waiting to read / for the write buffer */
   int self_ref, close_cb_ref;
+  int anchor[2];          /* refs to the writer and handshake waiters */
   int handler_ref, addr_ref; /* while a server's handler runs on it */
   int err;                /* the libuv error that ended the stream */
   uint16_t flags;
@@ -61,7 +58,18 @@ struct ts_stream {
   float timeout;          /* seconds; <= 0 means none */
   ts_tls *tls;            /* NULL on a plain stream */
   ts_proxy *proxy;        /* waiting for a PROXY header, or NULL */
+  /* Last, so that a TCP stream is allocated without a pipe's extra bytes
+   * (see TS_STREAM_SIZE): idle connections are counted in bytes. */
+  union {
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;
+  } h;
 };
+
+#define TS_STREAM_SIZE(is_pipe) \
+  (offsetof(ts_stream, h) + ((is_pipe) ? sizeof(uv_pipe_t) : sizeof(uv_tcp_t)))
 
 /* stream.c, for tls.c */
 void ts__stream_close(ts_stream *s, int err);
@@ -70,7 +78,7 @@ void ts__stream_on_eof(ts_stream *s);
 void ts__stream_unborrow(ts_stream *s);
 int ts__stream_borrow(ts_stream *s);
 int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int slot);
-void ts__stream_wake(ts_stream *s, lua_State **cop, int nres);
+void ts__stream_wake(ts_stream *s, lua_State **cop, int slot, int nres);
 const char *ts__stream_error(ts_stream *s);
 void ts__stream_start_timer(ts_stream *s, uint64_t ms);
 

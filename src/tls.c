@@ -275,11 +275,11 @@ static void settle_handshake(ts_stream *s) {
     return;
   if (t->done && !t->failed && !(s->flags & F_CLOSED)) {
     lua_pushboolean(co, 1);
-    ts__stream_wake(s, &t->hco, 1);
+    ts__stream_wake(s, &t->hco, SLOT_HANDSHAKE, 1);
   } else if (t->failed || (s->flags & F_CLOSED)) {
     lua_pushnil(co);
     lua_pushstring(co, ts__stream_error(s));
-    ts__stream_wake(s, &t->hco, 2);
+    ts__stream_wake(s, &t->hco, SLOT_HANDSHAKE, 2);
   }
 }
 
