@@ -15,6 +15,13 @@
  *   drip   one connection sends a SIZE-byte line one byte per write, reading
  *          the echo meanwhile; reports the total time (DURATION = timeout).
  *
+ * --tls runs echo, churn and bulk over TLS (OpenSSL over memory BIOs,
+ * no certificate check, no session reuse: every connection is a full
+ * handshake).  Traffic starts once the handshake is done; churn then counts
+ * connect-handshake-echo-close cycles, so its srv_cpu_us_per_msg is the
+ * server's CPU per TLS handshake (plus one echo).  The result line gains
+ * handshakes=N (completed in the measured window).
+ *
  * Result keys besides the mode's own: errors (failed connects, reads,
  * writes, bad echoes; the exit status is 1 if nothing completed), lg_cpu
  * (loadgen's CPU use over the window: near 1.00 it is the bottleneck),
@@ -41,6 +48,9 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
 typedef enum { MODE_ECHO, MODE_CHURN, MODE_IDLE, MODE_BULK, MODE_DRIP } run_mode;
 
 static const char *const mode_names[] = {"echo", "churn", "idle", "bulk",
@@ -51,6 +61,7 @@ enum {
   MAX_PENDING_CONNECTS = 256,  /* more overflows the accept backlog, and the
                                   dropped SYNs then wait 1 s to retransmit */
   READ_BUF_SIZE = 256 * 1024,  /* drains a loopback socket in one read */
+  TLS_OUT_CHUNK = 64 * 1024,   /* ciphertext moved to the socket at a time */
   MAX_ERROR_LOGS = 5,          /* print the first few; count all */
   IDLE_OPEN_TIMEOUT_MS = 30000,
   DRIP_DEFAULT_TIMEOUT_S = 60,
@@ -66,7 +77,7 @@ enum {
 
 typedef struct {
   const char *host;
-  int port, conns, depth, cpu, server_pid;
+  int port, conns, depth, cpu, server_pid, tls;
   long long size;           /* -1 until defaulted */
   double duration, warmup;  /* seconds; -1 until defaulted */
   run_mode mode;
@@ -81,6 +92,8 @@ typedef struct {
   uint64_t rx_bytes;         /* echoed bytes received */
   uint64_t next_nl;          /* stream offset where the next '\n' must be */
   uint64_t started;          /* when this connection attempt began */
+  SSL *ssl;                  /* --tls: NULL until connected */
+  int secure;                /* --tls: the handshake has completed */
 } conn_t;
 
 static struct {
@@ -93,7 +106,8 @@ static struct {
   int stopping;
   int measuring;
   uint64_t t_start, t_end;   /* measured window, uv_hrtime() ns */
-  uint64_t msgs, bytes, errors, drops;
+  uint64_t msgs, bytes, errors, drops, handshakes;
+  SSL_CTX *ssl_ctx;          /* --tls */
   uint64_t hist[HIST_BUCKETS];
   int next_connect, pending_connects, attempts_done, opened, closed;
   int idle_reported, drip_done;
@@ -106,10 +120,13 @@ static struct {
 } g;
 
 static char read_buf[READ_BUF_SIZE];
+static char tls_plain[READ_BUF_SIZE];  /* decrypted bytes */
+static char tls_out[TLS_OUT_CHUNK];    /* ciphertext on its way out */
 static uv_buf_t iov[MAX_DEPTH];
 
 static void start_connect(conn_t *c);
 static void end_run(void);
+static void tls_write(conn_t *c, const uv_buf_t *bufs, int k);
 
 /* ---- small utilities ---------------------------------------------------- */
 
@@ -118,12 +135,13 @@ static void usage(FILE *out) {
     "usage: loadgen --port P [--host 127.0.0.1] [--mode echo|churn|idle|bulk|drip]\n"
     "               [--conns N] [--size BYTES[K|M]] [--depth D]\n"
     "               [--duration SECONDS] [--warmup SECONDS]\n"
-    "               [--cpu K] [--server-pid PID]\n"
+    "               [--cpu K] [--server-pid PID] [--tls]\n"
     "defaults: mode echo, conns 50 (bulk, drip: 1), size 64 (bulk: 64K,\n"
     "  drip: 1M), depth 1 (bulk: 4), duration 3 (drip: timeout 60),\n"
     "  warmup 1.  --server-pid adds the server's CPU time (utime+stime)\n"
-    "  over the measured window to the result line.  Results: one line of\n"
-    "  key=value on stdout; see the comment atop loadgen.c for the keys.\n");
+    "  over the measured window to the result line.  --tls speaks TLS\n"
+    "  (echo, churn, bulk).  Results: one line of key=value on\n"
+    "  stdout; see the comment atop loadgen.c for the keys.\n");
 }
 
 static void report_error(const char *what, int err) {
@@ -301,6 +319,7 @@ static int parse_option(int opt, const char *arg, options *o) {
   case 'm': return parse_mode(arg, &o->mode);
   case 'C': return parse_int(arg, 0, CPU_SETSIZE - 1, &o->cpu);
   case 'P': return parse_int(arg, 1, 1 << 30, &o->server_pid);
+  case 'T': o->tls = 1; return 0;
   default: return -1;
   }
 }
@@ -337,7 +356,8 @@ static void parse_args(int argc, char **argv, options *o) {
     {"depth", required_argument, 0, 'd'},  {"duration", required_argument, 0, 't'},
     {"warmup", required_argument, 0, 'w'}, {"mode", required_argument, 0, 'm'},
     {"cpu", required_argument, 0, 'C'},    {"server-pid", required_argument, 0, 'P'},
-    {"help", no_argument, 0, 'h'},         {0, 0, 0, 0}};
+    {"tls", no_argument, 0, 'T'},          {"help", no_argument, 0, 'h'},
+    {0, 0, 0, 0}};
   *o = (options){.host = "127.0.0.1", .conns = -1, .depth = -1, .cpu = -1,
                  .size = -1, .duration = -1, .warmup = -1, .mode = MODE_ECHO};
   int opt;
@@ -357,7 +377,8 @@ static void parse_args(int argc, char **argv, options *o) {
   apply_defaults(o);
   if (o->port == 0 || optind != argc ||
       (uint64_t)o->size * (uint64_t)o->depth > MAX_IN_FLIGHT_BYTES ||
-      (o->duration <= 0 && o->mode != MODE_IDLE)) {
+      (o->duration <= 0 && o->mode != MODE_IDLE) ||
+      (o->tls && (o->mode == MODE_DRIP || o->mode == MODE_IDLE))) {
     usage(stderr);
     exit(2);
   }
@@ -367,6 +388,11 @@ static void parse_args(int argc, char **argv, options *o) {
 
 static void on_closed(uv_handle_t *handle) {
   conn_t *c = handle->data;
+  if (c->ssl != NULL) {
+    SSL_free(c->ssl);
+    c->ssl = NULL;
+  }
+  c->secure = 0;
   if (g.o.mode == MODE_CHURN) {
     if (!g.stopping)
       start_connect(c); /* the slot goes straight round again */
@@ -416,6 +442,10 @@ static void queue_write(conn_t *c, const uv_buf_t *bufs, unsigned n,
 static void write_msgs(conn_t *c, int k) {
   for (int i = 0; i < k; i++)
     iov[i] = uv_buf_init(g.msg, (unsigned)g.size);
+  if (c->ssl != NULL) {
+    tls_write(c, iov, k);
+    return;
+  }
   int n = uv_try_write((uv_stream_t *)&c->tcp, iov, (unsigned)k);
   if (n == UV_EAGAIN) /* socket buffer full, or earlier writes queued */
     n = 0;
@@ -589,7 +619,155 @@ static void on_drip_timeout(uv_timer_t *t) {
   end_run();
 }
 
+/* ---- TLS: OpenSSL over memory BIOs under the libuv stream --------------- */
+
+static void report_tls_error(conn_t *c, const char *what) {
+  char msg[256];
+  unsigned long e = ERR_get_error();
+  if (e != 0) {
+    char reason[200];
+    ERR_error_string_n(e, reason, sizeof reason);
+    snprintf(msg, sizeof msg, "%s: %s", what, reason);
+  } else {
+    snprintf(msg, sizeof msg, "%s failed", what);
+  }
+  ERR_clear_error();
+  conn_fail(c, msg, 0);
+}
+
+/* Moves the ciphertext OpenSSL produced to the socket: uv_try_write while
+ * nothing is queued, a heap copy with its request for the rest (libuv keeps
+ * queued writes in order, and try_write refuses while any are queued). */
+static void tls_flush(conn_t *c) {
+  BIO *wbio = SSL_get_wbio(c->ssl);
+  int n;
+  while ((n = BIO_read(wbio, tls_out, sizeof tls_out)) > 0) {
+    uv_buf_t b = uv_buf_init(tls_out, (unsigned)n);
+    int sent = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    if (sent == UV_EAGAIN)
+      sent = 0;
+    if (sent < 0) {
+      conn_fail(c, "write", sent);
+      return;
+    }
+    if (sent == n)
+      continue;
+    uv_write_t *req = malloc(sizeof *req + (size_t)(n - sent));
+    if (req == NULL) {
+      conn_fail(c, "out of memory", 0);
+      return;
+    }
+    char *copy = (char *)(req + 1);
+    memcpy(copy, tls_out + sent, (size_t)(n - sent));
+    req->data = c;
+    b = uv_buf_init(copy, (unsigned)(n - sent));
+    int r = uv_write(req, (uv_stream_t *)&c->tcp, &b, 1, on_write_done);
+    if (r < 0) {
+      free(req);
+      conn_fail(c, "write", r);
+      return;
+    }
+  }
+}
+
+/* A memory BIO takes everything, so SSL_write never comes back short. */
+static void tls_write(conn_t *c, const uv_buf_t *bufs, int k) {
+  for (int i = 0; i < k; i++)
+    if (SSL_write(c->ssl, bufs[i].base, (int)bufs[i].len) <= 0) {
+      report_tls_error(c, "SSL_write");
+      return;
+    }
+  tls_flush(c);
+}
+
+static void start_traffic(conn_t *c);
+
+static void tls_handshake(conn_t *c) {
+  int r = SSL_do_handshake(c->ssl);
+  if (r == 1) {
+    c->secure = 1;
+    if (g.measuring)
+      g.handshakes++;
+    tls_flush(c); /* the client Finished */
+    if (!uv_is_closing((uv_handle_t *)&c->tcp))
+      start_traffic(c);
+    return;
+  }
+  if (SSL_get_error(c->ssl, r) == SSL_ERROR_WANT_READ)
+    tls_flush(c);
+  else
+    report_tls_error(c, "TLS handshake");
+}
+
+static int tls_begin(conn_t *c) {
+  BIO *rbio = BIO_new(BIO_s_mem()), *wbio = BIO_new(BIO_s_mem());
+  c->ssl = SSL_new(g.ssl_ctx);
+  if (c->ssl == NULL || rbio == NULL || wbio == NULL) {
+    BIO_free(rbio);
+    BIO_free(wbio);
+    report_tls_error(c, "SSL_new");
+    return -1;
+  }
+  SSL_set_bio(c->ssl, rbio, wbio);
+  SSL_set_connect_state(c->ssl);
+  tls_handshake(c);
+  return 0;
+}
+
+static void dispatch_read(conn_t *c, const char *data, size_t len);
+
+/* Ciphertext in; plaintext out to the mode's reader. */
+static void tls_read(conn_t *c, const char *data, size_t len) {
+  if (BIO_write(SSL_get_rbio(c->ssl), data, (int)len) != (int)len) {
+    report_tls_error(c, "BIO_write");
+    return;
+  }
+  if (!c->secure) {
+    tls_handshake(c);
+    if (!c->secure)
+      return;
+  }
+  for (;;) {
+    if (uv_is_closing((uv_handle_t *)&c->tcp))
+      return;
+    int n = SSL_read(c->ssl, tls_plain, sizeof tls_plain);
+    if (n > 0) {
+      dispatch_read(c, tls_plain, (size_t)n);
+      continue;
+    }
+    int e = SSL_get_error(c->ssl, n);
+    if (e == SSL_ERROR_WANT_READ)
+      break;
+    if (e == SSL_ERROR_ZERO_RETURN)
+      conn_fail(c, "server closed the connection", 0);
+    else
+      report_tls_error(c, "SSL_read");
+    return;
+  }
+  tls_flush(c); /* post-handshake messages, if any */
+}
+
+static int tls_setup(void) {
+  g.ssl_ctx = SSL_CTX_new(TLS_client_method());
+  if (g.ssl_ctx == NULL)
+    return -1;
+  SSL_CTX_set_verify(g.ssl_ctx, SSL_VERIFY_NONE, NULL);
+  /* Every connection a full handshake: no client-side session cache. */
+  SSL_CTX_set_session_cache_mode(g.ssl_ctx, SSL_SESS_CACHE_OFF);
+  return 0;
+}
+
 /* ---- connection setup, shared by all modes ------------------------------ */
+
+static void dispatch_read(conn_t *c, const char *data, size_t len) {
+  switch (g.o.mode) {
+  case MODE_ECHO:
+  case MODE_BULK: stream_read(c, data, len); break;
+  case MODE_CHURN: churn_read(c, data, len); break;
+  case MODE_DRIP: drip_read(c, data, len); break;
+  case MODE_IDLE: conn_fail(c, "idle: unexpected data", 0); break;
+  }
+}
 
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   conn_t *c = stream->data;
@@ -600,13 +778,10 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
               nread == UV_EOF ? 0 : (int)nread);
     return;
   }
-  switch (g.o.mode) {
-  case MODE_ECHO:
-  case MODE_BULK: stream_read(c, buf->base, (size_t)nread); break;
-  case MODE_CHURN: churn_read(c, buf->base, (size_t)nread); break;
-  case MODE_DRIP: drip_read(c, buf->base, (size_t)nread); break;
-  case MODE_IDLE: conn_fail(c, "idle: unexpected data", 0); break;
-  }
+  if (c->ssl != NULL)
+    tls_read(c, buf->base, (size_t)nread);
+  else
+    dispatch_read(c, buf->base, (size_t)nread);
 }
 
 static void start_traffic(conn_t *c) {
@@ -646,6 +821,8 @@ static void on_connect(uv_connect_t *req, int status) {
     int r = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
     if (r < 0)
       conn_fail(c, "read start", r);
+    else if (g.o.tls)
+      tls_begin(c);
     else
       start_traffic(c);
   }
@@ -781,6 +958,8 @@ static int print_result(void) {
     printf(" msgs=%llu rate=%.1f", msgs, secs > 0 ? (double)msgs / secs : 0);
     print_latency();
     printf(" errors=%llu", errors);
+    if (g.o.tls)
+      printf(" handshakes=%llu", (unsigned long long)g.handshakes);
     print_cpu(msgs, secs);
     printf("\n");
     return msgs > 0 ? 0 : 1;
@@ -788,6 +967,8 @@ static int print_result(void) {
     printf("mode=bulk conns=%d size=%zu depth=%d bytes=%llu gbps=%.3f errors=%llu",
            g.o.conns, g.size, g.o.depth, (unsigned long long)g.bytes,
            secs > 0 ? (double)g.bytes / secs / 1e9 : 0, errors);
+    if (g.o.tls)
+      printf(" handshakes=%llu", (unsigned long long)g.handshakes);
     print_cpu(0, secs);
     printf("\n");
     return g.bytes > 0 ? 0 : 1;
@@ -835,6 +1016,10 @@ static int setup(void) {
   raise_nofile_limit(g.o.conns);
   if (resolve(g.o.host, g.o.port) != 0 || build_message() != 0)
     return -1;
+  if (g.o.tls && tls_setup() != 0) {
+    fprintf(stderr, "loadgen: cannot create a TLS context\n");
+    return -1;
+  }
   g.conns = calloc((size_t)g.o.conns, sizeof *g.conns);
   uint64_t *rings = calloc((size_t)g.o.conns * (size_t)g.o.depth,
                            sizeof *rings);

@@ -1,0 +1,243 @@
+-- A tiny in-memory key-value server speaking the Redis protocol (RESP):
+-- PING, ECHO, GET, SET, DEL, EXISTS, DBSIZE, FLUSHALL, CONFIG GET and QUIT,
+-- enough for redis-cli and `redis-benchmark -t get,set,ping` (any -P).
+--   luahost examples/kv.lua [port]        (6380 by default)
+--
+-- Requests are RESP arrays of bulk strings ("*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+-- or inline commands ("PING\r\n"). The handler takes whatever the client
+-- has sent so far (read_bytes with partial = true), parses every complete
+-- command in it, and answers the whole batch with one write of an array of
+-- replies: a pipelined batch costs one read and one write, however long.
+-- Values are stored already encoded as bulk replies ("$3\r\nbar\r\n"), so
+-- GET answers with the stored string itself.
+local tcpserver = require "tcpserver"
+local ioloop = require "tcpserver.ioloop"
+local log = require "tcpserver.log"
+
+local find, sub, byte, upper = string.find, string.sub, string.byte, string.upper
+local tonumber = tonumber
+
+local READ_SIZE = 64 * 1024          -- what one partial read asks for
+local MAX_LINE = 64 * 1024           -- longest inline command or header line
+local MAX_ARGS = 1024 * 1024
+local MAX_BULK = 512 * 1024 * 1024   -- as Redis's proto-max-bulk-len
+
+local OK, PONG, NIL = "+OK\r\n", "+PONG\r\n", "$-1\r\n"
+local ZERO, ONE = ":0\r\n", ":1\r\n"
+
+local store, count = {}, 0
+
+local function integer(n)
+  if n == 0 then return ZERO elseif n == 1 then return ONE end
+  return ":" .. n .. "\r\n"
+end
+
+local function bulk(s)
+  return "$" .. #s .. "\r\n" .. s .. "\r\n"
+end
+
+local function err(msg)
+  return "-ERR " .. msg .. "\r\n"
+end
+
+local function arity(name)
+  return err("wrong number of arguments for '" .. name:lower() .. "' command")
+end
+
+-- Command handlers: (argv, argc, raw) -> reply. raw(i) returns argument i
+-- still encoded as a bulk string, which SET stores as it came.
+local commands = {}
+
+function commands.PING(argv, argc)
+  if argc == 1 then return PONG end
+  if argc == 2 then return bulk(argv[2]) end
+  return arity("ping")
+end
+
+function commands.ECHO(argv, argc)
+  if argc ~= 2 then return arity("echo") end
+  return bulk(argv[2])
+end
+
+function commands.GET(argv, argc)
+  if argc ~= 2 then return arity("get") end
+  return store[argv[2]] or NIL
+end
+
+function commands.SET(argv, argc, raw)
+  if argc ~= 3 then return err("syntax error") end
+  local key = argv[2]
+  if store[key] == nil then count = count + 1 end
+  store[key] = raw(3)
+  return OK
+end
+
+function commands.DEL(argv, argc)
+  if argc < 2 then return arity("del") end
+  local n = 0
+  for i = 2, argc do
+    local key = argv[i]
+    if store[key] ~= nil then
+      store[key] = nil
+      n = n + 1
+    end
+  end
+  count = count - n
+  return integer(n)
+end
+
+function commands.EXISTS(argv, argc)
+  if argc < 2 then return arity("exists") end
+  local n = 0
+  for i = 2, argc do
+    if store[argv[i]] ~= nil then n = n + 1 end
+  end
+  return integer(n)
+end
+
+function commands.DBSIZE()
+  return integer(count)
+end
+
+function commands.FLUSHALL()
+  store, count = {}, 0
+  return OK
+end
+
+-- redis-benchmark asks for the server's save/appendonly settings first.
+local CONFIG = {save = "", appendonly = "no"}
+
+function commands.CONFIG(argv, argc)
+  local key = argc == 3 and upper(argv[2]) == "GET" and argv[3]:lower()
+  if not key or not CONFIG[key] then return "*0\r\n" end
+  return "*2\r\n" .. bulk(key) .. bulk(CONFIG[key])
+end
+
+local function dispatch(argv, argc, raw)
+  local name = argv[1]
+  local fn = commands[name]
+  if not fn then
+    fn = commands[upper(name)]
+    if not fn then return err("unknown command '" .. name .. "'") end
+  end
+  return fn(argv, argc, raw)
+end
+
+-- ---- the parser: one command from buf at pos --------------------------------
+
+local PROTOCOL = {}  -- a unique value: "protocol error" (reply, then close)
+
+-- Parses one command starting at pos. Returns argc and the position after
+-- it; or nil and how many bytes from pos the command needs at least (when
+-- it is incomplete); or PROTOCOL and a message. Fills argv[1..argc], and
+-- starts[i], stops[i]: where argument i's encoded form lies in buf.
+-- Anchored patterns ("^" at the init position) check a header line and
+-- capture its number in one call; the CRLF after a bulk string is checked
+-- by the next argument's pattern, or at the end.
+local function parse(buf, pos, argv, starts, stops)
+  local _, e, n = find(buf, "^%*(%d+)\r\n", pos)
+  if not e then
+    local eol = find(buf, "\r\n", pos, true)
+    if not eol then
+      if #buf - pos >= MAX_LINE then return PROTOCOL, "too big inline request" end
+      return nil, #buf - pos + 2
+    end
+    if byte(buf, pos) == 42 then return PROTOCOL, "invalid multibulk length" end
+    local argc = 0 -- an inline command
+    for word in sub(buf, pos, eol - 1):gmatch("%S+") do
+      argc = argc + 1
+      argv[argc], starts[argc] = word, nil
+    end
+    return argc, eol + 2
+  end
+  local argc = tonumber(n)
+  if argc > MAX_ARGS then return PROTOCOL, "invalid multibulk length" end
+  local at, header = e + 1, "^%$(%d+)\r\n"
+  for i = 1, argc do
+    local first
+    first, e, n = find(buf, header, at)
+    if not e then -- a whole line there that does not match is an error
+      local eol = find(buf, "\r\n", i > 1 and at + 2 or at, true)
+      if eol or #buf - at >= MAX_LINE then return PROTOCOL, "invalid bulk length" end
+      return nil, #buf - pos + 2
+    end
+    local len = tonumber(n)
+    if len > MAX_BULK then return PROTOCOL, "invalid bulk length" end
+    local last = e + len
+    if last + 2 > #buf then return nil, last + 2 - pos + 1 end
+    argv[i], starts[i], stops[i] = sub(buf, e + 1, last), first, last + 2
+    at, header = last + 1, "^\r\n%$(%d+)\r\n"
+    if i > 1 then starts[i] = first + 2 end
+  end
+  if argc > 0 then
+    if sub(buf, at, at + 1) ~= "\r\n" then return PROTOCOL, "bulk string without CRLF" end
+    at = at + 2
+  end
+  return argc, at
+end
+
+-- ---- the server ---------------------------------------------------------------
+
+local KV = tcpserver.TCPServer:extend()
+
+function KV:handle_stream(stream)
+  local argv, starts, stops, replies = {}, {}, {}, {}
+  local buf, pos = "", 1
+  local function raw(i)
+    if starts[i] then return sub(buf, starts[i], stops[i]) end
+    return bulk(argv[i])
+  end
+  while true do
+    -- everything the client has sent so far (at least one byte)
+    local data = stream:read_bytes(READ_SIZE, true)
+    if not data then return end
+    if pos > #buf then buf = data else buf = sub(buf, pos) .. data end
+    pos = 1
+    local n, quit = 0, false
+    while true do
+      local argc, at = parse(buf, pos, argv, starts, stops)
+      if argc == nil then
+        -- incomplete: a large value is read in one go, not piecemeal
+        local need = at - (#buf - pos + 1)
+        if n == 0 and need > READ_SIZE then
+          local more = stream:read_bytes(need)
+          if not more then return end
+          buf = sub(buf, pos) .. more
+          pos = 1
+        else
+          break
+        end
+      elseif argc == PROTOCOL then
+        n = n + 1
+        replies[n] = "-ERR Protocol error: " .. at .. "\r\n"
+        quit = true
+        break
+      else
+        pos = at
+        if argc > 0 then
+          n = n + 1
+          local name = argv[1]
+          if name == "QUIT" or name == "quit" then
+            replies[n], quit = OK, true
+            break
+          end
+          replies[n] = dispatch(argv, argc, raw)
+        end
+        for i = argc + 1, #argv do argv[i] = nil end
+      end
+    end
+    if n == 1 then
+      stream:write(replies[1])
+    elseif n > 1 then
+      for i = n + 1, #replies do replies[i] = nil end
+      stream:write(replies)
+    end
+    if quit then return end
+  end
+end
+
+local port = tonumber(arg and arg[1]) or 6380
+local server = KV()
+port = server:listen(port, "127.0.0.1")
+log.info("kv server listening on 127.0.0.1:%d", port)
+ioloop.current():start()
