@@ -503,6 +503,7 @@ def tls_phase(tls, upstream_port):
     cert, key = make_cert()
     subst = dict(cert=cert, key=key)
     live = start_servers([t for t in TLS_SERVERS if t[0] != "nginx"], None, "tls-", subst)
+    # (stopped in the finally below, also when a signal ends the run)
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     mod = "/usr/lib/nginx/modules/ngx_stream_module.so"
     if not nginx:
@@ -518,8 +519,10 @@ def tls_phase(tls, upstream_port):
                                       modules="load_module %s;" % mod if os.path.exists(mod) else ""))
         if s.start():
             live["nginx"] = s
-    interleave(live, TLS_WORKLOADS, tls, "tls")
-    stop_servers(live)
+    try:
+        interleave(live, TLS_WORKLOADS, tls, "tls")
+    finally:
+        stop_servers(live)
 
 
 # ---- report ----------------------------------------------------------------
