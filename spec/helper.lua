@@ -36,6 +36,33 @@ function H.echo_lines(_, stream)
   end
 end
 
+--- A luahost script: a line echo on 127.0.0.1 that prints "PORT ARG1"
+-- once listening; a "slow" line takes 0.2 s to echo.
+H.ECHO_SCRIPT = [[
+local tcpserver = require "tcpserver"
+local Echo = tcpserver.TCPServer:extend()
+function Echo:handle_stream(stream)
+  while true do
+    local line = stream:read_until("\n")
+    if not line then return end
+    if line == "slow\n" then require("tcpserver.ioloop").sleep(0.2) end
+    stream:write(line)
+  end
+end
+local port = Echo():listen(0, "127.0.0.1")
+io.stdout:write(port, " ", arg[1] or "", "\n")
+io.stdout:flush()
+]]
+
+--- Writes `source` to a temporary file; returns its path.
+function H.script_file(source)
+  local path = os.tmpname()
+  local f = assert(io.open(path, "w"))
+  f:write(source)
+  f:close()
+  return path
+end
+
 --- Runs argv with `input` on its stdin; returns its stdout and exit status.
 function H.run(argv, input, env)
   local p = process.Subprocess(argv, {stdin = "pipe", stdout = "pipe", env = env})

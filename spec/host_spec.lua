@@ -7,30 +7,13 @@ local LUAHOST = "build/luahost"
 
 -- Starts `luahost script args...`; the script prints its port on stdout.
 local function start(script, ...)
-  local path = os.tmpname()
-  local f = assert(io.open(path, "w"))
-  f:write(script)
-  f:close()
+  local path = H.script_file(script)
   local p = process.Subprocess({LUAHOST, path, ...}, {stdout = "pipe", stderr = "pipe"})
   p.script = path
   return p
 end
 
-local ECHO = [[
-local tcpserver = require "tcpserver"
-local Echo = tcpserver.TCPServer:extend()
-function Echo:handle_stream(stream)
-  while true do
-    local line = stream:read_until("\n")
-    if not line then return end
-    if line == "slow\n" then require("tcpserver.ioloop").sleep(0.2) end
-    stream:write(line)
-  end
-end
-local port = Echo():listen(0, "127.0.0.1")
-io.stdout:write(port, " ", arg[1] or "", "\n")
-io.stdout:flush()
-]]
+local ECHO = H.ECHO_SCRIPT
 
 describe("luahost", function()
   it("runs a script with arg and serves until SIGTERM, then exits 0", async(function()

@@ -277,22 +277,7 @@ end)
 describe("TCPServer out of file descriptors", function()
   it("backs off, logs once and recovers", H.async(function()
     local process = require "tcpserver.process"
-    local script = os.tmpname()
-    local f = assert(io.open(script, "w"))
-    f:write([[
-local tcpserver = require "tcpserver"
-local Echo = tcpserver.TCPServer:extend()
-function Echo:handle_stream(stream)
-  while true do
-    local line = stream:read_until("\n")
-    if not line then return end
-    stream:write(line)
-  end
-end
-print(Echo():listen(0, "127.0.0.1"))
-io.stdout:flush()
-]])
-    f:close()
+    local script = H.script_file(H.ECHO_SCRIPT)
     local p = process.Subprocess({"sh", "-c", "ulimit -n 24 && exec build/luahost " .. script},
                                  {stdout = "pipe", stderr = "pipe"})
     local port = tonumber(p.stdout:read_until("\n"))

@@ -118,10 +118,7 @@ static void log_refusal(ts_stream *s, const char *why) {
 
   if (!(s->flags & F_PIPE) &&
       uv_tcp_getpeername(&s->h.tcp, (struct sockaddr *)&ss, &len) == 0) {
-    if (ss.ss_family == AF_INET6)
-      uv_ip6_name((struct sockaddr_in6 *)&ss, host, sizeof(host));
-    else
-      uv_ip4_name((struct sockaddr_in *)&ss, host, sizeof(host));
+    ts__addr_name((struct sockaddr *)&ss, host, sizeof(host));
   }
   snprintf(msg, sizeof(msg), "PROXY protocol: %s from %s; closing", why, host);
   ts__log(s->h.handle.loop->data, "info", msg);

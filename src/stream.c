@@ -72,22 +72,11 @@ int ts__addr_name(const struct sockaddr *sa, char *host, size_t len) {
 }
 
 int ts__push_addr(lua_State *L, const struct sockaddr *sa) {
-  char host[INET6_ADDRSTRLEN] = "";
-  int port = 0;
-  const char *family = "inet";
+  char host[INET6_ADDRSTRLEN];
+  int port = ts__addr_name(sa, host, sizeof(host));
+  const char *family = sa->sa_family == AF_INET6 ? "inet6"
+                       : sa->sa_family == AF_INET ? "inet" : "unix";
 
-  if (sa->sa_family == AF_INET6) {
-    const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)sa;
-    uv_ip6_name(a, host, sizeof(host));
-    port = ntohs(a->sin6_port);
-    family = "inet6";
-  } else if (sa->sa_family == AF_INET) {
-    const struct sockaddr_in *a = (const struct sockaddr_in *)sa;
-    uv_ip4_name(a, host, sizeof(host));
-    port = ntohs(a->sin_port);
-  } else {
-    family = "unix";
-  }
   lua_pushstring(L, host);
   lua_pushinteger(L, port);
   lua_pushstring(L, family);
@@ -682,7 +671,7 @@ static void close_cb(uv_handle_t *h) {
 
   if (s->flags & F_DIRTY)
     unlink_dirty(s);
-  ts_buf_free(&s->wbuf);
+  ts_buf_release(&s->wbuf, &loop->wpool);
   s->flags |= F_DONE;
   if (s->tls != NULL)
     ts__tls_closed(s);

@@ -109,8 +109,8 @@ int ts__tls_encrypt(ts_stream *s) {
     }
     ts_buf_consume(&s->wbuf, (size_t)n);
   }
-  if (ts_buf_len(&s->wbuf) == 0 && s->wbuf.data != NULL)
-    ts_buf_free(&s->wbuf);
+  if (ts_buf_len(&s->wbuf) == 0)
+    ts_buf_release(&s->wbuf, &((ts_loop *)s->h.handle.loop->data)->wpool);
   return move_out(s);
 }
 
