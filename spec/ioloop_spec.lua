@@ -137,3 +137,64 @@ describe("ioloop", function()
                      "PeriodicCallback: interval must be a positive number of milliseconds")
   end)
 end)
+
+-- Under the generational collector, tasks that ended after growing old
+-- were walked by every minor collection and freed by none while the heap
+-- did not double: after a wave of closed connections the memory stayed
+-- and every later collection paid for it.
+describe("ioloop under the generational collector", function()
+  local SERVER = [[
+local tcpserver = require "tcpserver"
+local S = tcpserver.TCPServer:extend()
+local server
+function S:handle_stream(stream)
+  while true do
+    local line = stream:read_until("\n")
+    if not line then return end
+    local cmd, n = line:match("^(%u+) ?(%d*)")
+    if cmd == "GARBAGE" then
+      for i = 1, tonumber(n) do local _ = string.rep("x", 1000) .. i end
+    elseif cmd == "MEM" then
+      line = string.format("%d\n", collectgarbage("count") // 1)
+    elseif cmd == "COUNT" then
+      line = server:connection_count() .. "\n"
+    end
+    stream:write(line)
+  end
+end
+server = S()
+io.stdout:write(server:listen(0, "127.0.0.1"), "\n")
+io.stdout:flush()
+]]
+
+  local function ask(c, line)
+    assert(c:write(line .. "\n"))
+    return assert(c:read_until("\n")):sub(1, -2)
+  end
+
+  it("frees the tasks of closed connections without waiting for the heap to double", async(function()
+    local process = require "tcpserver.process"
+    local tcpclient = require "tcpserver.tcpclient"
+    local path = H.script_file(SERVER)
+    local p = process.Subprocess({"build/luahost", path}, {stdout = "pipe"})
+    finally(function() p:kill(9); os.remove(path) end)
+    local port = tonumber(p.stdout:read_until("\n"))
+    local ctl = assert(tcpclient.connect("127.0.0.1", port))
+    local base = tonumber(ask(ctl, "MEM"))
+    local wave = {}
+    for i = 1, 500 do
+      wave[i] = assert(tcpclient.connect("127.0.0.1", port))
+      assert.equal("hi", ask(wave[i], "hi"))
+    end
+    ask(ctl, "GARBAGE 20000") -- minor collections age the wave's tasks
+    local peak = tonumber(ask(ctl, "MEM"))
+    for _, c in ipairs(wave) do c:close() end
+    H.wait_until(function() return ask(ctl, "COUNT") == "1" end)
+    ask(ctl, "GARBAGE 20000")
+    local after = tonumber(ask(ctl, "MEM"))
+    assert.is_true(peak - base > 500, "the wave took " .. (peak - base) .. " KiB")
+    assert.is_true(after - base < (peak - base) / 2,
+                   string.format("base %d KiB, peak %d, after %d", base, peak, after))
+    ctl:close()
+  end))
+end)

@@ -27,6 +27,10 @@ typedef struct ts_loop {
   ts_buf_pool wpool;     /* drained write buffers */
   int running;
   int log_ref;           /* Lua function(level, msg) for the core's logs */
+  size_t ended;          /* tasks ended since the last full collection */
+  size_t walked;         /* dead-thread walks since then (an upper bound) */
+  size_t walk_budget;    /* walks that cost about one full collection */
+  uv_prepare_t full_collect;
   char shared[TS_SHARED_READ_SIZE];
 } ts_loop;
 

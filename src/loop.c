@@ -9,6 +9,58 @@
 
 static ts_loop *the_loop;
 
+/* A task that ends after the generational collector has aged it stays on
+ * its gray list, and every minor collection walks it again until a major
+ * one; Lua starts a major collection only once the heap has doubled, which
+ * after a wave of closed connections may be never (bulk transfer then ran
+ * at half speed). So the core counts that waste: a finalizer-only sentinel,
+ * made anew each time it is collected, adds the tasks ended since the last
+ * full collection at every cycle. Once the walks add up to what a full
+ * collection of the heap costs (a thread walk is about as dear as marking
+ * a KiB), it runs one: never more than twice the least work, and nothing
+ * at all while no task ends. It runs from a prepare handle, after the
+ * close callbacks have let go of the streams whose tasks ended. */
+#define SENTINEL "tcpserver.gc_sentinel"
+#define WALK_BUDGET_MIN 256
+
+static void new_sentinel(lua_State *L) {
+  lua_newuserdatauv(L, 0, 0);
+  luaL_setmetatable(L, SENTINEL);
+  lua_pop(L, 1);
+}
+
+/* The sentinel is collected too, so counting restarts first. */
+static void full_collect_cb(uv_prepare_t *h) {
+  lua_State *L = the_loop->L;
+  size_t heap_kb;
+
+  uv_prepare_stop(h);
+  the_loop->ended = 0;
+  the_loop->walked = 0;
+  lua_gc(L, LUA_GCCOLLECT);
+  heap_kb = (size_t)lua_gc(L, LUA_GCCOUNT);
+  the_loop->walk_budget = heap_kb > WALK_BUDGET_MIN ? heap_kb : WALK_BUDGET_MIN;
+}
+
+static int sentinel_gc(lua_State *L) {
+  the_loop->walked += the_loop->ended;
+  if (the_loop->walked >= the_loop->walk_budget)
+    uv_prepare_start(&the_loop->full_collect, full_collect_cb);
+  new_sentinel(L);
+  return 0;
+}
+
+static void start_sentinel(lua_State *L) {
+  uv_prepare_init(the_loop->uv, &the_loop->full_collect);
+  uv_unref((uv_handle_t *)&the_loop->full_collect);
+  luaL_newmetatable(L, SENTINEL);
+  lua_pushcfunction(L, sentinel_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  new_sentinel(L);
+  the_loop->walk_budget = WALK_BUDGET_MIN;
+}
+
 ts_loop *ts__loop(lua_State *L) {
   if (the_loop != NULL)
     return the_loop;
@@ -23,6 +75,7 @@ ts_loop *ts__loop(lua_State *L) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   the_loop->L = lua_tothread(L, -1);
   lua_pop(L, 1);
+  start_sentinel(L);
   signal(SIGPIPE, SIG_IGN);
   return the_loop;
 }
@@ -114,6 +167,8 @@ static void resume_from(lua_State *L, lua_State *co, int narg) {
     lua_pop(L, 1);
   }
   ts__flush_dirty(the_loop);
+  if (status != LUA_YIELD)
+    the_loop->ended++;
 }
 
 void ts__resume(lua_State *co, int narg) {

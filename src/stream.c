@@ -700,6 +700,8 @@ void ts__stream_task_done(lua_State *L, ts_stream *s, lua_State *co, int status)
   lua_getfield(L, -1, "done");
   lua_remove(L, -2);
   lua_rawgeti(L, LUA_REGISTRYINDEX, s->self_ref);
+  lua_pushnil(L);
+  lua_setiuservalue(L, -2, 1); /* the ended task, if it was a reader */
   lua_rawgeti(L, LUA_REGISTRYINDEX, s->addr_ref);
   lua_pushboolean(L, failed);
   if (failed) {
