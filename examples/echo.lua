@@ -7,7 +7,7 @@ local log = require "tcpserver.log"
 local EchoServer = tcpserver.TCPServer:extend()
 
 function EchoServer:handle_stream(stream, address)
-  log.debug("connection from %s", tostring(address))
+  log.debug("connection from %s", address) -- formatted only if logged
   while true do
     local line = stream:read_until("\n")
     if not line then break end
