@@ -541,29 +541,24 @@ void ts__flush_dirty(ts_loop *loop) {
   }
 }
 
-static int append_value(lua_State *L, ts_stream *s, int idx) {
-  size_t len;
-  const char *p = lua_tolstring(L, idx, &len);
-  return ts_buf_append(&s->wbuf, p, len);
-}
-
-static int append_all(lua_State *L, ts_stream *s) {
+/* write({...}): the strings of an array, in order. */
+static int append_array(lua_State *L, ts_stream *s) {
   lua_Integer i, n;
-  int rc = 0;
+  size_t len;
+  const char *p;
 
-  ts_buf_adopt(&s->wbuf, &((ts_loop *)s->h.handle.loop->data)->wpool);
-  if (lua_type(L, 2) == LUA_TSTRING)
-    return append_value(L, s, 2);
   luaL_argexpected(L, lua_type(L, 2) == LUA_TTABLE, 2, "string or array of strings");
   n = luaL_len(L, 2);
-  for (i = 1; i <= n && rc == 0; i++) {
+  for (i = 1; i <= n; i++) {
     if (lua_geti(L, 2, i) != LUA_TSTRING)
       return luaL_error(L, "bad argument #1 to 'write' (item %d is not a string)",
                         (int)i);
-    rc = append_value(L, s, -1);
+    p = lua_tolstring(L, -1, &len);
+    if (ts_buf_append(&s->wbuf, p, len) != 0)
+      return UV_ENOMEM;
     lua_pop(L, 1);
   }
-  return rc;
+  return 0;
 }
 
 static int push_error(lua_State *L, const char *err) {
@@ -576,16 +571,12 @@ static int push_error(lua_State *L, const char *err) {
  * straight from the Lua string: copying it into the write buffer first
  * would cost more than the syscall that batching saves. Returns 1 if it
  * does not apply, else 0 (the rest, if any, is appended) or an error. */
-static int write_direct(lua_State *L, ts_stream *s) {
-  size_t len;
-  const char *p;
+static int write_direct(ts_stream *s, const char *p, size_t len) {
   uv_buf_t b;
   int n;
 
-  if (lua_type(L, 2) != LUA_TSTRING || s->tls != NULL || pending_writes(s) > 0)
-    return 1;
-  p = lua_tolstring(L, 2, &len);
-  if (len < DIRECT_WRITE_MIN || len > INT_MAX)
+  if (len < DIRECT_WRITE_MIN || len > INT_MAX || s->tls != NULL ||
+      pending_writes(s) > 0)
     return 1;
   b = uv_buf_init((char *)p, (unsigned)len);
   n = uv_try_write(&s->h.stream, &b, 1);
@@ -598,19 +589,37 @@ static int write_direct(lua_State *L, ts_stream *s) {
   return ts_buf_append(&s->wbuf, p + n, len - (size_t)n) ? UV_ENOMEM : 0;
 }
 
+/* Queues one string (the common case, fetched once) or an array of them. */
+static int append_arg(lua_State *L, ts_stream *s) {
+  size_t len;
+  const char *p;
+  int rc;
+
+  if (lua_type(L, 2) != LUA_TSTRING) {
+    ts_buf_adopt(&s->wbuf, &((ts_loop *)s->h.handle.loop->data)->wpool);
+    return append_array(L, s);
+  }
+  p = lua_tolstring(L, 2, &len);
+  rc = write_direct(s, p, len);
+  if (rc != 1)
+    return rc;
+  ts_buf_adopt(&s->wbuf, &((ts_loop *)s->h.handle.loop->data)->wpool);
+  return ts_buf_append(&s->wbuf, p, len) ? UV_ENOMEM : 0;
+}
+
 static int l_write(lua_State *L) {
   ts_stream *s = check_stream(L);
-  int direct;
+  int rc;
 
   if (s->flags & F_CLOSED) {
     luaL_checkany(L, 2);
     return push_error(L, "closed");
   }
-  direct = write_direct(L, s);
-  if (direct < 0 && direct != UV_ENOMEM)
-    return push_error(L, ts__stream_error(s));
-  if (direct == UV_ENOMEM || (direct == 1 && append_all(L, s) != 0))
+  rc = append_arg(L, s);
+  if (rc == UV_ENOMEM)
     return luaL_error(L, "write: out of memory");
+  if (rc != 0)
+    return push_error(L, ts__stream_error(s));
   if (ts_buf_len(&s->wbuf) > 0)
     mark_dirty(s);
   if (pending_writes(s) > WRITE_HIGH_WATER && ts__in_task(L)) {
