@@ -7,8 +7,8 @@
 -- Each worker answers a connection with its task id and closes it; the
 -- driver makes `connections` connections with each concurrency (default
 -- 1 and 32) and counts the answers per worker.
-local ioloop = require "tcpserver.ioloop"
-local locks = require "tcpserver.locks"
+package.path = arg[0]:gsub("[^/]*$", "?.lua;") .. package.path
+local M = require "multiproc"
 local netutil = require "tcpserver.netutil"
 local process = require "tcpserver.process"
 local tcpclient = require "tcpserver.tcpclient"
@@ -34,20 +34,12 @@ local function serve(mode, port)
   io.stdout:flush()
 end
 
-local function free_port()
-  local sock = netutil.bind_sockets(0, "127.0.0.1")[1]
-  local _, port = sock:getsockname()
-  sock:close()
-  return port
-end
-
 -- Makes `total` connections, `concurrency` at a time; returns the count
 -- per task id and the number of failures.
 local function drive(port, total, concurrency)
-  local counts, failed, left, running = {}, 0, total, concurrency
+  local counts, failed, left = {}, 0, total
   for id = 0, WORKERS - 1 do counts[id] = 0 end
-  local done = locks.Event()
-  local function client()
+  M.spawn_clients(concurrency, function()
     while left > 0 do
       left = left - 1
       local stream = tcpclient.connect("127.0.0.1", port)
@@ -59,22 +51,15 @@ local function drive(port, total, concurrency)
       end
       if stream then stream:close() end
     end
-    running = running - 1
-    if running == 0 then done:set() end
-  end
-  for _ = 1, concurrency do ioloop.current():spawn(client) end
-  done:wait()
+  end)()
   return counts, failed
 end
 
 local function measure(mode, total, concurrency)
-  local port = free_port()
-  local server = process.Subprocess({arg[-1], arg[0], "--serve", mode, tostring(port)},
-                                    {stdout = "pipe", stderr = "null"})
-  for _ = 1, WORKERS do server.stdout:read_until("\n") end
+  local port = M.free_port()
+  local server = M.start_server(mode, port, WORKERS)
   local counts, failed = drive(port, total, concurrency)
-  server:kill(15)
-  server:wait_for_exit()
+  M.stop_server(server)
   return counts, failed
 end
 
@@ -96,8 +81,4 @@ local function main()
   end
 end
 
-if arg[1] == "--serve" then
-  serve(arg[2], tonumber(arg[3]))
-else
-  ioloop.current():run_sync(main)
-end
+M.run(serve, main)

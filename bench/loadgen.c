@@ -523,13 +523,19 @@ static void stream_read(conn_t *c, const char *data, size_t len) {
 
 /* ---- churn: connect, one line, echo, close, repeat ---------------------- */
 
-static void churn_read(conn_t *c, const char *data, size_t len) {
+/* Churn and drip wait for one line of g.size bytes: returns 1 once all of
+ * it is back, 0 before, -1 (the connection failed) on a wrong echo. */
+static int one_line_read(conn_t *c, const char *data, size_t len) {
   if (check_lines(c, data, len) != 0 || c->rx_bytes + len > g.size) {
     conn_fail(c, "echo does not match what was sent", 0);
-    return;
+    return -1;
   }
   c->rx_bytes += len;
-  if (c->rx_bytes < g.size)
+  return c->rx_bytes == g.size;
+}
+
+static void churn_read(conn_t *c, const char *data, size_t len) {
+  if (one_line_read(c, data, len) != 1)
     return;
   if (g.measuring) {
     g.hist[hist_bucket(uv_hrtime() - c->started)]++;
@@ -601,12 +607,7 @@ static void drip_step(uv_idle_t *h) {
 }
 
 static void drip_read(conn_t *c, const char *data, size_t len) {
-  if (check_lines(c, data, len) != 0 || c->rx_bytes + len > g.size) {
-    conn_fail(c, "echo does not match what was sent", 0);
-    return;
-  }
-  c->rx_bytes += len;
-  if (c->rx_bytes < g.size)
+  if (one_line_read(c, data, len) != 1)
     return;
   g.t_end = uv_hrtime();
   g.drip_done = 1;

@@ -8,10 +8,9 @@
 -- reloads; the errors are counted by kind. With reuse_port a connection
 -- queued on an old worker's socket when it closes is reset, unless
 -- net.ipv4.tcp_migrate_req=1 (printed below).
+package.path = arg[0]:gsub("[^/]*$", "?.lua;") .. package.path
+local M = require "multiproc"
 local ioloop = require "tcpserver.ioloop"
-local locks = require "tcpserver.locks"
-local netutil = require "tcpserver.netutil"
-local process = require "tcpserver.process"
 local tcpclient = require "tcpserver.tcpclient"
 local tcpserver = require "tcpserver"
 
@@ -34,25 +33,11 @@ local function serve(mode, port)
   io.stdout:flush()
 end
 
-local function free_port()
-  local sock = netutil.bind_sockets(0, "127.0.0.1")[1]
-  local _, port = sock:getsockname()
-  sock:close()
-  return port
-end
-
 local function measure(mode, reloads, clients)
-  local port = free_port()
-  local argv = {arg[-1], arg[0], "--serve", mode, tostring(port)}
-  if mode == "workers" then
-    table.insert(argv, 2, "--workers")
-    table.insert(argv, 3, "2")
-  end
-  local server = process.Subprocess(argv, {stdout = "pipe", stderr = "null"})
-  for _ = 1, 2 do server.stdout:read_until("\n") end
-  local ok, errors, stop, running = 0, {}, false, clients
-  local done = locks.Event()
-  local function client()
+  local port = M.free_port()
+  local server = M.start_server(mode, port, 2, mode == "workers" and {"--workers", "2"} or nil)
+  local ok, errors, stop = 0, {}, false
+  local wait = M.spawn_clients(clients, function()
     while not stop do
       local stream, err = tcpclient.connect("127.0.0.1", port)
       local reply
@@ -63,19 +48,15 @@ local function measure(mode, reloads, clients)
       end
       if reply then ok = ok + 1 else errors[err] = (errors[err] or 0) + 1 end
     end
-    running = running - 1
-    if running == 0 then done:set() end
-  end
-  for _ = 1, clients do ioloop.current():spawn(client) end
+  end)
   for _ = 1, reloads do
     ioloop.sleep(0.1)
     server:kill(1)
   end
   ioloop.sleep(0.5)
   stop = true
-  done:wait()
-  server:kill(15)
-  server:wait_for_exit()
+  wait()
+  M.stop_server(server)
   return ok, errors
 end
 
@@ -94,8 +75,4 @@ local function main()
   end
 end
 
-if arg[1] == "--serve" then
-  serve(arg[2], tonumber(arg[3]))
-else
-  ioloop.current():run_sync(main)
-end
+M.run(serve, main)

@@ -4,6 +4,7 @@
 'use strict';
 const fs = require('fs');
 const tls = require('tls');
+const lineEcho = require('./line_echo');
 
 const [port, certfile, keyfile] = process.argv.slice(2);
 
@@ -12,14 +13,7 @@ const server = tls.createServer({
   cert: fs.readFileSync(certfile),
 }, (socket) => {
   socket.setNoDelay(true);
-  let pending = '';
-  socket.setEncoding('latin1');
-  socket.on('data', (chunk) => {
-    const lines = (pending + chunk).split('\n');
-    pending = lines.pop();
-    for (const line of lines) socket.write(line + '\n', 'latin1');
-  });
-  socket.on('error', () => {});
+  lineEcho(socket);
 });
 
 server.listen(Number(port), '127.0.0.1');
