@@ -37,7 +37,8 @@ static void full_collect_cb(uv_prepare_t *h) {
   uv_prepare_stop(h);
   the_loop->ended = 0;
   the_loop->walked = 0;
-  lua_gc(L, LUA_GCCOLLECT);
+  if (lua_gc(L, LUA_GCISRUNNING)) /* not if the script stopped it */
+    lua_gc(L, LUA_GCCOLLECT);
   heap_kb = (size_t)lua_gc(L, LUA_GCCOUNT);
   the_loop->walk_budget = heap_kb > WALK_BUDGET_MIN ? heap_kb : WALK_BUDGET_MIN;
 }
