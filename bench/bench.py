@@ -898,6 +898,12 @@ def main(argv):
             if "idle" in ONLY:
                 log("idle: %d connections per server" % IDLE_CONNS)
                 idle_phase(live, idle)
+                if ONLY & {"echo", "drip"}:
+                    # 10,000 connections leave glibc's heap fragmented
+                    # (tcpserver: +7% CPU per d16 message afterwards): the
+                    # echo workloads start on fresh servers, as idle did.
+                    stop_servers(live)
+                    live = start_servers(ECHO_SERVERS, only, "")
             if "echo" in ONLY:
                 interleave(live, ECHO_WORKLOADS, echo, "echo")
                 for v in echo.values():
