@@ -121,7 +121,7 @@ KV_SERVERS = [
 ]
 
 TLS_SERVERS = [
-    ("tcpserver", [LUAHOST, "bench/peers/tls_echo.lua", "{port}", "{cert}", "{key}"], lambda: have_exec(LUAHOST)),
+    ("tcpserver", [LUAHOST, "examples/echo.lua", "{port}", "{cert}", "{key}"], lambda: have_exec(LUAHOST)),
     ("node", [NODE or "node", "bench/peers/tls_echo.js", "{port}", "{cert}", "{key}"], node_check),
     ("nginx", ["nginx", "-c", "{nginx_conf}"], None),  # check set up in tls_phase
 ]
@@ -720,7 +720,7 @@ def report(echo, idle, drip, kv, tls, echo_names, meta, elapsed):
         w("")
         w("Certificate: EC P-256, self-signed, made at bench time (bench/build/cert.pem). loadgen "
           "--tls: OpenSSL client, TLS 1.3 as negotiated, no session reuse (every connection a "
-          "full handshake). tcpserver = bench/peers/tls_echo.lua, node = bench/peers/tls_echo.js. "
+          "full handshake). tcpserver = examples/echo.lua with a certificate, node = bench/peers/tls_echo.js. "
           "nginx = stream module terminating TLS and proxying to the ceiling echo server: nginx "
           "cannot echo by itself, so it appears in the handshake row only, where the upstream "
           "hop is one small line per connection (its CPU, in echo_uv, is not counted).")

@@ -1,5 +1,6 @@
 -- Echo server: every line a client sends comes back.
---   luahost examples/echo.lua [port]      (8888 by default)
+--   luahost examples/echo.lua [port [certfile keyfile]]
+-- (port 8888 by default; with a certificate and key it serves TLS)
 local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
 local log = require "tcpserver.log"
@@ -16,7 +17,8 @@ function EchoServer:handle_stream(stream, address)
 end
 
 local port = tonumber(arg and arg[1]) or 8888
-local server = EchoServer()
+local certfile, keyfile = arg and arg[2], arg and arg[3]
+local server = EchoServer(certfile and {ssl_options = {certfile = certfile, keyfile = keyfile}})
 port = server:listen(port, "127.0.0.1")
-log.info("echo server listening on 127.0.0.1:%d", port)
+log.info("echo server listening on 127.0.0.1:%d%s", port, certfile and " (TLS)" or "")
 ioloop.current():start()

@@ -79,17 +79,34 @@ describe("luahost", function()
     assert.equal(2, bad)
   end))
 
-  it("runs the echo example", async(function()
-    local p = process.Subprocess({LUAHOST, "examples/echo.lua", "0"}, {stderr = "pipe"})
+  -- Runs examples/echo.lua with `args`, echoes one line through a client
+  -- made by connect(port), then stops it.
+  local function echo_example(args, connect)
+    local argv = {LUAHOST, "examples/echo.lua"}
+    for _, a in ipairs(args) do argv[#argv + 1] = a end
+    local p = process.Subprocess(argv, {stderr = "pipe"})
     local line = p.stderr:read_until("\n")
     local port = tonumber(line:match("127%.0%.0%.1:(%d+)"))
     assert.is_truthy(port, line)
-    local c = assert(tcpclient.connect("127.0.0.1", port))
+    local c = assert(connect(port))
     c:write("echo example\n")
     assert.equal("echo example\n", c:read_until("\n"))
     c:close()
     p:kill(15)
     assert.same({0, 0}, {p:wait_for_exit()})
+    return line
+  end
+
+  it("runs the echo example", async(function()
+    echo_example({"0"}, function(port) return tcpclient.connect("127.0.0.1", port) end)
+  end))
+
+  it("runs the echo example over TLS when given a certificate and key", async(function()
+    local C = H.certs()
+    local line = echo_example({"0", C.server.certfile, C.server.keyfile}, function(port)
+      return tcpclient.connect("localhost", port, {ssl_options = {cafile = C.cafile}})
+    end)
+    assert.matches("%(TLS%)", line)
   end))
 end)
 
@@ -145,6 +162,18 @@ local function reload(p, path, n, v)
   return pids
 end
 
+-- Keeps clients connecting through reloads to v2 and v3 of `n` workers;
+-- returns them stopped, with their replies and errors counted.
+local function reload_twice_under_load(p, path, port, n)
+  local client = P.hammer(port)
+  client:wait_requests(10)
+  reload(p, path, n, "v2")
+  reload(p, path, n, "v3")
+  client:wait_requests(20)
+  client:stop()
+  return client
+end
+
 describe("luahost --workers", function()
   after_each(P.cleanup)
 
@@ -171,12 +200,7 @@ describe("luahost --workers", function()
     -- One worker: with more, another one's socket would hide a gap.
     local p = P.luahost(WORKER, {path, port}, {flags = {"-w", "1"}})
     p.out:await("^up 0 %d+ v1 ")
-    local client = P.hammer(port)
-    client:wait_requests(10)
-    reload(p, path, 1, "v2")
-    reload(p, path, 1, "v3")
-    client:wait_requests(20)
-    client:stop()
+    local client = reload_twice_under_load(p, path, port, 1)
     -- Each worker has its own reuse_port socket: a connection the kernel
     -- queued on an old worker's socket in the instant it closes is reset
     -- (unless net.ipv4.tcp_migrate_req=1), so "closed" may show here, rarely;
@@ -276,12 +300,7 @@ sys.stdout.write(s.makefile("rb").readline().decode())
                         {flags = {"--workers", "2"}, launcher = P.systemd("1:web")})
     local port = tonumber(p.out:await("^port (%d+)$"))
     for _ = 1, 2 do assert.equal(port, tonumber(p.out:await("^up %d+ %d+ v1 (%d+)$"))) end
-    local client = P.hammer(port)
-    client:wait_requests(10)
-    reload(p, path, 2, "v2")
-    reload(p, path, 2, "v3")
-    client:wait_requests(20)
-    client:stop()
+    local client = reload_twice_under_load(p, path, port, 2)
     assert.same({}, client.errors)
     assert.is_true(client.replies.v1 >= 10 and client.replies.v3 >= 1)
     p:kill(15)

@@ -261,13 +261,19 @@ print("up " .. process.task_id())
 io.stdout:flush()
 ]]
 
-    it("SIGTERM is forwarded; a request in flight finishes, then all exit 0", async(function()
-      local p = P.luahost(DRAIN, {10})
+    -- Starts DRAIN with `shutdown_timeout` and a request in flight.
+    local function drain_with_request(shutdown_timeout)
+      local p = P.luahost(DRAIN, {shutdown_timeout})
       local port = tonumber(p.out:await("^port (%d+)"))
       ups(p, 2)
       local c = H.connect(port)
       c:write("slow\n")
       assert.matches("^working %d\n$", c:read_until("\n"))
+      return p, c
+    end
+
+    it("SIGTERM is forwarded; a request in flight finishes, then all exit 0", async(function()
+      local p, c = drain_with_request(10)
       p:kill(15)
       p.out:await("^term 0$")
       p.out:await("^term 1$")
@@ -278,12 +284,7 @@ io.stdout:flush()
     end))
 
     it("SIGINT too, and shutdown_timeout ends a handler that does not finish", async(function()
-      local p = P.luahost(DRAIN, {0.2})
-      local port = tonumber(p.out:await("^port (%d+)"))
-      ups(p, 2)
-      local c = H.connect(port)
-      c:write("slow\n")
-      assert.matches("^working %d\n$", c:read_until("\n"))
+      local p, c = drain_with_request(0.2)
       p:kill(2)
       -- the server closes the stream after shutdown_timeout: the handler's
       -- pending read fails, and what it writes then is not sent
