@@ -73,9 +73,26 @@ function H.run(argv, input, env)
   return out, status, signal
 end
 
---- Runs a Python 3 snippet; extra args land in sys.argv[1:].
+-- Debian's python3 directly: a version manager's shim in PATH can take a
+-- second to start.
+H.PYTHON = io.open("/usr/bin/python3") and "/usr/bin/python3" or "python3"
+
+--- Runs a Python 3 snippet; extra args land in sys.argv[1:]. Returns its
+-- stdout and exit status.
 function H.python(code, ...)
-  return H.run({"python3", "-c", code, ...})
+  return H.run({H.PYTHON, "-c", code, ...})
+end
+
+--- Sends `line` to the unix socket at `path` from Python; returns the
+-- line that comes back.
+function H.unix_line(path, line)
+  return H.python([[
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode())
+sys.stdout.write(s.makefile("rb").readline().decode())
+]], path, line)
 end
 
 --- Collects log lines until the returned function is called to restore.

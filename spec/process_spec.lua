@@ -206,35 +206,9 @@ os.exit(id)
     }, lines)
   end))
 
-  it("leaves no orphans: killing the supervisor stops the workers", async(function()
-    local p = P.luahost([[
-local tcpserver = require "tcpserver"
-local process = require "tcpserver.process"
-local ioloop = require "tcpserver.ioloop"
-local server = tcpserver.TCPServer()
-server:bind(0, "127.0.0.1")
-server:start(2)
-ioloop.current():add_signal_handler("SIGTERM", function()
-  print("term " .. process.task_id())
-  io.stdout:flush()
-end)
-print("up " .. process.task_id())
-io.stdout:flush()
-]])
-    ups(p, 2)
-    p:kill(9)
-    assert.same({0, 9}, {p:wait()})
-    -- stdout ends only when every worker has exited: each got SIGTERM
-    -- (PR_SET_PDEATHSIG) and stopped gracefully
-    p.out:all()
-    p.out:await("^term 0$")
-    p.out:await("^term 1$")
-  end))
-
-  describe("signals to the supervisor", function()
-    -- "slow" makes a request that stays in flight until the client sends
-    -- another line; "term <id>" is printed when a worker gets SIGTERM.
-    local DRAIN = [[
+  -- "slow" makes a request that stays in flight until the client sends
+  -- another line; "term <id>" is printed when a worker gets SIGTERM.
+  local DRAIN = [[
 local tcpserver = require "tcpserver"
 local process = require "tcpserver.process"
 local ioloop = require "tcpserver.ioloop"
@@ -261,6 +235,19 @@ print("up " .. process.task_id())
 io.stdout:flush()
 ]]
 
+  it("leaves no orphans: killing the supervisor stops the workers", async(function()
+    local p = P.luahost(DRAIN, {10})
+    ups(p, 2)
+    p:kill(9)
+    assert.same({0, 9}, {p:wait()})
+    -- stdout ends only when every worker has exited: each got SIGTERM
+    -- (PR_SET_PDEATHSIG) and stopped gracefully
+    p.out:all()
+    p.out:await("^term 0$")
+    p.out:await("^term 1$")
+  end))
+
+  describe("signals to the supervisor", function()
     -- Starts DRAIN with `shutdown_timeout` and a request in flight.
     local function drain_with_request(shutdown_timeout)
       local p = P.luahost(DRAIN, {shutdown_timeout})

@@ -11,15 +11,7 @@ local tcpclient = require "tcpserver.tcpclient"
 
 local P = {}
 P.LUAHOST = "build/luahost"
--- Debian's python3 directly: a version manager's shim in PATH can take a
--- second to start.
-P.PYTHON = io.open("/usr/bin/python3") and "/usr/bin/python3" or "python3"
-
---- Runs a Python 3 snippet (extra args in sys.argv[1:]); returns its
--- stdout and exit status.
-function P.python(code, ...)
-  return H.run({P.PYTHON, "-c", code, ...})
-end
+P.python = H.python
 
 --- Writes `source` to a temporary file; returns its path.
 function P.tmpfile(source)
@@ -179,7 +171,7 @@ os.execve(argv[0], argv, env)
 -- `what` as described above.
 function P.systemd(what)
   return function(argv)
-    return {P.PYTHON, "-c", SYSTEMD, what, table.unpack(argv)}
+    return {H.PYTHON, "-c", SYSTEMD, what, table.unpack(argv)}
   end
 end
 
