@@ -30,7 +30,7 @@ PORT    ?= 8888
 
 all: $(CORE_SO) $(HOST)
 
-$(BUILD)/obj/%.o: src/%.c src/internal.h src/stream.h src/buf.h include/tcpserver.h
+$(BUILD)/obj/%.o: src/%.c src/internal.h src/stream.h src/buf.h src/proxy.h include/tcpserver.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) $(CFLAGS) -fPIC $(CPPFLAGS) -c $< -o $@
 

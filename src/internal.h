@@ -53,10 +53,6 @@ void ts__flush_dirty(ts_loop *loop);
  * as owner hears of the task's end (ts__stream_task_done). */
 void ts__spawn(lua_State *L, int narg, void *owner);
 void ts__stream_task_done(lua_State *L, ts_stream *s, lua_State *co, int status);
-/* Runs a server's handler on s: handler is the registry ref of the
- * server's {server=, begin=, done=, Address=} table. */
-void ts__serve(lua_State *L, ts_stream *s, int handler_ref, const char *host,
-               int port, const char *family);
 /* After fork: reinitializes the loop, if there is one, for the child. */
 int ts__loop_fork(void);
 int ts__loop_running(void);

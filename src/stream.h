@@ -82,9 +82,7 @@ void ts__stream_wake(ts_stream *s, lua_State **cop, int slot, int nres);
 const char *ts__stream_error(ts_stream *s);
 void ts__stream_start_timer(ts_stream *s, uint64_t ms);
 
-/* proxy.c */
-int ts__proxy_begin(lua_State *L, ts_stream *s, int handler_ref, int ctx_ref,
-                    double timeout);
+/* server.c: the PROXY header step (see s->proxy) */
 void ts__proxy_on_data(ts_stream *s);
 void ts__proxy_on_eof(ts_stream *s);
 void ts__proxy_timeout(ts_stream *s);
