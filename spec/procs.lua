@@ -10,7 +10,7 @@ local process = require "tcpserver.process"
 local tcpclient = require "tcpserver.tcpclient"
 
 local P = {}
-P.LUAHOST = "build/luahost"
+P.LUAHOST = H.LUAHOST
 P.python = H.python
 
 --- Writes `source` to a temporary file; returns its path.
