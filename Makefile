@@ -111,5 +111,9 @@ sanitize: deps
 	@$(SAN_ENV) $(BUSTED) spec; status=$$?; \
 	  sh tools/sanitizer-logs.sh $(SAN_LOGS) && exit $$status
 
+# valgrind: memcheck over specs that reach every C file (see the script).
+valgrind: deps all
+	@bash tools/valgrind.sh $(CURDIR)/$(CORE_SO)
+
 clean:
 	rm -rf $(BUILD) $(SAN_BUILD)
