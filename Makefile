@@ -115,5 +115,31 @@ sanitize: deps
 valgrind: deps all
 	@bash tools/valgrind.sh $(CURDIR)/$(CORE_SO)
 
+# fuzz: libFuzzer targets (clang) in fuzz/, each run FUZZ_SECONDS from its
+# seeds in fuzz/corpus/<target>/; what they find new stays in build-fuzz.
+FUZZ_SECONDS ?= 30
+FUZZ_BUILD    = build-fuzz
+FUZZ_TARGETS  = buf_find proxy_parse tls_read
+FUZZ_PKGS     = clang libclang-rt-14-dev
+FUZZ_FLAGS    = -fsanitize=address,undefined -fno-sanitize-recover=all
+
+fuzz:
+	@$(MAKE) -s --no-print-directory deps DEB_PKGS="$(DEB_PKGS) $(FUZZ_PKGS)"
+	@$(MAKE) -s --no-print-directory BUILD=$(FUZZ_BUILD) CC=clang \
+	  CFLAGS="-O1 -g $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link" \
+	  $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/fuzz/%)
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$t; \
+	  $(FUZZ_BUILD)/fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=$(FUZZ_BUILD)/$$t- $(FUZZ_BUILD)/corpus/$$t fuzz/corpus/$$t \
+	    >$(FUZZ_BUILD)/$$t.log 2>&1 || { tail -40 $(FUZZ_BUILD)/$$t.log; exit 1; }; \
+	  echo "fuzz $$t: $$(grep -o 'stat::number_of_executed_units: *[0-9]*' $(FUZZ_BUILD)/$$t.log | grep -o '[0-9]*$$') runs in $(FUZZ_SECONDS) s, no crash"; \
+	done
+
+$(BUILD)/fuzz/%: fuzz/%.c $(CORE_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(CFLAGS) -fsanitize=fuzzer $(CPPFLAGS) -o $@ $< $(CORE_OBJ) \
+	  $(LIBS) $(LUA_LIBS) -lm
+
 clean:
-	rm -rf $(BUILD) $(SAN_BUILD)
+	rm -rf $(BUILD) $(SAN_BUILD) $(FUZZ_BUILD)

@@ -86,12 +86,12 @@ void ts_buf_consume(ts_buf *b, size_t n) {
 
 long ts_buf_find(ts_buf *b, const char *delim, size_t dlen, size_t *scan) {
   size_t len = ts_buf_len(b);
-  const char *head = ts_buf_head(b);
-  const char *hit;
+  const char *head, *hit;
 
   if (*scan >= len || len - *scan < dlen) {
     goto miss;
   }
+  head = ts_buf_head(b); /* not before: an empty buffer's data is NULL */
   if (dlen == 1)
     hit = memchr(head + *scan, delim[0], len - *scan);
   else
