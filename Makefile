@@ -141,5 +141,11 @@ $(BUILD)/fuzz/%: fuzz/%.c $(CORE_OBJ)
 	$(CC) $(WARN) $(CFLAGS) -fsanitize=fuzzer $(CPPFLAGS) -o $@ $< $(CORE_OBJ) \
 	  $(LIBS) $(LUA_LIBS) -lm
 
+# soak: 100,000 connect/echo/close cycles (plain, TLS, PROXY) and waves of
+# 10,000 idle connections against one server; fails on RSS growth after the
+# warm-up over 10% or descriptors not back to their baseline.
+soak: deps all
+	@$(HOST) bench/soak.lua
+
 clean:
 	rm -rf $(BUILD) $(SAN_BUILD) $(FUZZ_BUILD)
