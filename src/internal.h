@@ -26,6 +26,7 @@ typedef struct ts_loop {
   ts_stream *borrower;   /* the stream whose rbuf is `shared` right now */
   ts_buf_pool wpool;     /* drained write buffers */
   int running;
+  int parked;            /* the task being resumed waits on something */
   int log_ref;           /* Lua function(level, msg) for the core's logs */
   size_t ended;          /* tasks ended since the last full collection */
   size_t walked;         /* dead-thread walks since then (an upper bound) */
@@ -35,9 +36,16 @@ typedef struct ts_loop {
 } ts_loop;
 
 ts_loop *ts__loop(lua_State *L);
+/* Seconds to a libuv timeout in ms; 0 means none: none was asked for, or
+ * more than libuv can time (casting such a double is undefined). */
+uint64_t ts__timeout_ms(double seconds);
 /* Marks `co` as a loop task: yielding calls are allowed there. */
 void ts__mark_task(lua_State *co, void *owner);
 int ts__in_task(lua_State *L);
+/* Suspends the task L until a callback resumes it: every wait ends here,
+ * so that a bare coroutine.yield, which nothing would resume, is told
+ * apart (see resume_from). Use as `return ts__park(L);`. */
+int ts__park(lua_State *L);
 /* Raises unless L is a task; used before a call may yield. */
 void ts__check_task(lua_State *L, const char *what);
 /* Resumes a task with `narg` values already on its stack, reports an

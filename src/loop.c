@@ -151,11 +151,22 @@ void ts__pcall_on(lua_State *L, int narg) {
   ts__flush_dirty(loop);
 }
 
+int ts__park(lua_State *L) {
+  the_loop->parked = 1;
+  return lua_yield(L, 0);
+}
+
+static void resume_soon(lua_State *L, lua_State *co);
+
 static void resume_from(lua_State *L, lua_State *co, int narg) {
-  int nres, status;
+  int nres, status, outer = the_loop->parked;
   void *owner;
 
+  the_loop->parked = 0;
   status = lua_resume(co, L, narg, &nres);
+  if (status == LUA_YIELD && !the_loop->parked) /* a bare coroutine.yield */
+    resume_soon(L, co);
+  the_loop->parked = outer; /* a task that resumes another runs on */
   owner = *(void **)lua_getextraspace(co);
   if (status != LUA_YIELD && owner != the_loop) {
     ts__stream_task_done(L, owner, co, status);
@@ -251,6 +262,15 @@ typedef struct ts_timer {
   int closed;
 } ts_timer;
 
+/* Past this many seconds, milliseconds no longer fit in a uint64_t. */
+#define MAX_TIMEOUT_S 1.8e16
+
+uint64_t ts__timeout_ms(double seconds) {
+  if (!(seconds > 0) || seconds >= MAX_TIMEOUT_S)
+    return 0;
+  return seconds < 0.001 ? 1 : (uint64_t)(seconds * 1000 + 0.5);
+}
+
 static uint64_t to_ms(lua_State *L, int idx) {
   lua_Number s = luaL_checknumber(L, idx);
   luaL_argcheck(L, s >= 0 && s < 1e9, idx, "seconds out of range");
@@ -336,22 +356,44 @@ static void sleeper_cb(uv_timer_t *h) {
   luaL_unref(the_loop->L, LUA_REGISTRYINDEX, ref);
 }
 
-static int l_sleep(lua_State *L) {
-  ts_loop *loop = ts__loop(L);
-  uint64_t ms = to_ms(L, 1);
-  sleeper *s;
+/* Wakes co after ms; L anchors it meanwhile. Returns 0 or -1 (ENOMEM). */
+static int wake_after(lua_State *L, lua_State *co, uint64_t ms) {
+  sleeper *s = malloc(sizeof(*s));
 
-  ts__check_task(L, "sleep");
-  s = malloc(sizeof(*s));
   if (s == NULL)
-    return luaL_error(L, "sleep: out of memory");
-  uv_timer_init(loop->uv, &s->h);
+    return -1;
+  uv_timer_init(the_loop->uv, &s->h);
   s->h.data = s;
-  s->co = L;
-  lua_pushthread(L);
+  s->co = co;
+  lua_pushthread(co);
+  lua_xmove(co, L, 1);
   s->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   uv_timer_start(&s->h, sleeper_cb, ms, 0);
-  return lua_yield(L, 0);
+  return 0;
+}
+
+/* A task that yields with coroutine.yield gives the others a turn: the
+ * loop resumes it in its next iteration (with true), as sleep(0) would. */
+static void resume_soon(lua_State *L, lua_State *co) {
+  if (wake_after(L, co, 0) != 0)
+    ts__report(the_loop, "coroutine.yield in a task: out of memory, the task is lost");
+}
+
+static int l_sleep(lua_State *L) {
+  uint64_t ms = to_ms(L, 1);
+
+  ts__loop(L);
+  ts__check_task(L, "sleep");
+  if (wake_after(L, L, ms) != 0)
+    return luaL_error(L, "sleep: out of memory");
+  return ts__park(L);
+}
+
+/* core.park(): suspends the task until core.resume wakes it (for waits
+ * written in Lua, such as locks.Event). */
+static int l_park(lua_State *L) {
+  ts__check_task(L, "park");
+  return ts__park(L);
 }
 
 /* ---- signals: handlers that do not keep the loop alive ---- */
@@ -402,7 +444,7 @@ static void create_timer_meta(lua_State *L) {
 int ts__open_loop(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"spawn", l_spawn},     {"in_task", l_in_task}, {"start", l_start},
-    {"resume", l_resume},
+    {"resume", l_resume},   {"park", l_park},
     {"stop", l_stop},       {"running", l_running}, {"time", l_time},
     {"timer", l_timer},     {"sleep", l_sleep},     {"signal", l_signal},
     {"set_log_handler", l_set_log_handler},     {NULL, NULL}};
