@@ -444,14 +444,14 @@ s.close()
 end)
 
 describe("TLS regressions", function()
-  local logs, restore
-  before_each(function() logs, restore = H.capture_logs() end)
+  local restore
+  before_each(function() _, restore = H.capture_logs() end)
   after_each(function() restore() end)
 
   it("keeps data that arrives with close_notify apart from other connections", async(function()
     local locks = require "tcpserver.locks"
     local other_done = locks.Event()
-    local got = {}
+    local got
     local server, port = tls_serve(function(_, stream)
       local first = stream:read_bytes(1)
       if first == "A" then
