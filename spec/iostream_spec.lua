@@ -590,3 +590,53 @@ describe("IOStream regressions", function()
     assert.is_true(after)
   end))
 end)
+
+describe("the read budget", function()
+  local loop = ioloop.current()
+  local saved = loop:read_budget()
+  after_each(function() loop:read_budget(saved) end)
+
+  it("refuses the largest buffers past it and serves the small ones", async(function()
+    local logs, restore = H.capture_logs()
+    finally(restore)
+    loop:read_budget(1024 * 1024)
+    local results = {}
+    local client_big = {}
+    local server, port = H.serve(function(_, stream)
+      while true do
+        local line, err = stream:read_until("\n")
+        if not line then
+          results[#results + 1] = err
+          return
+        end
+        stream:write(#line .. "\n")
+      end
+    end)
+    finally(function() server:stop() end)
+    local small = H.connect(port)
+    small:write("hello\n")
+    assert.equal("6\n", small:read_until("\n"))
+    for i = 1, 3 do
+      client_big[i] = H.connect(port)
+      client_big[i]:write(("x"):rep(2 * 1024 * 1024)) -- no end of line
+    end
+    H.wait_until(function() return #results == 3 end)
+    assert.same({"too large", "too large", "too large"}, results)
+    for i = 1, 3 do
+      assert.equal("", client_big[i]:read_until_close()) -- closed by the server
+    end
+    small:write("still served\n")
+    assert.equal("13\n", small:read_until("\n"))
+    assert.matches("warning: read buffers over the budget", logs[1])
+    small:close()
+    collectgarbage()
+    collectgarbage()
+    local _, held = loop:read_budget()
+    assert.is_true(held < 1024 * 1024)
+  end))
+
+  it("rejects a budget that is not a positive integer", function()
+    assert.has_error(function() loop:read_budget(0) end, "read_budget: bytes must be a positive integer")
+    assert.has_error(function() loop:read_budget(1.5) end, "read_budget: bytes must be a positive integer")
+  end)
+end)

@@ -28,6 +28,9 @@ typedef struct ts_loop {
   int running;
   int parked;            /* the task being resumed waits on something */
   int log_ref;           /* Lua function(level, msg) for the core's logs */
+  size_t rbuf_bytes;     /* held by streams' own read buffers */
+  size_t rbuf_count;     /* streams holding one */
+  size_t rbuf_budget;    /* the most rbuf_bytes should reach */
   size_t ended;          /* tasks ended since the last full collection */
   size_t walked;         /* dead-thread walks since then (an upper bound) */
   size_t walk_budget;    /* walks that cost about one full collection */

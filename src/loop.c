@@ -62,6 +62,19 @@ static void start_sentinel(lua_State *L) {
   the_loop->walk_budget = WALK_BUDGET_MIN;
 }
 
+/* A quarter of the memory this process may use (its cgroup's limit, if
+ * lower than the machine's). */
+static size_t default_read_budget(void) {
+  uint64_t total = uv_get_total_memory(), limit = uv_get_constrained_memory();
+
+  if (limit > 0 && limit < total)
+    total = limit;
+  if (total == 0)
+    total = (uint64_t)4 << 30;
+  total /= 4;
+  return total < SIZE_MAX ? (size_t)total : SIZE_MAX;
+}
+
 ts_loop *ts__loop(lua_State *L) {
   if (the_loop != NULL)
     return the_loop;
@@ -73,6 +86,7 @@ ts_loop *ts__loop(lua_State *L) {
   the_loop->uv = uv_default_loop();
   the_loop->uv->data = the_loop;
   the_loop->log_ref = LUA_NOREF;
+  the_loop->rbuf_budget = default_read_budget();
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   the_loop->L = lua_tothread(L, -1);
   lua_pop(L, 1);
@@ -242,6 +256,21 @@ static int l_running(lua_State *L) {
 static int l_time(lua_State *L) {
   lua_pushnumber(L, (lua_Number)uv_hrtime() / 1e9);
   return 1;
+}
+
+/* core.read_budget([bytes]) -> budget, bytes held, streams holding them */
+static int l_read_budget(lua_State *L) {
+  ts_loop *loop = ts__loop(L);
+
+  if (!lua_isnoneornil(L, 1)) {
+    lua_Integer n = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, n > 0, 1, "budget must be a positive number of bytes");
+    loop->rbuf_budget = (size_t)n;
+  }
+  lua_pushinteger(L, (lua_Integer)loop->rbuf_budget);
+  lua_pushinteger(L, (lua_Integer)loop->rbuf_bytes);
+  lua_pushinteger(L, (lua_Integer)loop->rbuf_count);
+  return 3;
 }
 
 static int l_set_log_handler(lua_State *L) {
@@ -447,7 +476,7 @@ int ts__open_loop(lua_State *L) {
     {"resume", l_resume},   {"park", l_park},
     {"stop", l_stop},       {"running", l_running}, {"time", l_time},
     {"timer", l_timer},     {"sleep", l_sleep},     {"signal", l_signal},
-    {"set_log_handler", l_set_log_handler},     {NULL, NULL}};
+    {"set_log_handler", l_set_log_handler},  {"read_budget", l_read_budget},     {NULL, NULL}};
   create_timer_meta(L);
   luaL_setfuncs(L, funcs, 0);
   return 0;

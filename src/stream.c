@@ -52,6 +52,7 @@ const char *ts__errname(int err) {
   case UV_ECONNREFUSED: return "connection refused";
   case UV_ETIMEDOUT: return "timeout";
   case UV_ECANCELED: return "closed";
+  case UV_E2BIG: return "too large";
   default: return quiet_error(err) ? "closed" : uv_strerror(err);
   }
 }
@@ -231,19 +232,80 @@ static int try_read(ts_stream *s, lua_State *L) {
   return ended ? fail_closed(s, L) : 0;
 }
 
+/* ---- the read budget: the loop's private read buffers together ---- */
+
+static void account(ts_loop *loop, size_t before, size_t after) {
+  loop->rbuf_bytes += after - before; /* wraps back when after < before */
+  loop->rbuf_count += (before == 0 && after > 0) - (before > 0 && after == 0);
+}
+
+/* Past the budget, a buffer may still grow while it holds less than its
+ * share, so the largest buffers are the ones refused and the total stays
+ * under about twice the budget (buffers grow by doubling). */
+static int over_budget(ts_loop *loop, ts_stream *s, size_t room) {
+  size_t cap = s->rbuf.cap, growth = room > cap ? room : cap, share;
+
+  if (loop->rbuf_bytes + growth <= loop->rbuf_budget)
+    return 0;
+  share = loop->rbuf_budget / (loop->rbuf_count + (cap == 0));
+  return cap + room > share;
+}
+
+/* ts_buf_reserve on s's own read buffer, within the budget: 0, UV_E2BIG
+ * (the stream must end: "too large") or UV_ENOMEM. */
+int ts__stream_reserve(ts_stream *s, size_t room) {
+  ts_loop *loop = s->h.handle.loop->data;
+  size_t before = s->rbuf.cap;
+
+  if (ts_buf_room(&s->rbuf) >= room)
+    return 0;
+  if (s->rbuf.cap - ts_buf_len(&s->rbuf) >= room) /* compacting will do */
+    return ts_buf_reserve(&s->rbuf, room, s->max_buffer) ? UV_ENOMEM : 0;
+  if (over_budget(loop, s, room))
+    return UV_E2BIG;
+  if (ts_buf_reserve(&s->rbuf, room, s->max_buffer) != 0)
+    return UV_ENOMEM;
+  account(loop, before, s->rbuf.cap);
+  return 0;
+}
+
+static void free_rbuf(ts_stream *s) {
+  account(s->h.handle.loop->data, s->rbuf.cap, 0);
+  ts_buf_free(&s->rbuf);
+}
+
+/* Ends a stream whose buffer the budget refused; its reader, if any, gets
+ * "too large" with what was read so far. */
+void ts__stream_refuse_growth(ts_stream *s) {
+  ts_loop *loop = s->h.handle.loop->data;
+  char msg[160];
+
+  snprintf(msg, sizeof(msg), "read buffers over the budget (%zu of %zu bytes): "
+           "closing a connection holding %zu", loop->rbuf_bytes,
+           loop->rbuf_budget, ts_buf_len(&s->rbuf));
+  ts__log(loop, "warning", msg);
+  stream_close(s, UV_E2BIG);
+}
+
 /* Copies what is left of a borrowed shared buffer into the stream's own. */
 static void unborrow(ts_stream *s) {
   ts_buf shared = s->rbuf;
+  int err;
 
   if (!(s->flags & F_BORROWED))
     return;
   s->flags &= ~F_BORROWED;
   ((ts_loop *)s->h.handle.loop->data)->borrower = NULL;
   ts_buf_init(&s->rbuf);
-  if (ts_buf_len(&shared) > 0 &&
-      (ts_buf_reserve(&s->rbuf, ts_buf_len(&shared), s->max_buffer) != 0 ||
-       ts_buf_append(&s->rbuf, ts_buf_head(&shared), ts_buf_len(&shared))))
-    stream_close(s, UV_ENOMEM);
+  if (ts_buf_len(&shared) == 0)
+    return;
+  err = ts__stream_reserve(s, ts_buf_len(&shared));
+  if (err == UV_E2BIG)
+    ts__stream_refuse_growth(s);
+  else if (err != 0)
+    stream_close(s, err);
+  else
+    ts_buf_append(&s->rbuf, ts_buf_head(&shared), ts_buf_len(&shared));
 }
 
 /* Lends the loop's shared buffer as s's empty read buffer, unless another
@@ -253,7 +315,7 @@ int ts__stream_borrow(ts_stream *s) {
 
   if (loop->borrower != NULL)
     return loop->borrower == s;
-  ts_buf_free(&s->rbuf);
+  free_rbuf(s);
   s->rbuf.data = loop->shared;
   s->rbuf.cap = TS_SHARED_READ_SIZE;
   s->flags |= F_BORROWED;
@@ -276,7 +338,7 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     return;
   }
   if (len == 0 && loop->borrower == NULL) {
-    ts_buf_free(&s->rbuf);
+    free_rbuf(s);
     want = want < s->max_buffer ? want : s->max_buffer;
     *buf = uv_buf_init(loop->shared, want < TS_SHARED_READ_SIZE ? want
                                                                 : TS_SHARED_READ_SIZE);
@@ -287,7 +349,9 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     want = s->rn - len;
   room = s->max_buffer > len ? s->max_buffer - len : 0;
   want = want < room ? want : room;
-  if (want == 0 || ts_buf_reserve(&s->rbuf, want, s->max_buffer) != 0) {
+  if (want == 0 || ts__stream_reserve(s, want) != 0) {
+    if (want > 0 && over_budget(loop, s, want))
+      s->flags |= F_OVERBUDGET; /* read_cb ends it (UV_ENOBUFS) */
     *buf = uv_buf_init(NULL, 0);
     return;
   }
@@ -358,6 +422,8 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
     on_data(s);
   } else if (nread == UV_EOF) {
     on_eof(s);
+  } else if (nread == UV_ENOBUFS && (s->flags & F_OVERBUDGET)) {
+    ts__stream_refuse_growth(s);
   } else if (nread == UV_ENOBUFS) {
     update_reading(s);
   } else if (nread < 0) {
@@ -825,7 +891,7 @@ static void stream_close(ts_stream *s, int err) {
   s->flags |= F_CLOSED;
   if (err != 0) {
     s->err = err;
-    if (!quiet_error(err) && err != UV_ECANCELED) {
+    if (!quiet_error(err) && err != UV_ECANCELED && err != UV_E2BIG) {
       char msg[128];
       snprintf(msg, sizeof(msg), "stream error: %s", uv_strerror(err));
       ts__report(s->h.handle.loop->data, msg);
@@ -884,7 +950,7 @@ static int l_gc(lua_State *L) {
   ts_stream *s = luaL_checkudata(L, 1, TS_STREAM_MT);
   /* A stream is pinned until its close callback, so here libuv is done. */
   if (!(s->flags & F_BORROWED))
-    ts_buf_free(&s->rbuf);
+    free_rbuf(s);
   if (s->tls != NULL)
     ts__tls_free(L, s);
   return 0;

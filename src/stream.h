@@ -26,7 +26,8 @@ enum {
   F_DONE = 1 << 5,      /* the close callback ran */
   F_DIRTY = 1 << 7,     /* on the loop's dirty list */
   F_BORROWED = 1 << 8,  /* rbuf points into the loop's shared buffer */
-  F_TASK = 1 << 10      /* a server's handler runs on it: stay pinned */
+  F_TASK = 1 << 10,     /* a server's handler runs on it: stay pinned */
+  F_OVERBUDGET = 1 << 11 /* the read budget refused its buffer */
 };
 
 /* What a task waits for on a stream (see wait_on). */
@@ -97,6 +98,8 @@ void ts__stream_wake(ts_stream *s, lua_State **cop, int slot, int nres);
 const char *ts__stream_error(ts_stream *s);
 void ts__stream_start_timer(ts_stream *s, uint64_t ms);
 int ts__stream_writing(ts_stream *s); /* a task waits in write or flush */
+int ts__stream_reserve(ts_stream *s, size_t room);
+void ts__stream_refuse_growth(ts_stream *s);
 
 /* proxy.c */
 int ts__proxy_begin(lua_State *L, ts_stream *s, int handler_ref, int ctx_ref,

@@ -142,9 +142,11 @@ static void read_plain(ts_stream *s) {
       ts__stream_borrow(s);
     else if ((s->flags & F_BORROWED) && ts_buf_room(&s->rbuf) == 0)
       ts__stream_unborrow(s);
-    if (!(s->flags & F_BORROWED) &&
-        ts_buf_reserve(&s->rbuf, s->chunk, s->max_buffer) != 0) {
-      ts__stream_close(s, UV_ENOMEM);
+    if (!(s->flags & F_BORROWED) && (n = ts__stream_reserve(s, s->chunk)) != 0) {
+      if (n == UV_E2BIG)
+        ts__stream_refuse_growth(s);
+      else
+        ts__stream_close(s, n);
       return;
     }
     room = ts_buf_room(&s->rbuf);
