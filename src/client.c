@@ -1,6 +1,6 @@
 /* Outgoing connections: resolve through libuv, try each address in turn,
  * all under one deadline that also closes the attempt in progress. */
-#include "internal.h"
+#include "client.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,5 +1,9 @@
 /* luaopen_tcpserver_core: one table holding every part of the core. */
-#include "internal.h"
+#include "client.h"
+#include "netutil.h"
+#include "process.h"
+#include "server.h"
+#include "tls.h"
 
 int luaopen_tcpserver_core(lua_State *L) {
   lua_State *main_thread;
@@ -13,7 +17,7 @@ int luaopen_tcpserver_core(lua_State *L) {
   *(void **)lua_getextraspace(main_thread) = NULL;
   lua_newtable(L);
   ts__open_loop(L);
-  ts__open_stream(L);
+  ts__open_stream(L); /* before tls: it adds stream methods */
   ts__open_tls(L);
   ts__open_server(L);
   ts__open_netutil(L);

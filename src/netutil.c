@@ -1,7 +1,7 @@
 /* Listening sockets, bound before the loop exists so that a process may
  * bind, fork, then serve. */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "netutil.h"
 
 #include <errno.h>
 #include <fcntl.h>
