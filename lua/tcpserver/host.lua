@@ -121,15 +121,13 @@ function M.main(argv)
   take_inherited_sockets()
   if opts.workers then fork_workers(opts.workers, opts.max_restarts) end
 
-  local tcpserver = require "tcpserver"
   local ioloop = require "tcpserver.ioloop"
   local loop = ioloop.current()
   local stopping = false
   local function stop()
     if stopping then return end
     stopping = true
-    local deadline = loop:call_later(30, function() loop:stop() end)
-    tcpserver.shutdown_all(nil, function() deadline:cancel(); loop:stop() end)
+    loop:stop_gracefully()
   end
   loop:add_signal_handler("SIGTERM", stop)
   loop:add_signal_handler("SIGINT", stop)

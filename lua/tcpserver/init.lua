@@ -227,6 +227,8 @@ function TCPServer:shutdown(timeout, done)
     return
   end
   local timer = ioloop.current():call_later(timeout, function()
+    log.info("shutdown_timeout (%g s) expired: closing %d connection%s", timeout,
+             state.nstreams, state.nstreams == 1 and "" or "s")
     for stream in pairs(state.streams) do stream:close() end
   end)
   state.drained[#state.drained + 1] = function()
@@ -236,17 +238,35 @@ function TCPServer:shutdown(timeout, done)
 end
 
 --- Graceful stop of every server in this process; `done()` when all are.
+-- Logs what it waits for and when that is over. Returns the longest
+-- shutdown_timeout it applies.
 function M.shutdown_all(timeout, done)
-  local left = 1
+  local open, longest, left, started = 0, 0, 1, ioloop.current():time()
+  for server in pairs(servers) do
+    open = open + server:connection_count()
+    longest = math.max(longest, timeout or server._tcpserver.options.shutdown_timeout)
+  end
+  if open == 0 then
+    log.info("Shutting down: no connections open")
+  else
+    log.info("Shutting down: waiting for %d connection%s (shutdown_timeout %g s)",
+             open, open == 1 and "" or "s", longest)
+  end
   local function one()
     left = left - 1
-    if left == 0 and done then done() end
+    if left > 0 then return end
+    if open > 0 then
+      log.info("Shut down: the last connection closed after %.1f s",
+               ioloop.current():time() - started)
+    end
+    if done then done() end
   end
   for server in pairs(servers) do
     left = left + 1
     server:shutdown(timeout, one)
   end
   one()
+  return longest
 end
 
 M.TCPServer = TCPServer
