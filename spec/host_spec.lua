@@ -212,11 +212,19 @@ describe("luahost --workers", function()
     assert.same({0, 0}, {p:wait()})
   end))
 
-  it("gives up after --max-restarts when the script keeps failing", async(function()
-    local p = P.luahost([[error("broken at startup")]], {}, {flags = {"--workers", "2", "--max-restarts", "2"}})
+  it("gives up after --max-restarts when the workers keep crashing", async(function()
+    local p = P.luahost([[require("tcpserver.ioloop").current():add_callback(os.exit, 3)]], {},
+                        {flags = {"--workers", "2", "--max-restarts", "2"}})
     assert.equal(1, p:wait())
-    p.err:await("broken at startup")
-    p.err:await("luahost: .*too many child restarts %(2%), giving up")
+    p.err:await("^luahost: fork_processes: too many child restarts %(2%), giving up")
+  end))
+
+  it("stops at once, with one line, when the script fails before its loop runs", async(function()
+    local p = P.luahost([[error("broken at startup")]], {}, {flags = {"--workers", "2"}})
+    assert.equal(1, p:wait())
+    p.err:await("^luahost: fork_processes: worker [01] %(pid %d+%) failed before its loop ran: "
+                .. ".*: broken at startup$")
+    assert.is_nil(p.err:text():match("traceback"), p.err:text())
   end))
 
   it("rejects bad flag values", async(function()

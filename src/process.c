@@ -16,6 +16,7 @@
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define TS_PROCESS_MT "tcpserver.subprocess"
@@ -224,11 +225,33 @@ static int l_cpu_count(lua_State *L) {
 
 enum { SUP_CONTINUE = -1, SUP_DONE = -2, SUP_FAILED = -3 };
 
+/* Restarts back off: the first after 0.1 s, doubling with each crash of
+ * the same task up to 10 s; a worker that served 10 s starts it over. */
+#define BACKOFF_FIRST 0.1
+#define BACKOFF_MAX 10.0
+#define BACKOFF_RESET 10.0
+
 typedef struct worker {
   pid_t pid;
   int id;
   int retired; /* replaced by a reload: it drains, and is not restarted */
+  int ready;   /* its loop has run */
+  double born;
 } worker;
+
+typedef struct task {
+  int crashes;  /* in a row, for the back-off */
+  int was_ready; /* some worker of it got its loop running */
+  double due;    /* when its restart is due; 0: none pending */
+} task;
+
+/* What a worker tells the supervisor on the pipe: its loop runs, or it
+ * failed before and why. One write each, under PIPE_BUF: never split. */
+typedef struct note {
+  pid_t pid;
+  int failed;
+  char why[248];
+} note;
 
 typedef struct supervisor {
   lua_State *L;
@@ -236,6 +259,8 @@ typedef struct supervisor {
   int n, max_restarts, restarts;
   worker *w;             /* live workers, in no order */
   int nw, cap;
+  task *t;               /* by task id */
+  int pending;           /* restarts waiting for their back-off */
   int sfd;               /* signalfd for the blocked signals */
   int ready_rd, ready_wr;
   sigset_t saved_mask;
@@ -245,7 +270,7 @@ typedef struct supervisor {
   int reload_id;         /* task id a reload is replacing, -1 if none */
   pid_t reload_pid;      /* the new worker for it, until it is ready */
   int reload_again;      /* a SIGHUP came while a reload ran */
-  char err[200];         /* why the supervisor gives up */
+  char err[400];         /* why the supervisor gives up */
 } supervisor;
 
 /* What a forked worker knows about itself. */
@@ -274,6 +299,12 @@ static void sup_log(supervisor *s, const char *level, const char *fmt, ...) {
     fprintf(stderr, "tcpserver: %s\n", msg);
 }
 
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 static int sup_fail(supervisor *s, const char *what) {
   snprintf(s->err, sizeof(s->err), "fork_processes: %s: %s", what,
            strerror(errno));
@@ -286,7 +317,9 @@ static void become_worker(supervisor *s, int id) {
   close(s->sfd);
   close(s->ready_rd);
   free(s->w);
+  free(s->t);
   s->w = NULL;
+  s->t = NULL;
   the_task_id = id;
   ready_fd = s->ready_wr;
   the_supervisor = s->self;
@@ -327,6 +360,8 @@ static int spawn(supervisor *s, int id, pid_t *pidp) {
   s->w[s->nw].pid = pid;
   s->w[s->nw].id = id;
   s->w[s->nw].retired = 0;
+  s->w[s->nw].ready = 0;
+  s->w[s->nw].born = now();
   s->nw++;
   if (pidp != NULL)
     *pidp = pid;
@@ -351,21 +386,74 @@ static int has_worker(supervisor *s, int id) {
   return 0;
 }
 
-static int restart(supervisor *s, int id) {
-  if (++s->restarts > s->max_restarts) {
-    snprintf(s->err, sizeof(s->err),
-             "fork_processes: too many child restarts (%d), giving up",
-             s->max_restarts);
-    return SUP_FAILED;
-  }
-  return spawn_step(s, id, NULL);
-}
-
 static void describe_status(char *buf, size_t size, int status) {
   if (WIFSIGNALED(status))
     snprintf(buf, size, "killed by signal %d", WTERMSIG(status));
   else
     snprintf(buf, size, "exited with status %d", WEXITSTATUS(status));
+}
+
+/* Schedules a new worker for task `id`, whose worker `pid` died (`how`)
+ * after `lived` seconds; gives up past max_restarts. */
+static int restart(supervisor *s, int id, pid_t pid, const char *how,
+                   double lived) {
+  task *t = &s->t[id];
+  double delay = BACKOFF_FIRST;
+  int i;
+
+  if (++s->restarts > s->max_restarts) {
+    snprintf(s->err, sizeof(s->err), "fork_processes: too many child "
+             "restarts (%d), giving up: child %d (pid %d) %s",
+             s->max_restarts, id, (int)pid, how);
+    return SUP_FAILED;
+  }
+  t->crashes = lived >= BACKOFF_RESET ? 1 : t->crashes + 1;
+  for (i = 1; i < t->crashes && delay < BACKOFF_MAX; i++)
+    delay *= 2;
+  if (delay > BACKOFF_MAX)
+    delay = BACKOFF_MAX;
+  sup_log(s, "warning", "child %d (pid %d) %s, restarting in %g s "
+          "(restart %d of %d)", id, (int)pid, how, delay, s->restarts,
+          s->max_restarts);
+  if (t->due == 0)
+    s->pending++;
+  t->due = now() + delay;
+  return SUP_CONTINUE;
+}
+
+/* Starts the restarts that are due: the task id in a new worker. */
+static int start_due(supervisor *s) {
+  double t = now();
+  int id, r = SUP_CONTINUE;
+
+  for (id = 0; id < s->n && r == SUP_CONTINUE; id++) {
+    if (s->t[id].due == 0 || s->t[id].due > t)
+      continue;
+    s->t[id].due = 0;
+    s->pending--;
+    r = spawn_step(s, id, NULL);
+  }
+  return r;
+}
+
+/* Milliseconds until the next restart is due, -1 if none is. */
+static int next_due_ms(supervisor *s) {
+  double first = 0, t = now();
+  int id;
+
+  for (id = 0; id < s->n; id++)
+    if (s->t[id].due != 0 && (first == 0 || s->t[id].due < first))
+      first = s->t[id].due;
+  if (first == 0)
+    return -1;
+  return first <= t ? 0 : (int)((first - t) * 1000) + 1;
+}
+
+static void cancel_restarts(supervisor *s) {
+  int id;
+  for (id = 0; id < s->n; id++)
+    s->t[id].due = 0;
+  s->pending = 0;
 }
 
 static int start_reload(supervisor *s);
@@ -392,11 +480,25 @@ static int start_reload(supervisor *s) {
   return reload_step(s);
 }
 
-/* The new worker of a reload is ready: the old one drains and exits. */
+static worker *find_worker(supervisor *s, pid_t pid) {
+  int i;
+  for (i = 0; i < s->nw; i++)
+    if (s->w[i].pid == pid)
+      return &s->w[i];
+  return NULL;
+}
+
+/* A worker's loop runs. If it is the new worker of a reload, the old one
+ * drains and exits. */
 static int on_ready(supervisor *s, pid_t pid) {
+  worker *w = find_worker(s, pid);
   int i;
 
-  if (pid <= 0 || pid != s->reload_pid)
+  if (w == NULL)
+    return SUP_CONTINUE;
+  w->ready = 1;
+  s->t[w->id].was_ready = 1;
+  if (pid != s->reload_pid)
     return SUP_CONTINUE;
   for (i = 0; i < s->nw; i++) {
     if (s->w[i].id == s->reload_id && s->w[i].pid != pid && !s->w[i].retired) {
@@ -409,44 +511,73 @@ static int on_ready(supervisor *s, pid_t pid) {
   return reload_step(s);
 }
 
+/* A task none of whose workers ever got its loop running failed: the start
+ * failed (a port in use, a bug in the script), and restarting would only
+ * fail again. `why` is the worker's message, or how it exited. */
+static int start_failed(supervisor *s, int id, pid_t pid, const char *why) {
+  snprintf(s->err, sizeof(s->err), "fork_processes: worker %d (pid %d) %s",
+           id, (int)pid, why);
+  return SUP_FAILED;
+}
+
+/* A worker reports that it fails before its loop runs, and why: it exits
+ * next. */
+static int on_failed(supervisor *s, pid_t pid, const char *why) {
+  worker *w = find_worker(s, pid);
+  char msg[300];
+
+  if (w == NULL || w->retired || s->stopping)
+    return SUP_CONTINUE;
+  snprintf(msg, sizeof(msg), "failed before its loop ran: %s", why);
+  if (pid == s->reload_pid)
+    sup_log(s, "error", "reload: the new worker for task %d (pid %d) %s",
+            w->id, (int)pid, msg);
+  else if (!s->t[w->id].was_ready)
+    return start_failed(s, w->id, pid, msg);
+  else
+    sup_log(s, "error", "child %d (pid %d) %s", w->id, (int)pid, msg);
+  return SUP_CONTINUE;
+}
+
 /* The new worker of a reload died before it was ready (bad new code, say):
  * the old one keeps serving and the reload stops there. */
-static int reload_failed(supervisor *s, int id, pid_t pid, int status) {
+static int reload_failed(supervisor *s, worker *w, int status) {
   char how[64];
 
   describe_status(how, sizeof(how), status);
   sup_log(s, "error", "reload: the new worker for task %d (pid %d) %s before "
-          "it was ready; keeping the old workers", id, (int)pid, how);
+          "it was ready; keeping the old workers", w->id, (int)w->pid, how);
   s->reload_id = -1;
   s->reload_pid = 0;
   s->reload_again = 0;
-  return has_worker(s, id) ? SUP_CONTINUE : restart(s, id);
+  return has_worker(s, w->id) ? SUP_CONTINUE
+                              : restart(s, w->id, w->pid, how, now() - w->born);
 }
 
 static int on_worker_exit(supervisor *s, pid_t pid, int status) {
-  char how[64];
-  int i, id;
+  worker *found = find_worker(s, pid), w;
+  char how[64], why[100];
 
-  for (i = 0; i < s->nw && s->w[i].pid != pid; i++)
-    ;
-  if (i == s->nw) /* not a worker: a Subprocess started before the fork */
+  if (found == NULL) /* not a worker: a Subprocess started before the fork */
     return SUP_CONTINUE;
-  id = s->w[i].id;
-  if (s->w[i].retired || s->stopping) {
-    s->w[i] = s->w[--s->nw];
+  w = *found;
+  *found = s->w[--s->nw];
+  if (w.retired || s->stopping)
     return SUP_CONTINUE;
-  }
-  s->w[i] = s->w[--s->nw];
   if (pid == s->reload_pid)
-    return reload_failed(s, id, pid, status);
+    return reload_failed(s, &w, status);
   if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
-    sup_log(s, "info", "child %d (pid %d) exited normally", id, (int)pid);
+    sup_log(s, "info", "child %d (pid %d) exited normally", w.id, (int)pid);
     return SUP_CONTINUE;
   }
   describe_status(how, sizeof(how), status);
-  sup_log(s, "warning", "child %d (pid %d) %s, restarting", id, (int)pid, how);
+  if (!w.ready && !s->t[w.id].was_ready) {
+    snprintf(why, sizeof(why), "%s before its loop ran", how);
+    return start_failed(s, w.id, pid, why);
+  }
   /* During a reload of this task, its new worker takes over. */
-  return has_worker(s, id) ? SUP_CONTINUE : restart(s, id);
+  return has_worker(s, w.id) ? SUP_CONTINUE
+                             : restart(s, w.id, pid, how, now() - w.born);
 }
 
 static void forward(supervisor *s, int signo) {
@@ -457,6 +588,7 @@ static void forward(supervisor *s, int signo) {
   s->stopping = 1;
   s->reload_id = -1;
   s->reload_pid = 0;
+  cancel_restarts(s);
   for (i = 0; i < s->nw; i++)
     kill(s->w[i].pid, signo);
 }
@@ -487,14 +619,17 @@ static int read_signals(supervisor *s) {
   return r;
 }
 
-static int read_ready(supervisor *s) {
-  pid_t pids[64];
+static int read_notes(supervisor *s) {
+  note notes[16];
   ssize_t n;
   int i, r = SUP_CONTINUE;
 
-  n = read(s->ready_rd, pids, sizeof(pids));
-  for (i = 0; r == SUP_CONTINUE && i < (int)(n / (ssize_t)sizeof(pid_t)); i++)
-    r = on_ready(s, pids[i]);
+  n = read(s->ready_rd, notes, sizeof(notes));
+  for (i = 0; r == SUP_CONTINUE && i < (int)(n / (ssize_t)sizeof(note)); i++) {
+    notes[i].why[sizeof(notes[i].why) - 1] = '\0';
+    r = notes[i].failed ? on_failed(s, notes[i].pid, notes[i].why)
+                        : on_ready(s, notes[i].pid);
+  }
   return r;
 }
 
@@ -504,20 +639,22 @@ static int supervise(supervisor *s) {
   struct pollfd fds[2];
   int r = SUP_CONTINUE;
 
-  while (r == SUP_CONTINUE && s->nw > 0) {
+  while (r == SUP_CONTINUE && (s->nw > 0 || s->pending > 0)) {
     fds[0].fd = s->ready_rd;
     fds[1].fd = s->sfd;
     fds[0].events = fds[1].events = POLLIN;
-    if (poll(fds, 2, -1) < 0) {
+    if (poll(fds, 2, next_due_ms(s)) < 0) {
       if (errno != EINTR)
         r = sup_fail(s, "poll");
       continue;
     }
-    /* Readiness first: a worker writes it before it can exit. */
+    /* Notes first: a worker writes them before it can exit. */
     if (fds[0].revents & POLLIN)
-      r = read_ready(s);
+      r = read_notes(s);
     if (r == SUP_CONTINUE && (fds[1].revents & POLLIN))
       r = read_signals(s);
+    if (r == SUP_CONTINUE && s->pending > 0)
+      r = start_due(s);
   }
   return r == SUP_CONTINUE ? SUP_DONE : r;
 }
@@ -550,7 +687,8 @@ static int sup_open(supervisor *s) {
   sigaddset(&set, SIGHUP);
   s->sfd = s->ready_rd = s->ready_wr = -1;
   s->w = malloc(sizeof(*s->w) * (size_t)(s->cap = 2 * s->n));
-  if (s->w == NULL || pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0)
+  s->t = calloc((size_t)s->n, sizeof(*s->t));
+  if (s->w == NULL || s->t == NULL || pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0)
     goto fail;
   s->ready_rd = fds[0];
   s->ready_wr = fds[1];
@@ -579,7 +717,9 @@ fail:
     close(s->ready_wr);
   }
   free(s->w);
+  free(s->t);
   s->w = NULL;
+  s->t = NULL;
   return -1;
 }
 
@@ -588,7 +728,9 @@ static void sup_close(supervisor *s) {
   close(s->ready_rd);
   close(s->ready_wr);
   free(s->w);
+  free(s->t);
   s->w = NULL;
+  s->t = NULL;
   sigaction(SIGCHLD, &s->saved_chld, NULL);
   sigprocmask(SIG_SETMASK, &s->saved_mask, NULL);
 }
@@ -633,7 +775,9 @@ static int l_fork_processes(lua_State *L) {
   }
   terminate_all(&s);
   sup_close(&s);
-  return luaL_error(L, "%s", s.err);
+  /* No position: luahost prints it as the one line that explains. */
+  lua_pushstring(L, s.err);
+  return lua_error(L);
 }
 
 /* task_id() -> the task id in a forked worker, nil elsewhere */
@@ -650,17 +794,40 @@ static int l_getpid(lua_State *L) {
   return 1;
 }
 
-void ts__worker_ready(void) {
-  pid_t pid = getpid();
+/* Sends a note to the supervisor, once: 1 if it went out. */
+static int tell_supervisor(int failed, const char *why) {
+  note n;
+  int sent = 0;
 
   if (ready_fd < 0)
-    return;
+    return 0;
+  memset(&n, 0, sizeof(n));
+  n.pid = getpid();
+  n.failed = failed;
+  if (why != NULL)
+    snprintf(n.why, sizeof(n.why), "%.*s", (int)strcspn(why, "\n"), why);
   /* Non-blocking, and SIGPIPE is ignored: a gone supervisor costs nothing. */
-  if (getppid() == the_supervisor && write(ready_fd, &pid, sizeof(pid)) < 0)
-    fprintf(stderr, "tcpserver: cannot tell the supervisor: %s\n",
-            strerror(errno));
+  if (getppid() == the_supervisor) {
+    sent = write(ready_fd, &n, sizeof(n)) == (ssize_t)sizeof(n);
+    if (!sent)
+      fprintf(stderr, "tcpserver: cannot tell the supervisor: %s\n",
+              strerror(errno));
+  }
   close(ready_fd);
   ready_fd = -1;
+  return sent;
+}
+
+void ts__worker_ready(void) {
+  tell_supervisor(0, NULL);
+}
+
+/* core.start_failed(message) -> whether the supervisor got it: in a worker
+ * whose loop has not run yet, the supervisor reports the first line of
+ * `message` for it (once for all workers) and stops the start. */
+static int l_start_failed(lua_State *L) {
+  lua_pushboolean(L, tell_supervisor(1, luaL_checkstring(L, 1)));
+  return 1;
 }
 
 int ts__open_process(lua_State *L) {
@@ -671,7 +838,7 @@ int ts__open_process(lua_State *L) {
     {"spawn_process", l_spawn_process}, {"cpu_count", l_cpu_count},
     {"raise_fd_limit", l_raise_fd_limit},
     {"fork_processes", l_fork_processes}, {"task_id", l_task_id},
-    {"getpid", l_getpid},
+    {"getpid", l_getpid}, {"start_failed", l_start_failed},
     {NULL, NULL}};
 
   luaL_newmetatable(L, TS_PROCESS_MT);

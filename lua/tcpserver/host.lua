@@ -93,6 +93,15 @@ local function parse(argv)
   return opts, i
 end
 
+-- The script failed: in a worker not yet ready, the supervisor reports
+-- it (once for all the workers); else it is printed here.
+local function fail(message)
+  if not require("tcpserver.process").start_failed(message) then
+    io.stderr:write("luahost: ", message, "\n")
+  end
+  return 1
+end
+
 -- Takes the sockets systemd passed while LISTEN_PID is still this process.
 local function take_inherited_sockets()
   if not os.getenv("LISTEN_FDS") then return end
@@ -142,15 +151,9 @@ function M.main(argv)
     f()
   end
   local f, err = loadfile(script)
-  if not f then
-    io.stderr:write("luahost: ", err, "\n")
-    return 1
-  end
+  if not f then return fail(err) end
   local ok, e = xpcall(f, debug.traceback, table.unpack(args))
-  if not ok then
-    io.stderr:write("luahost: ", tostring(e), "\n")
-    return 1
-  end
+  if not ok then return fail(tostring(e)) end
   if not stopping then loop:start() end
   return 0
 end
