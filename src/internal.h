@@ -61,7 +61,7 @@ void ts__serve(lua_State *L, ts_stream *s, int handler_ref, const char *host,
 int ts__loop_fork(void);
 int ts__loop_running(void);
 
-/* process.c: a worker of fork_processes tells its supervisor it is ready
+/* fork.c: a worker of fork_processes tells its supervisor it is ready
  * (called when its loop starts; does nothing elsewhere). */
 void ts__worker_ready(void);
 
@@ -87,7 +87,8 @@ int ts__open_stream(lua_State *L);
 int ts__open_server(lua_State *L);
 int ts__open_netutil(lua_State *L);
 int ts__open_client(lua_State *L);
-int ts__open_process(lua_State *L);
+int ts__open_subprocess(lua_State *L);
+int ts__open_fork(lua_State *L);
 int ts__open_tls(lua_State *L);
 
 #endif

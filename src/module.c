@@ -18,7 +18,8 @@ int luaopen_tcpserver_core(lua_State *L) {
   ts__open_server(L);
   ts__open_netutil(L);
   ts__open_client(L);
-  ts__open_process(L);
+  ts__open_subprocess(L);
+  ts__open_fork(L);
   lua_pushliteral(L, TS_VERSION);
   lua_setfield(L, -2, "version");
   return 1;
