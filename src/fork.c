@@ -145,15 +145,19 @@ static int sup_fail(supervisor *s, const char *what) {
   return SUP_FAILED;
 }
 
+static void free_tables(supervisor *s) {
+  free(s->w);
+  free(s->t);
+  s->w = NULL;
+  s->t = NULL;
+}
+
 /* Runs in a new worker: drop the supervisor's descriptors and signal mask,
  * and make sure the worker dies with the supervisor. */
 static void become_worker(supervisor *s, int id) {
   close(s->sfd);
   close(s->ready_rd);
-  free(s->w);
-  free(s->t);
-  s->w = NULL;
-  s->t = NULL;
+  free_tables(s);
   the_task_id = id;
   ready_fd = s->ready_wr;
   the_supervisor = s->self;
@@ -550,10 +554,7 @@ fail:
     close(s->ready_rd);
     close(s->ready_wr);
   }
-  free(s->w);
-  free(s->t);
-  s->w = NULL;
-  s->t = NULL;
+  free_tables(s);
   return -1;
 }
 
@@ -561,10 +562,7 @@ static void sup_close(supervisor *s) {
   close(s->sfd);
   close(s->ready_rd);
   close(s->ready_wr);
-  free(s->w);
-  free(s->t);
-  s->w = NULL;
-  s->t = NULL;
+  free_tables(s);
   sigaction(SIGCHLD, &s->saved_chld, NULL);
   sigprocmask(SIG_SETMASK, &s->saved_mask, NULL);
 }
