@@ -431,12 +431,34 @@ static void forward(supervisor *s, int signo) {
     kill(s->w[i].pid, signo);
 }
 
+/* Reads the notes that wait on the pipe, all of them. */
+static int read_notes(supervisor *s) {
+  note notes[16];
+  ssize_t n = sizeof(notes);
+  int i, r = SUP_CONTINUE;
+
+  while (r == SUP_CONTINUE && n == (ssize_t)sizeof(notes)) {
+    n = read(s->ready_rd, notes, sizeof(notes));
+    for (i = 0; r == SUP_CONTINUE && i < (int)(n / (ssize_t)sizeof(note)); i++) {
+      notes[i].why[sizeof(notes[i].why) - 1] = '\0';
+      r = notes[i].failed ? on_failed(s, notes[i].pid, notes[i].why)
+                          : on_ready(s, notes[i].pid);
+    }
+  }
+  return r;
+}
+
 static int reap(supervisor *s) {
   int status, r = SUP_CONTINUE;
   pid_t pid;
 
-  while (r == SUP_CONTINUE && (pid = waitpid(-1, &status, WNOHANG)) > 0)
-    r = on_worker_exit(s, pid, status);
+  while (r == SUP_CONTINUE && (pid = waitpid(-1, &status, WNOHANG)) > 0) {
+    /* What it wrote before it exited may have come after the last read
+     * (it exited since): whether it was ready depends on it. */
+    r = read_notes(s);
+    if (r == SUP_CONTINUE)
+      r = on_worker_exit(s, pid, status);
+  }
   return r;
 }
 
@@ -453,20 +475,6 @@ static int read_signals(supervisor *s) {
       s->reload_again = 1;
     else if (si.ssi_signo == SIGHUP && !s->stopping)
       r = start_reload(s);
-  }
-  return r;
-}
-
-static int read_notes(supervisor *s) {
-  note notes[16];
-  ssize_t n;
-  int i, r = SUP_CONTINUE;
-
-  n = read(s->ready_rd, notes, sizeof(notes));
-  for (i = 0; r == SUP_CONTINUE && i < (int)(n / (ssize_t)sizeof(note)); i++) {
-    notes[i].why[sizeof(notes[i].why) - 1] = '\0';
-    r = notes[i].failed ? on_failed(s, notes[i].pid, notes[i].why)
-                        : on_ready(s, notes[i].pid);
   }
   return r;
 }

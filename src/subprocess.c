@@ -168,7 +168,7 @@ static int proc_wait(lua_State *L) {
   p->co = L;
   lua_pushthread(L);
   p->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  return lua_yield(L, 0);
+  return ts__park(L);
 }
 
 int ts__open_subprocess(lua_State *L) {
