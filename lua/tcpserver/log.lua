@@ -7,9 +7,10 @@ M.levels = LEVELS
 
 local threshold = LEVELS.info
 
+-- One write per line: stderr is unbuffered, and the workers of
+-- fork_processes share it, so a line written in pieces could interleave.
 function M.default_handler(level, message)
-  io.stderr:write(os.date("!%Y-%m-%d %H:%M:%S "), level:upper(), " ",
-                  message, "\n")
+  io.stderr:write(os.date("!%Y-%m-%d %H:%M:%S ") .. level:upper() .. " " .. message .. "\n")
 end
 
 M.handler = M.default_handler
