@@ -136,7 +136,11 @@ local function normalize(opts)
   for k, v in pairs(opts) do
     local name = ALIASES[k] or k
     if not KINDS[name] then fail("unknown option '%s'", tostring(k)) end
-    if given[name] then fail("'%s' and '%s' are the same option", given[name], k) end
+    if given[name] then
+      local a, b = given[name], k
+      if a > b then a, b = b, a end
+      fail("'%s' and '%s' are the same option", a, b)
+    end
     check_kind(name, v)
     given[name] = k
     out[name] = v
