@@ -192,6 +192,23 @@ describe("TLS", function()
       assert.same({after = "TLSv1.3"}, info)
     end))
 
+    it("gives the certificate's subject as an RFC 2253 string, as the README documents", async(function()
+      local key, cert = C.dir .. "/utf8.key", C.dir .. "/utf8.pem"
+      local _, status = H.run({"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                               "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-utf8",
+                               "-subj", "/C=FR/O=Example, Inc./CN=caf\xC3\xA9"})
+      assert.equal(0, status)
+      local server, port = H.serve(echo, {ssl_options = {certfile = cert, keyfile = key}})
+      local c = assert(tls_connect(port, {ssl_options = {verify = "none"}}))
+      local got = c:peer_certificate()
+      c:close()
+      server:stop()
+      assert.equal("CN=caf\\C3\\A9,O=Example\\, Inc.,C=FR", got.subject)
+      assert.equal(got.subject, got.issuer)
+      assert.is_false(got.verified)
+      assert.matches("^%x+$", got.serial)
+    end))
+
     it("speaks TLS 1.2 with openssl s_client", async(function()
       local server, port = tls_serve(function(_, stream)
         local line = stream:read_until("\n")
