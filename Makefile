@@ -66,7 +66,7 @@ deps:
 # run and test build quietly: a compiler line is no news, its errors are.
 run: deps
 	@$(MAKE) -s --no-print-directory all
-	$(HOST) examples/echo.lua $(PORT)
+	@$(HOST) examples/echo.lua $(PORT)
 
 test: deps
 	@$(MAKE) -s --no-print-directory all
