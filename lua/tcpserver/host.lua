@@ -36,7 +36,7 @@ options:
       --stats-port N   serve the counters of every server in this process
                        (server:stats()) in Prometheus's text format on
                        http://127.0.0.1:N/metrics; with --workers, worker
-                       k serves them on port N + k
+                       k serves its own on port N + k (labelled task="k")
   --                   end of options
 
 signals to the supervisor (--workers, or a script that calls
@@ -153,7 +153,7 @@ end
 -- A minimal HTTP/1.1 responder for GET /metrics on 127.0.0.1:port.
 local function serve_stats(port)
   local tcpserver = require "tcpserver"
-  local task = require("tcpserver.process").task_id()
+  local process = require "tcpserver.process"
   local Stats = tcpserver.TCPServer:extend()
   function Stats:handle_stream(stream)
     stream:settimeout(10)
@@ -165,14 +165,17 @@ local function serve_stats(port)
       status, body = "400 Bad Request", "bad request\n"
     elseif path == "/metrics" or path == "/" then
       status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
-      body = method == "HEAD" and "" or M.prometheus_text(tcpserver.stats(), task)
+      -- the task id of the process that answers: a script that forks
+      -- after this shares the port among its workers
+      body = method == "HEAD" and "" or M.prometheus_text(tcpserver.stats(), process.task_id())
     end
     stream:write(("HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                   .. "Connection: close\r\n\r\n%s"):format(status, ctype, #body, body))
   end
   local server = Stats()
   rawget(server, "_tcpserver").internal = true -- left out of tcpserver.stats()
-  local ok, err = pcall(server.listen, server, port + (task or 0), "127.0.0.1", {reuse_port = false})
+  local ok, err = pcall(server.listen, server, port + (process.task_id() or 0), "127.0.0.1",
+                        {reuse_port = false})
   if not ok then die("--stats-port: %s", tostring(err)) end
 end
 
