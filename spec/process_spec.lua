@@ -122,7 +122,8 @@ print(("up %d %s %d"):format(id, tostring(process.task_id()), process.getpid()))
     pids[id] = new
     p.err:await("child " .. id .. " %(pid " .. pid .. "%) exited with status 2, restarting")
 
-    assert.same({"", 0, 0}, {H.run({"kill", "-KILL", tostring(pids[1])})})
+    local out, status, signal = H.run({"kill", "-KILL", tostring(pids[1])})
+    assert.same({"", 0, 0}, {out, status, signal})
     new = tonumber(p.out:await("^up 1 (%d+)"))
     assert.are_not.equal(pids[1], new)
     p.err:await("child 1 %(pid " .. pids[1] .. "%) killed by signal 9, restarting")
