@@ -523,13 +523,26 @@ static int timer_active(lua_State *L) {
   return 1;
 }
 
-/* ---- signals: handlers that do not keep the loop alive ---- */
+/* ---- signals: handlers that do not keep the loop alive ----
+ *
+ * A handler may be cancelled (the loop's default SIGINT/SIGTERM handlers
+ * are, when it returns). libuv then resets the signal to SIG_DFL, which
+ * under plain lua5.4 would drop the interpreter's own SIGINT handler (an
+ * "interrupted!" error, or a kill when it is not running a chunk): the
+ * disposition found before our first handler comes back instead. */
+
+#define TS_SIGNAL_MT "tcpserver.signal"
+#define NSIG_MAX 65
 
 typedef struct ts_signal {
   uv_signal_t h;
   ts_loop *loop;
-  int fn_ref;
+  int fn_ref, self_ref;
+  int closed;
 } ts_signal;
+
+static int active[NSIG_MAX];            /* our running handlers, by signal */
+static struct sigaction before[NSIG_MAX]; /* the disposition they replaced */
 
 static void signal_cb(uv_signal_t *h, int signum) {
   ts_signal *s = h->data;
@@ -538,6 +551,13 @@ static void signal_cb(uv_signal_t *h, int signum) {
   ts__pcall(s->loop, 1);
 }
 
+static void signal_close_cb(uv_handle_t *h) {
+  ts_signal *s = h->data;
+  luaL_unref(s->loop->L, LUA_REGISTRYINDEX, s->fn_ref);
+  luaL_unref(s->loop->L, LUA_REGISTRYINDEX, s->self_ref);
+}
+
+/* core.signal(name, fn) -> handle with :cancel() */
 static int l_signal(lua_State *L) {
   static const char *const names[] = {"SIGINT", "SIGTERM", "SIGHUP",
                                       "SIGUSR1", "SIGUSR2", NULL};
@@ -547,18 +567,42 @@ static int l_signal(lua_State *L) {
   ts_signal *s;
 
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  /* Never freed: a handler lives as long as the process. */
-  s = malloc(sizeof(*s));
-  if (s == NULL)
-    return luaL_error(L, "signal: out of memory");
+  s = lua_newuserdatauv(L, sizeof(*s), 0);
+  memset(s, 0, sizeof(*s));
+  luaL_setmetatable(L, TS_SIGNAL_MT);
   uv_signal_init(loop->uv, &s->h);
   s->h.data = s;
   s->loop = loop;
   lua_pushvalue(L, 2);
   s->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, -1);
+  s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* until cancelled */
+  if (active[signum]++ == 0)
+    sigaction(signum, NULL, &before[signum]);
   uv_signal_start(&s->h, signal_cb, signum);
   uv_unref((uv_handle_t *)&s->h);
+  return 1;
+}
+
+static int signal_cancel(lua_State *L) {
+  ts_signal *s = luaL_checkudata(L, 1, TS_SIGNAL_MT);
+  int signum = s->h.signum;
+
+  if (s->closed)
+    return 0;
+  s->closed = 1;
+  uv_close((uv_handle_t *)&s->h, signal_close_cb); /* stops it at once */
+  if (--active[signum] == 0)
+    sigaction(signum, &before[signum], NULL);
   return 0;
+}
+
+static void create_signal_meta(lua_State *L) {
+  static const luaL_Reg methods[] = {{"cancel", signal_cancel}, {NULL, NULL}};
+  luaL_newmetatable(L, TS_SIGNAL_MT);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
 }
 
 static void create_timer_meta(lua_State *L) {
@@ -578,6 +622,7 @@ int ts__open_loop(lua_State *L) {
     {"timer", l_timer},     {"sleep", l_sleep},     {"signal", l_signal},
     {"set_log_handler", l_set_log_handler},     {NULL, NULL}};
   create_timer_meta(L);
+  create_signal_meta(L);
   luaL_setfuncs(L, funcs, 0);
   return 0;
 }

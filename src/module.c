@@ -1,8 +1,9 @@
 /* luaopen_tcpserver_core: one table holding every part of the core. */
 #include "client.h"
 #include "netutil.h"
-#include "process.h"
+#include "fork.h"
 #include "server.h"
+#include "subprocess.h"
 #include "tls.h"
 
 int luaopen_tcpserver_core(lua_State *L) {
@@ -22,7 +23,8 @@ int luaopen_tcpserver_core(lua_State *L) {
   ts__open_server(L);
   ts__open_netutil(L);
   ts__open_client(L);
-  ts__open_process(L);
+  ts__open_subprocess(L);
+  ts__open_fork(L);
   lua_pushliteral(L, TS_VERSION);
   lua_setfield(L, -2, "version");
   return 1;

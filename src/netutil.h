@@ -3,6 +3,8 @@
 #ifndef TS_NETUTIL_H
 #define TS_NETUTIL_H
 
+#define TS_SOCKET_MT "tcpserver.socket"
+
 #include "loop.h"
 
 /* A listener takes a socket's fd (raises if it is closed or served)... */
