@@ -27,12 +27,13 @@ MANDIR  ?= $(PREFIX)/share/man
 CORE_SRC = $(filter-out src/host/%,$(wildcard src/*.c))
 CORE_OBJ = $(CORE_SRC:src/%.c=$(BUILD)/obj/%.o)
 CORE_SO  = $(BUILD)/tcpserver/core.so
+CORE_LIB = $(BUILD)/libtcpserver.a
 HOST     = $(BUILD)/luahost
 PORT    ?= 8888
 
 .PHONY: all deps run test lint docs rock bench install uninstall clean
 
-all: $(CORE_SO) $(HOST)
+all: $(CORE_SO) $(CORE_LIB) $(HOST)
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h) include/tcpserver.h
 	@mkdir -p $(dir $@)
@@ -41,6 +42,11 @@ $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h) include/tcpserver.h
 $(CORE_SO): $(CORE_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) -shared $(LDFLAGS) -o $@ $(CORE_OBJ) $(LIBS)
+
+# For C hosts that embed the core (include/tcpserver.h, spec/embed_spec.lua).
+$(CORE_LIB): $(CORE_OBJ)
+	@rm -f $@
+	$(AR) rcs $@ $(CORE_OBJ)
 
 $(HOST): src/host/main.c
 	@mkdir -p $(dir $@)
@@ -119,6 +125,8 @@ install: all
 	install -m 755 $(CORE_SO) $(DESTDIR)$(LUA_LIB)/tcpserver/core.so
 	install -m 755 $(HOST) $(DESTDIR)$(PREFIX)/bin/luahost
 	install -m 644 include/tcpserver.h $(DESTDIR)$(PREFIX)/include/
+	install -d $(DESTDIR)$(PREFIX)/lib
+	install -m 644 $(CORE_LIB) $(DESTDIR)$(PREFIX)/lib/libtcpserver.a
 	install -d $(DESTDIR)$(MANDIR)/man1
 	install -m 644 docs/luahost.1 $(DESTDIR)$(MANDIR)/man1/luahost.1
 	@case ":$$PATH:" in *":$(PREFIX)/bin:"*) ;; \

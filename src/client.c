@@ -31,7 +31,7 @@ static void timer_closed(uv_handle_t *h) {
 }
 
 /* Resumes the waiting task with what is on its stack (nres values). */
-static void finish(connect_req *r, int nres) {
+static void finish_connect(connect_req *r, int nres) {
   r->done = 1;
   uv_close((uv_handle_t *)&r->timer, timer_closed);
   ts_waiter_wake(&r->w, nres);
@@ -58,7 +58,7 @@ static void connect_cb(uv_connect_t *req, int status) {
     ts__stream_push(r->w.co, s);
     if (ts__stream_start(s) == 0) {
       release(r);
-      finish(r, 1);
+      finish_connect(r, 1);
       return;
     }
     lua_pop(r->w.co, 1);

@@ -259,7 +259,8 @@ static void resume_from(lua_State *L, lua_State *co, int narg) {
     loop->ended++;
 }
 
-void ts__resume(lua_State *co, int narg) {
+/* Resumes task co with `narg` values on its stack, from a callback. */
+static void resume_task(lua_State *co, int narg) {
   resume_from(task_loop(co)->L, co, narg);
 }
 
@@ -301,7 +302,7 @@ void ts_waiter_wake(ts_waiter *w, int nres) {
 
   w->co = NULL;
   w->ref = LUA_NOREF;
-  ts__resume(co, nres);
+  resume_task(co, nres);
   luaL_unref(co, LUA_REGISTRYINDEX, ref);
 }
 
@@ -362,10 +363,11 @@ static void resume_soon(ts_loop *loop, lua_State *co) {
   s->w.ref = luaL_ref(co, LUA_REGISTRYINDEX);
 }
 
+/* A delay given from Lua: 0 stays 0 (the next iteration). */
 static uint64_t to_ms(lua_State *L, int idx) {
   lua_Number s = luaL_checknumber(L, idx);
   luaL_argcheck(L, s >= 0 && s < 1e9, idx, "seconds out of range");
-  return (uint64_t)(s * 1000 + 0.5);
+  return ts__timeout_ms(s);
 }
 
 static int l_sleep(lua_State *L) {

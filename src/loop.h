@@ -57,9 +57,6 @@ void ts__spawn(lua_State *L, int narg);
 int ts__in_task(lua_State *L);
 /* Raises unless L is a task; used before a call may yield. */
 void ts__check_task(lua_State *L, const char *what);
-/* Resumes task co with `narg` values on its stack; reports an uncaught
- * error; then runs the settle hooks. */
-void ts__resume(lua_State *co, int narg);
 
 /* A task parked until a callback wakes it: every wait in the core is one.
  * Use as `return ts_waiter_park(w, L);` from a lua_CFunction. */

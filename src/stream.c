@@ -158,7 +158,7 @@ static int push_error(lua_State *L, const char *err) {
 
 /* ---- the wait timer ---- */
 
-static void timer_cb(uv_timer_t *t);
+static void wait_timer_cb(uv_timer_t *t);
 
 static void start_timer(ts_stream *s, uint64_t ms) {
   if (s->timer == NULL) {
@@ -168,7 +168,7 @@ static void start_timer(ts_stream *s, uint64_t ms) {
     uv_timer_init(s->h.handle.loop, s->timer);
     s->timer->data = s;
   }
-  uv_timer_start(s->timer, timer_cb, ms, 0);
+  uv_timer_start(s->timer, wait_timer_cb, ms, 0);
 }
 
 static void start_wait_timer(ts_stream *s) {
@@ -985,7 +985,7 @@ void ts__stream_abort(ts_stream *s) {
   stream_close(s, UV_ECANCELED);
 }
 
-static void timer_cb(uv_timer_t *t) {
+static void wait_timer_cb(uv_timer_t *t) {
   ts_stream *s = t->data;
 
   if (s->flags & F_CLOSED) { /* the linger ran out */

@@ -2,6 +2,7 @@
  * pipes; a task may wait for its exit. */
 #include "subprocess.h"
 
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -144,7 +145,7 @@ static int proc_pid(lua_State *L) {
 
 static int proc_kill(lua_State *L) {
   ts_process *p = check_process(L);
-  int sig = (int)luaL_optinteger(L, 2, 15);
+  int sig = (int)luaL_optinteger(L, 2, SIGTERM);
   int err = p->closed ? UV_ESRCH : uv_process_kill(&p->h, sig);
   lua_pushboolean(L, err == 0);
   return 1;

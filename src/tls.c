@@ -723,7 +723,7 @@ static int l_start_tls(lua_State *L) {
   return 1;
 }
 
-static int push_name(lua_State *L, X509_NAME *name) {
+static int push_x509_name(lua_State *L, X509_NAME *name) {
   BIO *b = BIO_new(BIO_s_mem());
   char *p;
   long n;
@@ -756,9 +756,9 @@ static int l_peer_certificate(lua_State *L) {
   if (t == NULL || t->ssl == NULL || (x = SSL_get1_peer_certificate(t->ssl)) == NULL)
     return 0;
   lua_createtable(L, 0, 7);
-  push_name(L, X509_get_subject_name(x));
+  push_x509_name(L, X509_get_subject_name(x));
   lua_setfield(L, -2, "subject");
-  push_name(L, X509_get_issuer_name(x));
+  push_x509_name(L, X509_get_issuer_name(x));
   lua_setfield(L, -2, "issuer");
   bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(x), NULL);
   hex = bn ? BN_bn2hex(bn) : NULL;
@@ -836,7 +836,7 @@ int ts__open_tls(lua_State *L) {
   luaL_setfuncs(L, ctx_meta, 0);
   luaL_newlib(L, ctx_methods);
   lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
+  lua_setfield(L, -2, "ssl_context_mt"); /* exported for ssl.lua */
   lua_getfield(L, -1, "stream_mt"); /* ts__open_stream ran first */
   lua_getfield(L, -1, "__index");
   luaL_setfuncs(L, stream_methods, 0);

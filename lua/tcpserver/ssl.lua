@@ -51,7 +51,7 @@ local OPTIONS_FLOOR = {no_tlsv1 = "tlsv1.1", no_tlsv1_1 = "tlsv1.2", no_tlsv1_2 
 local SYSTEM_CAPATHS = {["/etc/ssl/certs"] = true, ["/etc/ssl/certs/"] = true,
                         ["/usr/lib/ssl/certs"] = true, ["/usr/lib/ssl/certs/"] = true}
 
-local CONTEXT = debug.getregistry()["tcpserver.ssl_context"]
+local CONTEXT = require("tcpserver.core").ssl_context_mt
 
 -- What each context was built from (for the server-side checks).
 local built_from = setmetatable({}, {__mode = "k"})
