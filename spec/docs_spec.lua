@@ -16,7 +16,7 @@ describe("make docs", function()
       assert.matches(m:gsub("%.", "%%.") .. "</a>", index)
     end
     local methods = {}
-    for name in pairs(debug.getregistry()["tcpserver.stream"].__index) do
+    for name in pairs(require("tcpserver.core").stream_mt.__index) do
       if not name:match("^_") then methods[#methods + 1] = name end
     end
     table.sort(methods)

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
 
 typedef struct connect_req {
   uv_getaddrinfo_t gai;
@@ -183,8 +184,63 @@ static int l_connect(lua_State *L) {
   return ts_waiter_park(&r->w, L);
 }
 
+/* ---- unix sockets ---- */
+
+static void pipe_connect_cb(uv_connect_t *req, int status) {
+  connect_req *r = req->data;
+  ts_stream *s = r->s;
+
+  r->s = NULL;
+  if (r->done) { /* timed out: the stream was aborted */
+    release(r);
+    return;
+  }
+  if (status == 0) {
+    ts__stream_push(r->w.co, s);
+    if (ts__stream_start(s) == 0) {
+      release(r);
+      finish_connect(r, 1);
+      return;
+    }
+    lua_pop(r->w.co, 1);
+    status = UV_ECONNRESET;
+  }
+  ts__stream_abort(s);
+  release(r);
+  finish_error(r, ts__errname(status));
+}
+
+/* core.connect_unix(path [, timeout]) -> stream | nil, err */
+static int l_connect_unix(lua_State *L) {
+  size_t plen;
+  const char *path = luaL_checklstring(L, 1, &plen);
+  lua_Number timeout = luaL_optnumber(L, 2, 0);
+  ts_loop *loop = ts__loop(L);
+  connect_req *r;
+  ts_stream *s;
+
+  luaL_argcheck(L, plen > 0 && plen < sizeof(((struct sockaddr_un *)0)->sun_path) &&
+                   strlen(path) == plen, 1, "path empty, too long or with a NUL inside");
+  ts__check_task(L, "connect");
+  r = calloc(1, sizeof(*r));
+  if (r == NULL)
+    return luaL_error(L, "connect: out of memory");
+  s = ts__stream_new(L, 1);
+  lua_pop(L, 1); /* pinned by the stream itself until closed */
+  r->conn.data = r->timer.data = r;
+  r->s = s;
+  r->refs = 2; /* the connect request and the timer */
+  uv_pipe_connect(&r->conn, (uv_pipe_t *)ts__stream_handle(s), path, pipe_connect_cb);
+  uv_timer_init(loop->uv, &r->timer);
+  if (ts__timeout_ms(timeout) > 0)
+    uv_timer_start(&r->timer, timeout_cb, ts__timeout_ms(timeout), 0);
+  ts_waiter_init(&r->w);
+  return ts_waiter_park(&r->w, L);
+}
+
 int ts__open_client(lua_State *L) {
-  static const luaL_Reg funcs[] = {{"connect", l_connect}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {
+    {"connect", l_connect}, {"connect_unix", l_connect_unix}, {NULL, NULL}};
   luaL_setfuncs(L, funcs, 0);
   return 0;
 }

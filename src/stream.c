@@ -51,7 +51,7 @@ typedef struct write_queue {
   write_waiter *w;
 } write_queue;
 
-enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE };
+enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE, RD_FILL };
 
 enum {
   F_PIPE = 1 << 0,
@@ -354,6 +354,15 @@ static int try_read(ts_stream *s, lua_State *L) {
     if (len >= s->max_buffer)
       return fail_too_large(s, L);
     break;
+  case RD_FILL: /* more than rn bytes buffered; nothing consumed */
+    if (len > s->rn) {
+      s->rmode = RD_NONE;
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+    if (len >= s->max_buffer)
+      return fail_too_large(s, L);
+    break;
   case RD_CLOSE:
     if (ended) {
       push_consume(s, L, len);
@@ -560,6 +569,22 @@ static int l_read_bytes(lua_State *L) {
 
 static int l_read_until_close(lua_State *L) {
   return read_request(L, check_self(L), RD_CLOSE, 0);
+}
+
+/* _buffered() -> the unread bytes, left in place (read_until_pattern) */
+static int l_buffered(lua_State *L) {
+  ts_stream *s = check_self(L);
+  lua_pushlstring(L, ts_buf_head(&s->rbuf), ts_buf_len(&s->rbuf));
+  return 1;
+}
+
+/* _fill(n) -> true once more than n bytes are buffered, or nil, err,
+ * partial (the stream ended, or max_buffer_size) */
+static int l_fill(lua_State *L) {
+  ts_stream *s = check_self(L);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, n >= 0, 2, "byte count must not be negative");
+  return read_request(L, s, RD_FILL, (size_t)n);
 }
 
 /* ---- for layers ---- */
@@ -1188,6 +1213,8 @@ int ts__open_stream(lua_State *L) {
     {"read_until", l_read_until},
     {"read_bytes", l_read_bytes},
     {"read_until_close", l_read_until_close},
+    {"_buffered", l_buffered},
+    {"_fill", l_fill},
     {"write", l_write},
     {"flush", l_flush},
     {"close", l_close},

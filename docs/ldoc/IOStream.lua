@@ -49,6 +49,18 @@ function IOStream:read_bytes(n, partial) end
 -- @treturn[2] string partial
 function IOStream:read_until_close() end
 
+--- Reads up to and including the first match of the Lua pattern `pattern`
+-- (Tornado's read_until_regex). The pattern is tried over everything
+-- buffered each time more arrives: keep `max_bytes` small for slow peers.
+-- @tparam string pattern a Lua pattern
+-- @tparam[opt] integer max_bytes fail with "too large" (and close) if no
+-- match ends within this many bytes
+-- @treturn[1] string the data, the match included
+-- @treturn[2] nil
+-- @treturn[2] string err "closed", "timeout", "too large"
+-- @treturn[2] string partial
+function IOStream:read_until_pattern(pattern, max_bytes) end
+
 --- Writing.
 -- @section writing
 
@@ -56,6 +68,8 @@ function IOStream:read_until_close() end
 -- yields or returns (one system call per wake-up). Returns at once unless
 -- the buffer is over its high-water mark (1 MiB), where it waits until
 -- drained. Also callable from plain callbacks, where it never waits.
+-- Several tasks writing to one stream (a chat broadcast) queue in order:
+-- each waits until its own bytes are handed to the kernel.
 -- @tparam string|{string,...} data a string, or a list written as one writev
 -- @treturn[1] boolean true
 -- @treturn[2] nil
