@@ -170,4 +170,10 @@ function IOStream:tls_version() end
 -- @treturn ?string
 function IOStream:cipher() end
 
+--- The host name the client asked for with SNI (on a client: the name it
+-- sent), or nil; a server picks a certificate by it with `sni` or
+-- `sni_callback` in ssl_options. Nil once the stream is closed.
+-- @treturn ?string
+function IOStream:server_name() end
+
 return IOStream
