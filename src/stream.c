@@ -1262,7 +1262,8 @@ int ts__open_stream(lua_State *L) {
     {"close", l_close},
     {"closed", l_closed},
     {"set_close_callback", l_set_close_callback},
-    {"settimeout", l_settimeout},
+    {"set_timeout", l_settimeout},
+    {"settimeout", l_settimeout}, /* LuaSocket's and OpenResty's name */
     {"set_nodelay", l_set_nodelay},
     {"getpeername", l_getpeername},
     {"getsockname", l_getsockname},
