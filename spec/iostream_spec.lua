@@ -683,3 +683,39 @@ describe("read_until_pattern", function()
     assert.matches("already reading", errs[3])
   end))
 end)
+
+describe("writers waiting when the stream closes", function()
+  local big = ("w"):rep(8 * 1024 * 1024)
+
+  it("fail with 'closed' at once when a task closes the stream", async(function()
+    local res
+    local client = pair(function(_, stream)
+      ioloop.current():spawn(function() res = {stream:write(big)} end)
+      assert.is_nil(res) -- waiting: the client does not read
+      stream:close()
+      H.wait_until(function() return res end)
+    end)
+    H.wait_until(function() return res end, 3)
+    assert.same({nil, "closed"}, res)
+    client:close()
+  end))
+
+  it("fail when the peer resets", async(function()
+    local res
+    local server, port = H.serve(function(_, stream)
+      stream:write("go\n")
+      ioloop.current():spawn(function() res = {stream:write(big)} end)
+      H.wait_until(function() return res end)
+    end)
+    finally(function() server:stop() end)
+    H.python([[
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.makefile("rb").readline()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+]], tostring(port))
+    H.wait_until(function() return res end, 3)
+    assert.same({nil, "closed"}, res)
+  end))
+end)

@@ -49,6 +49,7 @@ typedef struct write_waiter {
 typedef struct write_queue {
   int n, cap;
   write_waiter *w;
+  uint64_t sent_at_close; /* bytes_sent when the stream closed */
 } write_queue;
 
 enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE, RD_FILL };
@@ -732,6 +733,9 @@ fail:
  * bytes are partly its output, so this may lag: never early. */
 static uint64_t bytes_sent(ts_stream *s) {
   size_t left = pending_writes(s);
+
+  if ((s->flags & F_CLOSED) && s->wq != NULL)
+    return s->wq->sent_at_close; /* the buffers go before close_cb */
   return left < s->wtotal ? s->wtotal - left : 0;
 }
 
@@ -788,6 +792,8 @@ static void wake_writers(ts_stream *s, const char *err) {
   }
 }
 
+/* Once closed, writers whose bytes were not sent by then fail, as in
+ * Tornado: a close does not wait for a peer that stopped reading. */
 static void check_writers(ts_stream *s) {
   if (!writing(s))
     return;
@@ -802,15 +808,13 @@ static void write_cb(uv_write_t *req, int status) {
   ts_stream *s = req->data;
   write_req *w = (write_req *)req;
 
+  if (status < 0 && status != UV_ECANCELED)
+    stream_close(s, status); /* with these bytes still counted unsent */
   ts_buf_release(&w->buf, &s->ctx->wpool);
   free(w);
   s->inflight = NULL;
-  if (status == UV_ECANCELED)
+  if (status < 0)
     return;
-  if (status < 0) {
-    stream_close(s, status);
-    return;
-  }
   if (ts__stream_flush(s) != 0)
     return;
   if ((s->flags & F_CLOSED) && pending_writes(s) == 0)
@@ -838,6 +842,8 @@ static void flush_dirty(ts_loop *loop) {
     ctx->dirty = s->next_dirty;
     s->flags &= ~F_DIRTY;
     ts__stream_flush(s);
+    if (s->flags & F_CLOSED) /* writers closed on (see stream_close) */
+      check_writers(s);
   }
 }
 
@@ -1012,6 +1018,12 @@ static void stream_close(ts_stream *s, int err) {
     if (err != 0 && !(s->flags & F_HCLOSING))
       handle_close(s);
     return;
+  }
+  if (writing(s)) {
+    /* Their fate is told after the current task or callback (the dirty
+     * list): close() may run inside a task, which must not resume others. */
+    s->wq->sent_at_close = bytes_sent(s);
+    mark_dirty(s);
   }
   s->flags |= F_CLOSED;
   if (err != 0) {
