@@ -412,10 +412,6 @@ static void listener_closed(uv_handle_t *h) {
 
   if (--ls->pending_closes > 0)
     return;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->sock_ref);
-  ts__socket_release(L, -1);
-  lua_pop(L, 1);
-  close(ls->fd);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->handler_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->sock_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->ctx_ref);
@@ -433,6 +429,12 @@ static int l_listener_close(lua_State *L) {
   ls->pending_closes = 2;
   uv_close((uv_handle_t *)&ls->poll, listener_closed);
   uv_close((uv_handle_t *)&ls->backoff, listener_closed);
+  /* The port is free when stop() returns, as in Tornado: uv_close took the
+   * fd out of epoll already. */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->sock_ref);
+  ts__socket_release(L, -1);
+  lua_pop(L, 1);
+  close(ls->fd);
   return 0;
 }
 

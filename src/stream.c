@@ -466,7 +466,9 @@ static void on_eof(ts_stream *s) {
   s->flags |= F_EOF;
   if (ts_waiter_waiting(&s->reader))
     wake_reader(s, try_read(s, s->reader.co));
-  else if (ts_buf_len(&s->rbuf) == 0)
+  /* Nothing left to read: closed now, not at the next read (a TLS record
+   * brings data and close_notify together). */
+  if (!ts_waiter_waiting(&s->reader) && ts_buf_len(&s->rbuf) == 0)
     stream_close(s, 0);
   /* What nobody read yet must leave the shared buffer: the next read of
    * any stream overwrites it. */
@@ -1071,12 +1073,12 @@ static void wait_timer_cb(uv_timer_t *t) {
     handle_close(s);
     return;
   }
+  wake_writers(s, "timeout");
   if (ts_waiter_waiting(&s->reader)) {
     read_failed(s, s->reader.co, "timeout");
     wake_reader(s, 2);
+    update_reading(s); /* not for a write-only pipe: it cannot read */
   }
-  wake_writers(s, "timeout");
-  update_reading(s);
 }
 
 static int l_close(lua_State *L) {

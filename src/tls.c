@@ -25,6 +25,7 @@ typedef struct ts_ctx {
   int nsni;
   char **sni_names;
   SSL_CTX **sni_ctx;
+  int default_paths;     /* the system CAs, loaded when first needed */
   int sni_cb_ref;        /* sni_callback(server_name), or LUA_NOREF */
 } ts_ctx;
 
@@ -550,7 +551,8 @@ static void set_verify(lua_State *L, ts_ctx *c, int t) {
       raise_ssl(L, "ssl_options: cannot load cafile %s: %s", cafile);
     SSL_CTX_set_client_CA_list(c->ctx, names);
   } else {
-    SSL_CTX_set_default_verify_paths(c->ctx);
+    /* Reading the system store takes ~45 ms: only a verifying side pays. */
+    c->default_paths = 1;
   }
 }
 
@@ -679,7 +681,13 @@ int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
                    const char *host, double timeout) {
   ts_ctx *c = check_ctx(L, ctx_idx);
   int verify = verify_mode(c, server);
-  ts_tls *t = new_tls(c, server, verify);
+  ts_tls *t;
+
+  if ((verify & SSL_VERIFY_PEER) && c->default_paths) {
+    SSL_CTX_set_default_verify_paths(c->ctx);
+    c->default_paths = 0;
+  }
+  t = new_tls(c, server, verify);
 
   if (t == NULL)
     return UV_ENOMEM;
@@ -747,6 +755,19 @@ static int l_wait_for_handshake(lua_State *L) {
   return ts_waiter_park(&t->hs, L);
 }
 
+/* "host:port" of the peer (pushed on L), or NULL. */
+static const char *peer_name(lua_State *L, ts_stream *s) {
+  uv_stream_t *h = ts__stream_handle(s);
+  struct sockaddr_storage ss;
+  char host[INET6_ADDRSTRLEN];
+  int len = sizeof(ss), port;
+
+  if (h->type != UV_TCP || uv_tcp_getpeername((uv_tcp_t *)h, (struct sockaddr *)&ss, &len) != 0)
+    return NULL;
+  port = ts__addr_name((struct sockaddr *)&ss, host, sizeof(host));
+  return lua_pushfstring(L, ss.ss_family == AF_INET6 ? "[%s]:%d" : "%s:%d", host, port);
+}
+
 /* _start_tls(server_side, ctx, hostname, timeout): the Lua wrapper checks
  * the arguments and waits for the handshake. */
 static int l_start_tls(lua_State *L) {
@@ -769,6 +790,8 @@ static int l_start_tls(lua_State *L) {
   }
   if ((busy = ts__stream_busy(s)) != NULL)
     return luaL_error(L, "start_tls: %s", busy);
+  if (server && host == NULL) /* the peer, for the logs */
+    host = peer_name(L, s);
   if (ts__tls_attach(L, s, 3, server, host, timeout) != 0)
     return luaL_error(L, "start_tls: out of memory");
   lua_pushboolean(L, 1);
