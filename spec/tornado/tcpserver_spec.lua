@@ -14,11 +14,23 @@
 -- ERROR line.
 local H = require "spec.helper"
 local P = require "spec.procs"
+local T = require "spec.tornado.util"
+local netutil = require "tcpserver.netutil"
 local tcpserver = require "tcpserver"
 local tcpclient = require "tcpserver.tcpclient"
 local testing = require "tcpserver.testing"
 
 local async = H.async
+
+-- Tests that fail because of a core defect (see spec/tornado/util.lua:
+-- known_failures): a failure is pending, a pass asks to remove the entry.
+local KNOWN_FAIL = {
+  ["TCPServerTest test_stop_twice"] = "stop() leaves the listening socket open until the loop's "
+    .. "next closing phase (listener_closed closes the fd): binding the port again right "
+    .. "after stop() fails with 'Address already in use', and a client connecting in that "
+    .. "window is accepted by the kernel, then reset",
+}
+local known = T.known_failures(KNOWN_FAIL, function(msg) pending(msg) end)
 
 describe("TCPServerTest", function()
   it("test_handle_stream_coroutine_logging", async(function()
@@ -62,13 +74,16 @@ describe("TCPServerTest", function()
   end))
 
   it("test_stop_twice", async(function()
-    local sock, port = testing.bind_unused_port()
-    local server = tcpserver.TCPServer()
-    server:add_socket(sock)
-    server:stop()
-    server:stop()
-    -- And it is stopped: nothing accepts on the port any more.
-    assert.same({nil, "connection refused"}, {tcpclient.connect("127.0.0.1", port)})
+    known("TCPServerTest test_stop_twice", function()
+      local sock, port = testing.bind_unused_port()
+      local server = tcpserver.TCPServer()
+      server:add_socket(sock)
+      server:stop()
+      server:stop()
+      -- Stopped: the socket is closed (Tornado's stop() closes it), so the
+      -- port can be bound again at once.
+      netutil.bind_sockets(port, "127.0.0.1")[1]:close()
+    end)
   end))
 
   it("test_stop_in_callback", async(function()
