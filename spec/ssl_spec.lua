@@ -442,3 +442,128 @@ s.close()
     end))
   end)
 end)
+
+describe("TLS regressions", function()
+  local restore
+  before_each(function() restore = select(2, H.capture_logs()) end)
+  after_each(function() restore() end)
+
+  it("keeps data that arrives with close_notify apart from other connections", async(function()
+    local locks = require "tcpserver.locks"
+    local other_done = locks.Event()
+    local got
+    local server, port = tls_serve(function(_, stream)
+      local first = stream:read_bytes(1)
+      if first == "A" then
+        other_done:wait()
+        got.A = first .. (stream:read_until_close() or "")
+      else
+        got.B = first .. assert(stream:read_bytes(99))
+        other_done:set()
+      end
+    end)
+    finally(function() server:stop() end)
+    for _ = 1, 3 do
+      got = {}
+      other_done = locks.Event()
+      local a = assert(tls_connect(port))
+      a:write("A" .. ("a"):rep(41))
+      a:close() -- data and close_notify leave in one segment
+      local b = assert(tls_connect(port))
+      b:write(("B"):rep(100))
+      H.wait_until(function() return got.A end)
+      b:close()
+      assert.equal("A" .. ("a"):rep(41), got.A)
+      assert.equal(("B"):rep(100), got.B)
+    end
+  end))
+
+  it("returns from a large write made before the handshake completes", async(function()
+    local n = 2 * 1024 * 1024
+    local wrote
+    local server, port = tls_serve(function(_, stream)
+      wrote = stream:write(("z"):rep(n))
+      stream:write("\n")
+    end)
+    finally(function() server:stop() end)
+    local c = assert(tls_connect(port))
+    local back = assert(c:read_until("\n"))
+    assert.equal(n + 1, #back)
+    H.wait_until(function() return wrote ~= nil end)
+    assert.is_true(wrote)
+    c:close()
+  end))
+
+  it("reports a handshake that succeeded although the client closed at once", async(function()
+    local res
+    local server, port = tls_serve(function(_, stream)
+      res = {stream:wait_for_handshake()}
+    end)
+    finally(function() server:stop() end)
+    local out = python_tls(port, [[
+# handshake over memory BIOs, so that Finished and close_notify leave in one segment
+s = socket.create_connection(("127.0.0.1", port))
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+o = ctx.wrap_bio(inc, out, server_hostname="localhost")
+while True:
+    try:
+        o.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        s.sendall(out.read())
+        inc.write(s.recv(65536))
+try:
+    o.unwrap()
+except ssl.SSLWantReadError:
+    pass
+s.sendall(out.read())
+s.recv(65536)
+print("ok")
+]])
+    assert.equal("ok\n", out)
+    H.wait_until(function() return res end)
+    assert.same({true}, res)
+  end))
+
+  it("frees the SSL state of closed streams without waiting for a collection", async(function()
+    local server, port = tls_serve(echo)
+    finally(function() server:stop() end)
+    collectgarbage("stop")
+    finally(function() collectgarbage("restart") end)
+    local before = require("tcpserver.core").tls_live()
+    for _ = 1, 20 do
+      local c = assert(tls_connect(port))
+      c:write("x\n")
+      assert.equal("x\n", c:read_until("\n"))
+      c:close()
+    end
+    H.wait_until(function() return require("tcpserver.core").tls_live() <= before end)
+    assert.is_true(require("tcpserver.core").tls_live() <= before)
+  end))
+
+  it("refuses start_tls as a client without a name to check", async(function()
+    local server, port = tls_serve(echo)
+    finally(function() server:stop() end)
+    local c = H.connect(port)
+    local ok, err = pcall(c.start_tls, c, false, {cafile = C.cafile})
+    assert.is_false(ok)
+    assert.matches("server_hostname", err)
+    c:close()
+    c = H.connect(port)
+    assert.is_true(c:start_tls(false, {verify = "none"}))
+    c:close()
+  end))
+
+  it("verifies client certificates on SNI contexts with verify = required", async(function()
+    local server, port = tls_serve(echo, {sni = {["other.test"] = C.other}, verify = "required",
+                                          cafile = C.cafile})
+    finally(function() server:stop() end)
+    local client_opts = {cafile = C.cafile, certfile = C.client.certfile, keyfile = C.client.keyfile}
+    for _, name in ipairs {"other.test", "localhost"} do
+      local c = assert(tls_connect(port, {ssl_options = client_opts, server_hostname = name}))
+      c:write(name .. "\n")
+      assert.equal(name .. "\n", c:read_until("\n"))
+      c:close()
+    end
+  end))
+end)

@@ -182,12 +182,12 @@ static int l_connect(lua_State *L) {
   }
   r->refs = 2; /* the resolver and the timer */
   uv_timer_init(loop->uv, &r->timer);
-  if (timeout > 0)
-    uv_timer_start(&r->timer, timeout_cb, (uint64_t)(timeout * 1000 + 0.5), 0);
+  if (ts__timeout_ms(timeout) > 0)
+    uv_timer_start(&r->timer, timeout_cb, ts__timeout_ms(timeout), 0);
   r->co = L;
   lua_pushthread(L);
   r->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  return lua_yield(L, 0);
+  return ts__park(L);
 }
 
 int ts__open_client(lua_State *L) {

@@ -26,7 +26,11 @@ typedef struct ts_loop {
   ts_stream *borrower;   /* the stream whose rbuf is `shared` right now */
   ts_buf_pool wpool;     /* drained write buffers */
   int running;
+  int parked;            /* the task being resumed waits on something */
   int log_ref;           /* Lua function(level, msg) for the core's logs */
+  size_t rbuf_bytes;     /* held by streams' own read buffers */
+  size_t rbuf_count;     /* streams holding one */
+  size_t rbuf_budget;    /* the most rbuf_bytes should reach */
   size_t ended;          /* tasks ended since the last full collection */
   size_t walked;         /* dead-thread walks since then (an upper bound) */
   size_t walk_budget;    /* walks that cost about one full collection */
@@ -35,9 +39,16 @@ typedef struct ts_loop {
 } ts_loop;
 
 ts_loop *ts__loop(lua_State *L);
+/* Seconds to a libuv timeout in ms; 0 means none: none was asked for, or
+ * more than libuv can time (casting such a double is undefined). */
+uint64_t ts__timeout_ms(double seconds);
 /* Marks `co` as a loop task: yielding calls are allowed there. */
 void ts__mark_task(lua_State *co, void *owner);
 int ts__in_task(lua_State *L);
+/* Suspends the task L until a callback resumes it: every wait ends here,
+ * so that a bare coroutine.yield, which nothing would resume, is told
+ * apart (see resume_from). Use as `return ts__park(L);`. */
+int ts__park(lua_State *L);
 /* Raises unless L is a task; used before a call may yield. */
 void ts__check_task(lua_State *L, const char *what);
 /* Resumes a task with `narg` values already on its stack, reports an

@@ -62,6 +62,19 @@ static void start_sentinel(lua_State *L) {
   the_loop->walk_budget = WALK_BUDGET_MIN;
 }
 
+/* A quarter of the memory this process may use (its cgroup's limit, if
+ * lower than the machine's). */
+static size_t default_read_budget(void) {
+  uint64_t total = uv_get_total_memory(), limit = uv_get_constrained_memory();
+
+  if (limit > 0 && limit < total)
+    total = limit;
+  if (total == 0)
+    total = (uint64_t)4 << 30;
+  total /= 4;
+  return total < SIZE_MAX ? (size_t)total : SIZE_MAX;
+}
+
 ts_loop *ts__loop(lua_State *L) {
   if (the_loop != NULL)
     return the_loop;
@@ -73,6 +86,7 @@ ts_loop *ts__loop(lua_State *L) {
   the_loop->uv = uv_default_loop();
   the_loop->uv->data = the_loop;
   the_loop->log_ref = LUA_NOREF;
+  the_loop->rbuf_budget = default_read_budget();
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   the_loop->L = lua_tothread(L, -1);
   lua_pop(L, 1);
@@ -151,11 +165,22 @@ void ts__pcall_on(lua_State *L, int narg) {
   ts__flush_dirty(loop);
 }
 
+int ts__park(lua_State *L) {
+  the_loop->parked = 1;
+  return lua_yield(L, 0);
+}
+
+static void resume_soon(lua_State *L, lua_State *co);
+
 static void resume_from(lua_State *L, lua_State *co, int narg) {
-  int nres, status;
+  int nres, status, outer = the_loop->parked;
   void *owner;
 
+  the_loop->parked = 0;
   status = lua_resume(co, L, narg, &nres);
+  if (status == LUA_YIELD && !the_loop->parked) /* a bare coroutine.yield */
+    resume_soon(L, co);
+  the_loop->parked = outer; /* a task that resumes another runs on */
   owner = *(void **)lua_getextraspace(co);
   if (status != LUA_YIELD && owner != the_loop) {
     ts__stream_task_done(L, owner, co, status);
@@ -233,6 +258,21 @@ static int l_time(lua_State *L) {
   return 1;
 }
 
+/* core.read_budget([bytes]) -> budget, bytes held, streams holding them */
+static int l_read_budget(lua_State *L) {
+  ts_loop *loop = ts__loop(L);
+
+  if (!lua_isnoneornil(L, 1)) {
+    lua_Integer n = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, n > 0, 1, "budget must be a positive number of bytes");
+    loop->rbuf_budget = (size_t)n;
+  }
+  lua_pushinteger(L, (lua_Integer)loop->rbuf_budget);
+  lua_pushinteger(L, (lua_Integer)loop->rbuf_bytes);
+  lua_pushinteger(L, (lua_Integer)loop->rbuf_count);
+  return 3;
+}
+
 static int l_set_log_handler(lua_State *L) {
   ts_loop *loop = ts__loop(L);
   luaL_checktype(L, 1, LUA_TFUNCTION);
@@ -250,6 +290,15 @@ typedef struct ts_timer {
   int self_ref;
   int closed;
 } ts_timer;
+
+/* Past this many seconds, milliseconds no longer fit in a uint64_t. */
+#define MAX_TIMEOUT_S 1.8e16
+
+uint64_t ts__timeout_ms(double seconds) {
+  if (!(seconds > 0) || seconds >= MAX_TIMEOUT_S)
+    return 0;
+  return seconds < 0.001 ? 1 : (uint64_t)(seconds * 1000 + 0.5);
+}
 
 static uint64_t to_ms(lua_State *L, int idx) {
   lua_Number s = luaL_checknumber(L, idx);
@@ -336,22 +385,44 @@ static void sleeper_cb(uv_timer_t *h) {
   luaL_unref(the_loop->L, LUA_REGISTRYINDEX, ref);
 }
 
-static int l_sleep(lua_State *L) {
-  ts_loop *loop = ts__loop(L);
-  uint64_t ms = to_ms(L, 1);
-  sleeper *s;
+/* Wakes co after ms; L anchors it meanwhile. Returns 0 or -1 (ENOMEM). */
+static int wake_after(lua_State *L, lua_State *co, uint64_t ms) {
+  sleeper *s = malloc(sizeof(*s));
 
-  ts__check_task(L, "sleep");
-  s = malloc(sizeof(*s));
   if (s == NULL)
-    return luaL_error(L, "sleep: out of memory");
-  uv_timer_init(loop->uv, &s->h);
+    return -1;
+  uv_timer_init(the_loop->uv, &s->h);
   s->h.data = s;
-  s->co = L;
-  lua_pushthread(L);
+  s->co = co;
+  lua_pushthread(co);
+  lua_xmove(co, L, 1);
   s->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   uv_timer_start(&s->h, sleeper_cb, ms, 0);
-  return lua_yield(L, 0);
+  return 0;
+}
+
+/* A task that yields with coroutine.yield gives the others a turn: the
+ * loop resumes it in its next iteration (with true), as sleep(0) would. */
+static void resume_soon(lua_State *L, lua_State *co) {
+  if (wake_after(L, co, 0) != 0)
+    ts__report(the_loop, "coroutine.yield in a task: out of memory, the task is lost");
+}
+
+static int l_sleep(lua_State *L) {
+  uint64_t ms = to_ms(L, 1);
+
+  ts__loop(L);
+  ts__check_task(L, "sleep");
+  if (wake_after(L, L, ms) != 0)
+    return luaL_error(L, "sleep: out of memory");
+  return ts__park(L);
+}
+
+/* core.park(): suspends the task until core.resume wakes it (for waits
+ * written in Lua, such as locks.Event). */
+static int l_park(lua_State *L) {
+  ts__check_task(L, "park");
+  return ts__park(L);
 }
 
 /* ---- signals: handlers that do not keep the loop alive ---- */
@@ -402,10 +473,10 @@ static void create_timer_meta(lua_State *L) {
 int ts__open_loop(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"spawn", l_spawn},     {"in_task", l_in_task}, {"start", l_start},
-    {"resume", l_resume},
+    {"resume", l_resume},   {"park", l_park},
     {"stop", l_stop},       {"running", l_running}, {"time", l_time},
     {"timer", l_timer},     {"sleep", l_sleep},     {"signal", l_signal},
-    {"set_log_handler", l_set_log_handler},     {NULL, NULL}};
+    {"set_log_handler", l_set_log_handler},  {"read_budget", l_read_budget},     {NULL, NULL}};
   create_timer_meta(L);
   luaL_setfuncs(L, funcs, 0);
   return 0;

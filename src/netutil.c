@@ -157,11 +157,14 @@ static int l_bind_unix_socket(lua_State *L) {
   int backlog = (int)luaL_optinteger(L, 3, 128);
   struct sockaddr_un sun;
   struct stat st;
-  int fd;
+  /* "\0name": Linux's abstract namespace, no file, the length counts */
+  int abstract = plen > 1 && path[0] == '\0', fd;
+  socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen);
 
-  luaL_argcheck(L, plen > 0 && plen < sizeof(sun.sun_path), 1,
-                "path empty or too long");
-  if (lstat(path, &st) == 0) {
+  luaL_argcheck(L, plen > 0 && plen < sizeof(sun.sun_path) &&
+                   (abstract || strlen(path) == plen), 1,
+                "path empty, too long or with a NUL inside");
+  if (!abstract && lstat(path, &st) == 0) {
     if (!S_ISSOCK(st.st_mode))
       return luaL_error(L, "bind_unix_socket: %s exists and is not a socket", path);
     unlink(path); /* a stale socket from an earlier run */
@@ -170,12 +173,13 @@ static int l_bind_unix_socket(lua_State *L) {
   sun.sun_family = AF_UNIX;
   memcpy(sun.sun_path, path, plen);
   fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0 || bind(fd, (struct sockaddr *)&sun, sizeof(sun)) != 0 ||
-      chmod(path, (mode_t)mode) != 0 || listen(fd, backlog) != 0) {
+  if (fd < 0 || bind(fd, (struct sockaddr *)&sun, abstract ? len : sizeof(sun)) != 0 ||
+      (!abstract && chmod(path, (mode_t)mode) != 0) || listen(fd, backlog) != 0) {
     int saved = errno;
     if (fd >= 0)
       close(fd);
-    return luaL_error(L, "bind_unix_socket: %s: %s", path, strerror(saved));
+    return luaL_error(L, "bind_unix_socket: %s%s: %s", abstract ? "@" : "",
+                      path + abstract, strerror(saved));
   }
   push_socket(L, fd, AF_UNIX);
   return 1;
@@ -299,7 +303,11 @@ static int sock_getsockname(lua_State *L) {
     return 2;
   }
   if (ss.ss_family == AF_UNIX) {
-    lua_pushstring(L, ((struct sockaddr_un *)&ss)->sun_path);
+    const char *path = ((struct sockaddr_un *)&ss)->sun_path;
+    size_t n = len - offsetof(struct sockaddr_un, sun_path);
+    if (n > 0 && path[0] != '\0') /* a file: NUL-terminated */
+      n = strnlen(path, n);
+    lua_pushlstring(L, path, n);
     lua_pushinteger(L, 0);
     lua_pushliteral(L, "unix");
     return 3;

@@ -181,7 +181,7 @@ static int proc_wait(lua_State *L) {
   p->co = L;
   lua_pushthread(L);
   p->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  return lua_yield(L, 0);
+  return ts__park(L);
 }
 
 /* Raises the soft descriptor limit to the hard one; returns the limit. */

@@ -238,6 +238,7 @@ int ts__proxy_begin(lua_State *L, ts_stream *s, int handler_ref, int ctx_ref,
   }
   p->handshake_timeout = timeout;
   s->proxy = p;
-  ts__stream_start_timer(s, (uint64_t)(timeout * 1000 + 0.5));
+  if (ts__timeout_ms(timeout) > 0)
+    ts__stream_start_timer(s, ts__timeout_ms(timeout));
   return 0;
 }

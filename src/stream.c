@@ -52,6 +52,7 @@ const char *ts__errname(int err) {
   case UV_ECONNREFUSED: return "connection refused";
   case UV_ETIMEDOUT: return "timeout";
   case UV_ECANCELED: return "closed";
+  case UV_E2BIG: return "too large";
   default: return quiet_error(err) ? "closed" : uv_strerror(err);
   }
 }
@@ -91,23 +92,27 @@ const char *ts__stream_error(ts_stream *s) {
 
 /* ---- waking tasks ---- */
 
+int ts__stream_writing(ts_stream *s) {
+  return s->wq != NULL && s->wq->n > 0;
+}
+
 static void stop_timer(ts_stream *s) {
-  if (s->timer != NULL && s->rco == NULL && s->wco == NULL &&
+  if (s->timer != NULL && s->rco == NULL && !ts__stream_writing(s) &&
       !(s->flags & F_CLOSED))
     uv_timer_stop(s->timer);
 }
 
 /* A woken reader stays in the user value after the wake: it is running
- * then, and the next wait overwrites it. The rarer waiters hold a registry
- * ref, dropped after the resume (which may have taken a new one). */
+ * then, and the next wait overwrites it. The handshake waiter holds a
+ * registry ref, dropped after the resume (which may have taken a new one). */
 static void wake(ts_stream *s, lua_State **cop, int slot, int nres) {
   lua_State *co = *cop;
   int ref = LUA_NOREF;
 
   *cop = NULL;
-  if (slot != SLOT_READER) {
-    ref = s->anchor[slot - SLOT_WRITER];
-    s->anchor[slot - SLOT_WRITER] = LUA_NOREF;
+  if (slot == SLOT_HANDSHAKE) {
+    ref = s->hs_anchor;
+    s->hs_anchor = LUA_NOREF;
   }
   stop_timer(s);
   ts__resume(co, nres);
@@ -140,10 +145,10 @@ static int wait_on(lua_State *L, ts_stream *s, lua_State **cop, int slot) {
   if (slot == SLOT_READER)
     lua_setiuservalue(L, 1, 1);
   else
-    s->anchor[slot - SLOT_WRITER] = luaL_ref(L, LUA_REGISTRYINDEX);
+    s->hs_anchor = luaL_ref(L, LUA_REGISTRYINDEX);
   if (s->timeout > 0)
-    start_timer(s, (uint64_t)(s->timeout * 1000 + 0.5));
-  return lua_yield(L, 0);
+    start_timer(s, ts__timeout_ms(s->timeout));
+  return ts__park(L);
 }
 
 void ts__stream_wake(ts_stream *s, lua_State **cop, int slot, int nres) {
@@ -227,19 +232,80 @@ static int try_read(ts_stream *s, lua_State *L) {
   return ended ? fail_closed(s, L) : 0;
 }
 
+/* ---- the read budget: the loop's private read buffers together ---- */
+
+static void account(ts_loop *loop, size_t before, size_t after) {
+  loop->rbuf_bytes += after - before; /* wraps back when after < before */
+  loop->rbuf_count += (before == 0 && after > 0) - (before > 0 && after == 0);
+}
+
+/* Past the budget, a buffer may still grow while it holds less than its
+ * share, so the largest buffers are the ones refused and the total stays
+ * under about twice the budget (buffers grow by doubling). */
+static int over_budget(ts_loop *loop, ts_stream *s, size_t room) {
+  size_t cap = s->rbuf.cap, growth = room > cap ? room : cap, share;
+
+  if (loop->rbuf_bytes + growth <= loop->rbuf_budget)
+    return 0;
+  share = loop->rbuf_budget / (loop->rbuf_count + (cap == 0));
+  return cap + room > share;
+}
+
+/* ts_buf_reserve on s's own read buffer, within the budget: 0, UV_E2BIG
+ * (the stream must end: "too large") or UV_ENOMEM. */
+int ts__stream_reserve(ts_stream *s, size_t room) {
+  ts_loop *loop = s->h.handle.loop->data;
+  size_t before = s->rbuf.cap;
+
+  if (ts_buf_room(&s->rbuf) >= room)
+    return 0;
+  if (s->rbuf.cap - ts_buf_len(&s->rbuf) >= room) /* compacting will do */
+    return ts_buf_reserve(&s->rbuf, room, s->max_buffer) ? UV_ENOMEM : 0;
+  if (over_budget(loop, s, room))
+    return UV_E2BIG;
+  if (ts_buf_reserve(&s->rbuf, room, s->max_buffer) != 0)
+    return UV_ENOMEM;
+  account(loop, before, s->rbuf.cap);
+  return 0;
+}
+
+static void free_rbuf(ts_stream *s) {
+  account(s->h.handle.loop->data, s->rbuf.cap, 0);
+  ts_buf_free(&s->rbuf);
+}
+
+/* Ends a stream whose buffer the budget refused; its reader, if any, gets
+ * "too large" with what was read so far. */
+void ts__stream_refuse_growth(ts_stream *s) {
+  ts_loop *loop = s->h.handle.loop->data;
+  char msg[160];
+
+  snprintf(msg, sizeof(msg), "read buffers over the budget (%zu of %zu bytes): "
+           "closing a connection holding %zu", loop->rbuf_bytes,
+           loop->rbuf_budget, ts_buf_len(&s->rbuf));
+  ts__log(loop, "warning", msg);
+  stream_close(s, UV_E2BIG);
+}
+
 /* Copies what is left of a borrowed shared buffer into the stream's own. */
 static void unborrow(ts_stream *s) {
   ts_buf shared = s->rbuf;
+  int err;
 
   if (!(s->flags & F_BORROWED))
     return;
   s->flags &= ~F_BORROWED;
   ((ts_loop *)s->h.handle.loop->data)->borrower = NULL;
   ts_buf_init(&s->rbuf);
-  if (ts_buf_len(&shared) > 0 &&
-      (ts_buf_reserve(&s->rbuf, ts_buf_len(&shared), s->max_buffer) != 0 ||
-       ts_buf_append(&s->rbuf, ts_buf_head(&shared), ts_buf_len(&shared))))
-    stream_close(s, UV_ENOMEM);
+  if (ts_buf_len(&shared) == 0)
+    return;
+  err = ts__stream_reserve(s, ts_buf_len(&shared));
+  if (err == UV_E2BIG)
+    ts__stream_refuse_growth(s);
+  else if (err != 0)
+    stream_close(s, err);
+  else
+    ts_buf_append(&s->rbuf, ts_buf_head(&shared), ts_buf_len(&shared));
 }
 
 /* Lends the loop's shared buffer as s's empty read buffer, unless another
@@ -249,7 +315,7 @@ int ts__stream_borrow(ts_stream *s) {
 
   if (loop->borrower != NULL)
     return loop->borrower == s;
-  ts_buf_free(&s->rbuf);
+  free_rbuf(s);
   s->rbuf.data = loop->shared;
   s->rbuf.cap = TS_SHARED_READ_SIZE;
   s->flags |= F_BORROWED;
@@ -272,7 +338,7 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     return;
   }
   if (len == 0 && loop->borrower == NULL) {
-    ts_buf_free(&s->rbuf);
+    free_rbuf(s);
     want = want < s->max_buffer ? want : s->max_buffer;
     *buf = uv_buf_init(loop->shared, want < TS_SHARED_READ_SIZE ? want
                                                                 : TS_SHARED_READ_SIZE);
@@ -283,7 +349,9 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     want = s->rn - len;
   room = s->max_buffer > len ? s->max_buffer - len : 0;
   want = want < room ? want : room;
-  if (want == 0 || ts_buf_reserve(&s->rbuf, want, s->max_buffer) != 0) {
+  if (want == 0 || ts__stream_reserve(s, want) != 0) {
+    if (want > 0 && over_budget(loop, s, want))
+      s->flags |= F_OVERBUDGET; /* read_cb ends it (UV_ENOBUFS) */
     *buf = uv_buf_init(NULL, 0);
     return;
   }
@@ -317,15 +385,24 @@ static void on_eof(ts_stream *s) {
     wake(s, &s->rco, SLOT_READER, try_read(s, s->rco));
   else if (ts_buf_len(&s->rbuf) == 0)
     stream_close(s, 0);
+  /* What nobody read yet must leave the shared buffer: the next read of
+   * any stream overwrites it. */
+  unborrow(s);
   update_reading(s);
 }
 
+static void check_writers(ts_stream *s);
+
+/* The TLS layer's bytes in: it has flushed what the handshake released,
+ * which may be what a writer waits for. */
 void ts__stream_on_data(ts_stream *s) {
   on_data(s);
+  check_writers(s);
 }
 
 void ts__stream_on_eof(ts_stream *s) {
   on_eof(s);
+  check_writers(s);
 }
 
 static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
@@ -345,6 +422,8 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
     on_data(s);
   } else if (nread == UV_EOF) {
     on_eof(s);
+  } else if (nread == UV_ENOBUFS && (s->flags & F_OVERBUDGET)) {
+    ts__stream_refuse_growth(s);
   } else if (nread == UV_ENOBUFS) {
     update_reading(s);
   } else if (nread < 0) {
@@ -355,8 +434,10 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
 }
 
 static void update_reading(ts_stream *s) {
+  /* A PROXY header (at most a few hundred bytes) is read whole too. */
   int want = !(s->flags & (F_EOF | F_CLOSED)) &&
-             (s->rco != NULL || ts_buf_len(&s->rbuf) < s->read_high_water);
+             (s->rco != NULL || s->proxy != NULL ||
+              ts_buf_len(&s->rbuf) < s->read_high_water);
   int err;
 
   if (want && !(s->flags & F_READING)) {
@@ -394,7 +475,9 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
     s->rmode = RD_NONE;
     ts__check_task(L, "read");
   }
+  s->rco = L; /* a reader reads past the high-water mark */
   update_reading(s);
+  s->rco = NULL;
   if (s->flags & F_CLOSED) /* update_reading failed */
     return try_read(s, L);
   return wait_on(L, s, &s->rco, SLOT_READER);
@@ -481,20 +564,77 @@ fail:
   return n;
 }
 
-static void check_writer(ts_stream *s) {
+/* Bytes of write() handed to the kernel so far. With TLS the pending
+ * bytes are partly ciphertext, so this lags a little: never early. */
+static uint64_t bytes_sent(ts_stream *s) {
   size_t left = pending_writes(s);
+  return left < s->wtotal ? s->wtotal - left : 0;
+}
 
-  if (s->wco == NULL)
-    return;
-  if (s->flags & F_CLOSED) {
-    lua_pushnil(s->wco);
-    lua_pushstring(s->wco, ts__stream_error(s));
-    wake(s, &s->wco, SLOT_WRITER, 2);
-  } else if (left == 0 || (!(s->flags & F_FLUSHWAIT) &&
-                           left <= WRITE_HIGH_WATER / 2)) {
-    lua_pushboolean(s->wco, 1);
-    wake(s, &s->wco, SLOT_WRITER, 1);
+/* Queues the task L to wake once `until` bytes are sent. */
+static int wait_written(lua_State *L, ts_stream *s, uint64_t until) {
+  write_queue *q = s->wq;
+  write_waiter *w;
+
+  if (q == NULL && (q = s->wq = calloc(1, sizeof(*q))) == NULL)
+    return luaL_error(L, "write: out of memory");
+  if (q->n == q->cap) {
+    int cap = q->cap ? 2 * q->cap : 4;
+    w = realloc(q->w, (size_t)cap * sizeof(*w));
+    if (w == NULL)
+      return luaL_error(L, "write: out of memory");
+    q->w = w;
+    q->cap = cap;
   }
+  w = &q->w[q->n++];
+  w->co = L;
+  w->until = until;
+  lua_pushthread(L);
+  w->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (s->timeout > 0)
+    start_timer(s, ts__timeout_ms(s->timeout));
+  return ts__park(L);
+}
+
+/* Removes waiter i and resumes it with `err` (NULL: success). */
+static void wake_writer(ts_stream *s, int i, const char *err) {
+  write_queue *q = s->wq;
+  write_waiter w = q->w[i];
+
+  memmove(&q->w[i], &q->w[i + 1], (size_t)(q->n - i - 1) * sizeof(w));
+  q->n--;
+  stop_timer(s);
+  if (err == NULL) {
+    lua_pushboolean(w.co, 1);
+  } else {
+    lua_pushnil(w.co);
+    lua_pushstring(w.co, err);
+  }
+  ts__resume(w.co, err == NULL ? 1 : 2);
+  luaL_unref(w.co, LUA_REGISTRYINDEX, w.ref);
+}
+
+/* Wakes, in order, the writers whose bytes are sent, or all of them with
+ * `err`. A woken task may write and wait again: rescan from the start. */
+static void wake_writers(ts_stream *s, const char *err) {
+  int i = 0;
+
+  while (s->wq != NULL && i < s->wq->n) {
+    if (err != NULL || bytes_sent(s) >= s->wq->w[i].until) {
+      wake_writer(s, i, err);
+      i = 0;
+    } else {
+      i++;
+    }
+  }
+}
+
+static void check_writers(ts_stream *s) {
+  if (!ts__stream_writing(s))
+    return;
+  wake_writers(s, NULL);
+  if (s->flags & F_CLOSED)
+    wake_writers(s, ts__stream_error(s));
 }
 
 static void handle_close(ts_stream *s);
@@ -517,7 +657,7 @@ static void write_cb(uv_write_t *req, int status) {
   if ((s->flags & F_CLOSED) && pending_writes(s) == 0)
     handle_close(s);
   else
-    check_writer(s);
+    check_writers(s);
 }
 
 static void mark_dirty(ts_stream *s) {
@@ -556,6 +696,7 @@ static int append_array(lua_State *L, ts_stream *s) {
     p = lua_tolstring(L, -1, &len);
     if (ts_buf_append(&s->wbuf, p, len) != 0)
       return UV_ENOMEM;
+    s->wtotal += len;
     lua_pop(L, 1);
   }
   return 0;
@@ -600,6 +741,7 @@ static int append_arg(lua_State *L, ts_stream *s) {
     return append_array(L, s);
   }
   p = lua_tolstring(L, 2, &len);
+  s->wtotal += len;
   rc = write_direct(s, p, len);
   if (rc != 1)
     return rc;
@@ -613,7 +755,7 @@ static int l_write(lua_State *L) {
 
   if (s->flags & F_CLOSED) {
     luaL_checkany(L, 2);
-    return push_error(L, "closed");
+    return push_error(L, ts__stream_error(s));
   }
   rc = append_arg(L, s);
   if (rc == UV_ENOMEM)
@@ -625,12 +767,8 @@ static int l_write(lua_State *L) {
   if (pending_writes(s) > WRITE_HIGH_WATER && ts__in_task(L)) {
     if (ts__stream_flush(s) != 0)
       return push_error(L, ts__stream_error(s));
-    if (pending_writes(s) > WRITE_HIGH_WATER) {
-      if (s->wco != NULL)
-        return luaL_error(L, "already writing");
-      s->flags &= ~F_FLUSHWAIT;
-      return wait_on(L, s, &s->wco, SLOT_WRITER);
-    }
+    if (pending_writes(s) > WRITE_HIGH_WATER)
+      return wait_written(L, s, s->wtotal - WRITE_HIGH_WATER / 2);
   }
   lua_pushboolean(L, 1);
   return 1;
@@ -648,10 +786,7 @@ static int l_flush(lua_State *L) {
     return 1;
   }
   ts__check_task(L, "flush");
-  if (s->wco != NULL)
-    return luaL_error(L, "already writing");
-  s->flags |= F_FLUSHWAIT;
-  return wait_on(L, s, &s->wco, SLOT_WRITER);
+  return wait_written(L, s, s->wtotal);
 }
 
 /* ---- closing ---- */
@@ -686,11 +821,16 @@ static void close_cb(uv_handle_t *h) {
     ts__tls_closed(s);
   if (s->rco != NULL)
     wake(s, &s->rco, SLOT_READER, try_read(s, s->rco));
-  check_writer(s);
+  check_writers(s);
+  if (s->wq != NULL) { /* woken writers cannot wait again: closed */
+    free(s->wq->w);
+    free(s->wq);
+    s->wq = NULL;
+  }
   if (s->close_cb_ref != LUA_NOREF) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->close_cb_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, s->close_cb_ref);
-    s->close_cb_ref = s->anchor[0] = s->anchor[1] = LUA_NOREF;
+    s->close_cb_ref = LUA_NOREF;
     ts__pcall(loop, 0);
   }
   if (!(s->flags & F_TASK)) { /* else the task's end unpins it */
@@ -751,7 +891,7 @@ static void stream_close(ts_stream *s, int err) {
   s->flags |= F_CLOSED;
   if (err != 0) {
     s->err = err;
-    if (!quiet_error(err) && err != UV_ECANCELED) {
+    if (!quiet_error(err) && err != UV_ECANCELED && err != UV_E2BIG) {
       char msg[128];
       snprintf(msg, sizeof(msg), "stream error: %s", uv_strerror(err));
       ts__report(s->h.handle.loop->data, msg);
@@ -795,11 +935,7 @@ static void timer_cb(uv_timer_t *t) {
     fail(s, s->rco, "timeout");
     wake(s, &s->rco, SLOT_READER, 2);
   }
-  if (s->wco != NULL) {
-    lua_pushnil(s->wco);
-    lua_pushliteral(s->wco, "timeout");
-    wake(s, &s->wco, SLOT_WRITER, 2);
-  }
+  wake_writers(s, "timeout");
   update_reading(s);
 }
 
@@ -814,7 +950,7 @@ static int l_gc(lua_State *L) {
   ts_stream *s = luaL_checkudata(L, 1, TS_STREAM_MT);
   /* A stream is pinned until its close callback, so here libuv is done. */
   if (!(s->flags & F_BORROWED))
-    ts_buf_free(&s->rbuf);
+    free_rbuf(s);
   if (s->tls != NULL)
     ts__tls_free(L, s);
   return 0;
@@ -848,7 +984,7 @@ static int l_settimeout(lua_State *L) {
   ts_stream *s = check_stream(L);
   lua_Number t = luaL_optnumber(L, 2, 0);
   luaL_argcheck(L, t >= 0, 2, "timeout must not be negative");
-  s->timeout = t;
+  s->timeout = ts__timeout_ms(t) > 0 ? (float)t : 0;
   return 0;
 }
 
@@ -911,7 +1047,7 @@ void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk,
   s->max_buffer = (uint32_t)(max_buffer < UINT32_MAX ? max_buffer : UINT32_MAX);
   s->chunk = (uint32_t)(chunk < s->max_buffer ? chunk : s->max_buffer);
   s->read_high_water = 4 * (size_t)s->chunk < s->max_buffer ? 4 * s->chunk : s->max_buffer;
-  s->timeout = (float)timeout;
+  s->timeout = ts__timeout_ms(timeout) > 0 ? (float)timeout : 0;
 }
 
 ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
@@ -929,7 +1065,7 @@ ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
     uv_tcp_init(loop->uv, &s->h.tcp);
   }
   s->h.handle.data = s;
-  s->close_cb_ref = LUA_NOREF;
+  s->close_cb_ref = s->hs_anchor = LUA_NOREF;
   s->handler_ref = s->addr_ref = LUA_NOREF;
   ts__stream_configure(s, 100 * 1024 * 1024, 64 * 1024, 0);
   /* Pinned until the close callback: libuv owns the handle until then. */

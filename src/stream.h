@@ -26,12 +26,26 @@ enum {
   F_DONE = 1 << 5,      /* the close callback ran */
   F_DIRTY = 1 << 7,     /* on the loop's dirty list */
   F_BORROWED = 1 << 8,  /* rbuf points into the loop's shared buffer */
-  F_FLUSHWAIT = 1 << 9, /* wco waits for everything, not just the mark */
-  F_TASK = 1 << 10      /* a server's handler runs on it: stay pinned */
+  F_TASK = 1 << 10,     /* a server's handler runs on it: stay pinned */
+  F_OVERBUDGET = 1 << 11 /* the read budget refused its buffer */
 };
 
 /* What a task waits for on a stream (see wait_on). */
-enum { SLOT_READER = 1, SLOT_WRITER, SLOT_HANDSHAKE };
+enum { SLOT_READER = 1, SLOT_HANDSHAKE };
+
+/* Tasks waiting in write() or flush(), in the order they wrote: each wakes
+ * once the bytes up to `until` (a count since the stream opened) have been
+ * handed to the kernel. */
+typedef struct write_waiter {
+  lua_State *co;
+  int ref;
+  uint64_t until;
+} write_waiter;
+
+typedef struct write_queue {
+  int n, cap;
+  write_waiter *w;
+} write_queue;
 
 #define WRITE_HIGH_WATER (1024 * 1024)
 #define DIRECT_WRITE_MIN (16 * 1024) /* see write_direct */
@@ -44,9 +58,11 @@ struct ts_stream {
   struct write_req *inflight; /* the uv_write under way, with its bytes */
   uv_timer_t *timer;      /* wait timeouts and close linger; lazy */
   ts_stream *next_dirty;
-  lua_State *rco, *wco;   /* tasks waiting to read / for the write buffer */
+  lua_State *rco;         /* the task waiting to read */
+  write_queue *wq;        /* tasks waiting for the write buffer; lazy */
+  uint64_t wtotal;        /* bytes ever passed to write() */
   int self_ref, close_cb_ref;
-  int anchor[2];          /* refs to the writer and handshake waiters */
+  int hs_anchor;          /* ref to the handshake waiter */
   int handler_ref, addr_ref; /* while a server's handler runs on it */
   int err;                /* the libuv error that ended the stream */
   uint16_t flags;
@@ -81,6 +97,9 @@ int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int slot);
 void ts__stream_wake(ts_stream *s, lua_State **cop, int slot, int nres);
 const char *ts__stream_error(ts_stream *s);
 void ts__stream_start_timer(ts_stream *s, uint64_t ms);
+int ts__stream_writing(ts_stream *s); /* a task waits in write or flush */
+int ts__stream_reserve(ts_stream *s, size_t room);
+void ts__stream_refuse_growth(ts_stream *s);
 
 /* proxy.c */
 int ts__proxy_begin(lua_State *L, ts_stream *s, int handler_ref, int ctx_ref,

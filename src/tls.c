@@ -73,6 +73,18 @@ static void tls_fail(ts_stream *s, const char *reason) {
   ts__stream_close(s, 0); /* sends the alert OpenSSL queued, then closes */
 }
 
+/* SSL objects alive in this process: freed at close, not at collection,
+ * which cannot see their memory (core.tls_live() reports it). */
+static long live_ssl;
+
+static void free_ssl(ts_tls *t) {
+  if (t->ssl == NULL)
+    return;
+  SSL_free(t->ssl);
+  t->ssl = NULL;
+  live_ssl--;
+}
+
 const char *ts__tls_error(ts_stream *s) {
   return s->tls->failed ? s->tls->err : NULL;
 }
@@ -130,9 +142,11 @@ static void read_plain(ts_stream *s) {
       ts__stream_borrow(s);
     else if ((s->flags & F_BORROWED) && ts_buf_room(&s->rbuf) == 0)
       ts__stream_unborrow(s);
-    if (!(s->flags & F_BORROWED) &&
-        ts_buf_reserve(&s->rbuf, s->chunk, s->max_buffer) != 0) {
-      ts__stream_close(s, UV_ENOMEM);
+    if (!(s->flags & F_BORROWED) && (n = ts__stream_reserve(s, s->chunk)) != 0) {
+      if (n == UV_E2BIG)
+        ts__stream_refuse_growth(s);
+      else
+        ts__stream_close(s, n);
       return;
     }
     room = ts_buf_room(&s->rbuf);
@@ -248,7 +262,7 @@ void ts__tls_on_error(ts_stream *s, int err) {
 void ts__tls_pump(ts_stream *s) {
   ts_tls *t = s->tls;
 
-  if (t->done && !t->failed &&
+  if (t->done && !t->failed && t->ssl != NULL &&
       (SSL_pending(t->ssl) > 0 || BIO_ctrl_pending(t->rbio) > 0))
     read_plain(s);
 }
@@ -273,7 +287,7 @@ static void settle_handshake(ts_stream *s) {
 
   if (co == NULL)
     return;
-  if (t->done && !t->failed && !(s->flags & F_CLOSED)) {
+  if (t->done && !t->failed) {
     lua_pushboolean(co, 1);
     ts__stream_wake(s, &t->hco, SLOT_HANDSHAKE, 1);
   } else if (t->failed || (s->flags & F_CLOSED)) {
@@ -303,8 +317,12 @@ ts_buf *ts__tls_out(ts_stream *s) {
 
 void ts__tls_closed(ts_stream *s) {
   ts_tls *t = s->tls;
+  lua_State *L = ((ts_loop *)s->h.handle.loop->data)->L;
 
   ts_buf_free(&t->xbuf);
+  free_ssl(t);
+  luaL_unref(L, LUA_REGISTRYINDEX, t->ctx_ref);
+  t->ctx_ref = LUA_NOREF;
   if (t->hs_timer != NULL) {
     uv_close((uv_handle_t *)t->hs_timer, hs_timer_free);
     t->hs_timer = NULL;
@@ -315,7 +333,7 @@ void ts__tls_closed(ts_stream *s) {
 void ts__tls_free(lua_State *L, ts_stream *s) {
   ts_tls *t = s->tls;
 
-  SSL_free(t->ssl);
+  free_ssl(t);
   luaL_unref(L, LUA_REGISTRYINDEX, t->ctx_ref);
   free(t);
   s->tls = NULL;
@@ -448,6 +466,18 @@ static void set_alpn(lua_State *L, ts_ctx *c, int t) {
   SSL_CTX_set_alpn_select_cb(c->ctx, alpn_select, c);
 }
 
+/* A connection switched to a per-name context verifies client certificates
+ * with that context's store: give it the main context's CAs. */
+static void share_verify(SSL_CTX *main, SSL_CTX *sub) {
+  X509_STORE *store = SSL_CTX_get_cert_store(main);
+  STACK_OF(X509_NAME) *names = SSL_CTX_get_client_CA_list(main);
+
+  X509_STORE_up_ref(store);
+  SSL_CTX_set_cert_store(sub, store);
+  if (names != NULL)
+    SSL_CTX_set_client_CA_list(sub, SSL_dup_CA_list(names));
+}
+
 /* sni = {["host"] = {certfile=, keyfile=}, ...} */
 static void set_sni(lua_State *L, ts_ctx *c, int t) {
   int n = 0;
@@ -469,6 +499,7 @@ static void set_sni(lua_State *L, ts_ctx *c, int t) {
     c->sni_ctx[c->nsni] = sub;
     c->sni_names[c->nsni++] = strdup(name);
     load_pair(L, sub, opt_string(L, -1, "certfile"), opt_string(L, -1, "keyfile"));
+    share_verify(c->ctx, sub);
     if (c->alpn_len > 0)
       SSL_CTX_set_alpn_select_cb(sub, alpn_select, c);
   }
@@ -541,6 +572,11 @@ static int l_ssl_context(lua_State *L) {
   return 1;
 }
 
+static int l_tls_live(lua_State *L) {
+  lua_pushinteger(L, live_ssl);
+  return 1;
+}
+
 static int ctx_has_certificate(lua_State *L) {
   lua_pushboolean(L, check_ctx(L, 1)->has_cert);
   return 1;
@@ -571,16 +607,22 @@ static void set_peer_name(ts_tls *t, const char *host, int verify) {
     SSL_set1_host(t->ssl, host);
 }
 
+/* Without verify, a side checks no certificate: a server by default. */
+static int verify_mode(ts_ctx *c, int server) {
+  return c->verify >= 0 ? c->verify : server ? SSL_VERIFY_NONE : SSL_VERIFY_PEER;
+}
+
 /* Puts TLS under stream s with the context at ctx_idx. A client starts its
  * handshake at once. */
 int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
                    const char *host, double timeout) {
   ts_ctx *c = check_ctx(L, ctx_idx);
   ts_tls *t = calloc(1, sizeof(*t));
-  int verify = c->verify >= 0 ? c->verify : server ? SSL_VERIFY_NONE : SSL_VERIFY_PEER;
+  int verify = verify_mode(c, server);
 
   if (t == NULL || (t->ssl = SSL_new(c->ctx)) == NULL)
     goto fail;
+  live_ssl++;
   t->rbio = BIO_new(BIO_s_mem());
   t->wbio = BIO_new(BIO_s_mem());
   if (t->rbio == NULL || t->wbio == NULL) {
@@ -602,10 +644,10 @@ int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
   lua_pushvalue(L, ctx_idx);
   t->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   s->tls = t;
-  if (timeout > 0 && (t->hs_timer = malloc(sizeof(*t->hs_timer))) != NULL) {
+  if (ts__timeout_ms(timeout) > 0 && (t->hs_timer = malloc(sizeof(*t->hs_timer))) != NULL) {
     uv_timer_init(s->h.handle.loop, t->hs_timer);
     t->hs_timer->data = s;
-    uv_timer_start(t->hs_timer, hs_timeout, (uint64_t)(timeout * 1000 + 0.5), 0);
+    uv_timer_start(t->hs_timer, hs_timeout, ts__timeout_ms(timeout), 0);
   }
   if (!server) {
     handshake(s);
@@ -614,7 +656,7 @@ int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
   return 0;
 fail:
   if (t != NULL)
-    SSL_free(t->ssl);
+    free_ssl(t);
   free(t);
   return UV_ENOMEM;
 }
@@ -633,6 +675,10 @@ static int l_wait_for_handshake(lua_State *L) {
     lua_pushnil(L);
     lua_pushstring(L, t->err);
     return 2;
+  }
+  if (t != NULL && t->done) { /* even if the peer has closed since */
+    lua_pushboolean(L, 1);
+    return 1;
   }
   if (s->flags & F_CLOSED) {
     lua_pushnil(L);
@@ -657,7 +703,10 @@ static int l_start_tls(lua_State *L) {
   const char *host = luaL_optstring(L, 4, NULL);
   double timeout = luaL_optnumber(L, 5, 0);
 
-  check_ctx(L, 3);
+  /* A verified certificate proves nothing without a name to match. */
+  if (!server && host == NULL && (verify_mode(check_ctx(L, 3), 0) & SSL_VERIFY_PEER))
+    return luaL_error(L, "start_tls: a client needs server_hostname to check the "
+                         "certificate against (or verify = \"none\")");
   if (s->tls != NULL)
     return luaL_error(L, "start_tls: the stream already uses TLS");
   if (s->flags & F_CLOSED) {
@@ -665,7 +714,7 @@ static int l_start_tls(lua_State *L) {
     lua_pushstring(L, ts__stream_error(s));
     return 2;
   }
-  if (s->rco != NULL || s->wco != NULL)
+  if (s->rco != NULL || ts__stream_writing(s))
     return luaL_error(L, "start_tls: a read or write is pending");
   if (ts_buf_len(&s->rbuf) > 0 || ts_buf_len(&s->wbuf) > 0 ||
       s->inflight != NULL)
@@ -705,7 +754,8 @@ static int l_peer_certificate(lua_State *L) {
   BIGNUM *bn;
   char *hex;
 
-  if (s->tls == NULL || (x = SSL_get1_peer_certificate(s->tls->ssl)) == NULL)
+  if (s->tls == NULL || s->tls->ssl == NULL ||
+      (x = SSL_get1_peer_certificate(s->tls->ssl)) == NULL)
     return 0;
   lua_createtable(L, 0, 7);
   push_name(L, X509_get_subject_name(x));
@@ -740,7 +790,7 @@ static int l_alpn_protocol(lua_State *L) {
   const unsigned char *p = NULL;
   unsigned n = 0;
 
-  if (s->tls != NULL)
+  if (s->tls != NULL && s->tls->ssl != NULL)
     SSL_get0_alpn_selected(s->tls->ssl, &p, &n);
   if (n == 0)
     return 0;
@@ -750,7 +800,7 @@ static int l_alpn_protocol(lua_State *L) {
 
 static int l_tls_version(lua_State *L) {
   ts_stream *s = check_stream(L);
-  if (s->tls == NULL || !s->tls->done)
+  if (s->tls == NULL || !s->tls->done || s->tls->ssl == NULL)
     return 0;
   lua_pushstring(L, SSL_get_version(s->tls->ssl));
   return 1;
@@ -758,7 +808,7 @@ static int l_tls_version(lua_State *L) {
 
 static int l_cipher(lua_State *L) {
   ts_stream *s = check_stream(L);
-  if (s->tls == NULL || !s->tls->done)
+  if (s->tls == NULL || !s->tls->done || s->tls->ssl == NULL)
     return 0;
   lua_pushstring(L, SSL_get_cipher_name(s->tls->ssl));
   return 1;
@@ -778,7 +828,8 @@ int ts__open_tls(lua_State *L) {
   static const luaL_Reg ctx_meta[] = {
     {"__gc", ctx_gc}, {"__tostring", ctx_tostring}, {"__index", NULL},
     {NULL, NULL}};
-  static const luaL_Reg funcs[] = {{"ssl_context", l_ssl_context}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {
+    {"ssl_context", l_ssl_context}, {"tls_live", l_tls_live}, {NULL, NULL}};
 
   luaL_newmetatable(L, TS_CTX_MT);
   luaL_setfuncs(L, ctx_meta, 0);

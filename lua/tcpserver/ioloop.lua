@@ -114,6 +114,18 @@ function IOLoop:run_sync(fn, timeout)
   return unpack(result, 2, result.n)
 end
 
+--- The read budget: what all streams' read buffers together may hold in
+-- this process (a quarter of its memory by default). Past it, the largest
+-- buffers are refused: their reads fail with "too large" and they close.
+-- With `bytes`, sets it. Returns the budget, the bytes held now and the
+-- number of streams holding them.
+function IOLoop:read_budget(bytes)
+  if bytes ~= nil and (math.type(bytes) ~= "integer" or bytes <= 0) then
+    error("read_budget: bytes must be a positive integer", 2)
+  end
+  return core.read_budget(bytes)
+end
+
 --- Calls fn(signal_number) when the process gets `name` ("SIGTERM", ...).
 function IOLoop:add_signal_handler(name, fn)
   check_function(fn, "add_signal_handler")
