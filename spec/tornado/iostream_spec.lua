@@ -44,12 +44,7 @@ local MB = 1024 * 1024
 -- Tests that fail because of a known core defect (being fixed in main):
 -- they still run; a failure is pending() (with the error), a pass is a
 -- failure asking to remove the entry. Keyed by "<describe> <it>".
-local WRITE_QUEUE = "a second write() while one waits at the write high-water mark "
-  .. "raises 'already writing' (Tornado queues it)"
 local KNOWN_FAIL = {
-  ["TestIOStream test_future_write"] = WRITE_QUEUE,
-  ["TestIOStreamSSL test_future_write"] = WRITE_QUEUE,
-  ["TestIOStreamSSLContext test_future_write"] = WRITE_QUEUE,
 }
 
 -- (busted's `pending` is looked up when called: the one in force at load
@@ -338,9 +333,8 @@ local function iostream_mixin(kind)
 
   test("test_future_write", function()
     -- Concurrent writers clog the socket and the write buffer: no write is
-    -- left waiting forever. (Tornado writes 10 x 1000 x 5000 bytes; 10 x
-    -- 200 x 5000 = 10 MB is enough to clog and keeps the suite fast.)
-    local m, n, nproducers = 5000, 200, 10
+    -- left waiting forever (Tornado's sizes: 10 x 1000 x 5000 bytes).
+    local m, n, nproducers = 5000, 1000, 10
     local total = m * n * nproducers
     local server, client = make({max_buffer_size = total})
     local finished, failure, settled = 0, nil, locks.Event()
