@@ -40,9 +40,11 @@ end
 
 function Future:done() return self.event:is_set() end
 
---- Waits for the task (5 s at most) and returns its results, or raises its error.
-function Future:result()
-  assert(self.event:wait(5), "future: no result within 5 s")
+--- Waits for the task (`timeout` seconds, 5 by default) and returns its
+-- results, or raises its error.
+function Future:result(timeout)
+  timeout = timeout or 5
+  assert(self.event:wait(timeout), ("future: no result within %g s"):format(timeout))
   if not self.values[1] then error(self.values[2], 0) end
   return table.unpack(self.values, 2, self.values.n)
 end
