@@ -1,6 +1,6 @@
 /* Outgoing connections: resolve through libuv, try each address in turn,
  * all under one deadline that also closes the attempt in progress. */
-#include "internal.h"
+#include "client.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,8 +12,7 @@ typedef struct connect_req {
   uv_timer_t timer;
   struct addrinfo *res, *cur;
   struct sockaddr_storage source;
-  lua_State *co;
-  int co_ref;
+  ts_waiter w;          /* the task in connect */
   ts_stream *s;        /* the attempt in progress */
   int has_source, done, refs;
   char host[256];
@@ -32,20 +31,16 @@ static void timer_closed(uv_handle_t *h) {
 }
 
 /* Resumes the waiting task with what is on its stack (nres values). */
-static void finish(connect_req *r, int nres) {
-  lua_State *co = r->co;
-  int ref = r->co_ref;
-
+static void finish_connect(connect_req *r, int nres) {
   r->done = 1;
   uv_close((uv_handle_t *)&r->timer, timer_closed);
-  ts__resume(co, nres);
-  luaL_unref(co, LUA_REGISTRYINDEX, ref);
+  ts_waiter_wake(&r->w, nres);
 }
 
 static void finish_error(connect_req *r, const char *err) {
-  lua_pushnil(r->co);
-  lua_pushstring(r->co, err);
-  finish(r, 2);
+  r->done = 1;
+  uv_close((uv_handle_t *)&r->timer, timer_closed);
+  ts_waiter_wake_error(&r->w, err);
 }
 
 static void try_next(connect_req *r, int last_err);
@@ -60,13 +55,13 @@ static void connect_cb(uv_connect_t *req, int status) {
     return;
   }
   if (status == 0) {
-    ts__stream_push(r->co, s);
+    ts__stream_push(r->w.co, s);
     if (ts__stream_start(s) == 0) {
       release(r);
-      finish(r, 1);
+      finish_connect(r, 1);
       return;
     }
-    lua_pop(r->co, 1);
+    lua_pop(r->w.co, 1);
     status = UV_ECONNRESET;
   }
   ts__stream_abort(s);
@@ -76,7 +71,7 @@ static void connect_cb(uv_connect_t *req, int status) {
 }
 
 static int start_attempt(connect_req *r) {
-  lua_State *L = r->co;
+  lua_State *L = r->w.co;
   ts_stream *s = ts__stream_new(L, 0);
   uv_tcp_t *tcp = (uv_tcp_t *)ts__stream_handle(s);
   int err = 0;
@@ -184,10 +179,8 @@ static int l_connect(lua_State *L) {
   uv_timer_init(loop->uv, &r->timer);
   if (ts__timeout_ms(timeout) > 0)
     uv_timer_start(&r->timer, timeout_cb, ts__timeout_ms(timeout), 0);
-  r->co = L;
-  lua_pushthread(L);
-  r->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  return ts__park(L);
+  ts_waiter_init(&r->w);
+  return ts_waiter_park(&r->w, L);
 }
 
 int ts__open_client(lua_State *L) {

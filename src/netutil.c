@@ -1,7 +1,7 @@
 /* Listening sockets, bound before the loop exists so that a process may
  * bind, fork, then serve. */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "netutil.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -104,7 +104,7 @@ static int l_bind_sockets(lua_State *L) {
   int port = (int)luaL_checkinteger(L, 1);
   const char *host = luaL_optstring(L, 2, NULL);
   const char *fam = luaL_optstring(L, 3, NULL);
-  int backlog = (int)luaL_optinteger(L, 4, 128);
+  int backlog = (int)luaL_checkinteger(L, 4); /* netutil.lua's default */
   int reuse_port = lua_toboolean(L, 5);
   struct addrinfo hints, *res = NULL, *ai;
   char service[16];
@@ -154,7 +154,7 @@ static int l_bind_unix_socket(lua_State *L) {
   size_t plen;
   const char *path = luaL_checklstring(L, 1, &plen);
   int mode = (int)luaL_optinteger(L, 2, 0600);
-  int backlog = (int)luaL_optinteger(L, 3, 128);
+  int backlog = (int)luaL_checkinteger(L, 3);
   struct sockaddr_un sun;
   struct stat st;
   /* "\0name": Linux's abstract namespace, no file, the length counts */

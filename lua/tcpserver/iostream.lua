@@ -4,7 +4,7 @@ local core = require "tcpserver.core"
 
 local M = {}
 
-local methods = debug.getregistry()["tcpserver.stream"].__index
+local methods = core.stream_mt.__index
 
 --- start_tls(server_side, ssl_options [, server_hostname]): upgrades the
 -- stream in place (STARTTLS) and waits for the handshake: true or nil, err.
