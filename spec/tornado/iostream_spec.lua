@@ -57,7 +57,12 @@ local CLOSE_WAKE = {"close() right after writers queued at the write high-water 
   .. "too): they wait forever", flaky = true}
 local PEER_CLOSE = "when the peer closes (reset) while writers wait at the write high-water "
   .. "mark, they return true although their data is dropped and the stream is closed"
+local TLS_LOCAL_CLOSE = "TLS: close() while writers wait at the write high-water mark returns "
+  .. "true to them although their data is dropped (it returned nil, 'closed' before main's "
+  .. "layer rebuild, fba45b8)"
 local KNOWN_FAIL = {
+  ["TestIOStreamSSL test_future_write (closed while writers wait)"] = TLS_LOCAL_CLOSE,
+  ["TestIOStreamSSLContext test_future_write (closed while writers wait)"] = TLS_LOCAL_CLOSE,
   ["TestIOStream test_future_write (closed while writers wait)"] = CLOSE_WAKE,
   ["TestPipeIOStream test_future_write (closed while writers wait)"] = CLOSE_WAKE,
   ["TestIOStream test_future_write (peer closes while writers wait)"] = PEER_CLOSE,
