@@ -1,0 +1,128 @@
+-- The examples, each run as users run it (`luahost examples/NAME.lua
+-- --port 0`) and driven by a real client where Debian has one.
+local H = require "spec.helper"
+local P = require "spec.procs"
+local tcpclient = require "tcpserver.tcpclient"
+
+local async = H.async
+
+-- Stops an example with SIGTERM; it must exit 0.
+local function stop(p)
+  p:kill(15)
+  assert.same({0, 0}, {p:wait()})
+end
+
+local function connect(port)
+  return assert(tcpclient.connect("127.0.0.1", port))
+end
+
+after_each(P.cleanup)
+
+describe("examples/echo.lua", function()
+  local function echo_once(c)
+    c:write("echo example\n")
+    assert.equal("echo example\n", c:read_until("\n"))
+    c:close()
+  end
+
+  it("echoes lines on --port/--host", async(function()
+    local p, port = P.example("echo", {"--port", 0, "--host", "127.0.0.1"})
+    echo_once(connect(port))
+    stop(p)
+  end))
+
+  it("keeps the positional form: PORT [CERTFILE KEYFILE], then serves TLS", async(function()
+    local C = H.certs()
+    local p, port = P.example("echo", {0, C.server.certfile, C.server.keyfile})
+    assert.matches("%(TLS%)", p.err:text())
+    echo_once(assert(tcpclient.connect("localhost", port, {ssl_options = {cafile = C.cafile}})))
+    stop(p)
+  end))
+
+  it("prints its usage and exits 2 on an unknown flag or a bad number", async(function()
+    for _, args in ipairs {{"--bogus", "1"}, {"--port", "x"}, {"--port"}, {"1", "2", "3", "4"}} do
+      local p = P.run_script("examples/echo.lua", args, {})
+      assert.matches("usage: luahost examples/echo.lua .*%-%-port N", table.concat(p.err:all()))
+      assert.same({2, 0}, {p:wait()})
+    end
+    local p = P.run_script("examples/echo.lua", {"--help"}, {})
+    assert.matches("%[%-%-host S%]", table.concat(p.out:all()))
+    assert.same({0, 0}, {p:wait()})
+  end))
+end)
+
+describe("examples/chat.lua", function()
+  -- Connects and takes `nick`; returns the stream.
+  local function join(port, nick)
+    local c = connect(port)
+    assert.equal("Welcome! Your nickname?\n", c:read_until("\n"))
+    c:write(nick .. "\n")
+    assert.matches("^Hello " .. nick, c:read_until("\n"))
+    return c
+  end
+
+  it("greets by nickname, refuses a taken one, broadcasts to the others", async(function()
+    local p, port = P.example("chat", {"--port", 0})
+    local alice = join(port, "alice")
+    local bob = connect(port)
+    bob:read_until("\n")
+    bob:write("alice\n")
+    assert.equal("That nickname is taken. Another one?\n", bob:read_until("\n"))
+    bob:write("bob\r\n") -- as telnet sends it
+    assert.matches("^Hello bob", bob:read_until("\n"))
+    assert.equal("* bob joined\n", alice:read_until("\n"))
+    alice:write("hi bob\n")
+    assert.equal("<alice> hi bob\n", bob:read_until("\n"))
+    bob:write("/nick robert\n/who\n")
+    assert.equal("* bob is now robert\n", alice:read_until("\n"))
+    assert.equal("* here: alice, robert\n", bob:read_until("\n"))
+    bob:write("/quit\n")
+    assert.equal("* robert left\n", alice:read_until("\n"))
+    assert.is_nil(bob:read_until("\n")) -- the server closed it
+    alice:close()
+    stop(p)
+  end))
+
+  it("drops a client that stops reading, and everyone else goes on", async(function()
+    local p, port = P.example("chat", {"--port", 0, "--max-queue", 64 * 1024})
+    local alice, bob, carol = join(port, "alice"), join(port, "bob"), join(port, "carol")
+    assert.equal("* bob joined\n", alice:read_until("\n"))
+    assert.equal("* carol joined\n", alice:read_until("\n"))
+    assert.equal("* carol joined\n", bob:read_until("\n"))
+    -- carol reads nothing from here on. alice talks until the server gives
+    -- up on carol (kernel buffers, then the 1 MiB write buffer, then the
+    -- 64 KiB outbox fill up); bob reads every line, in order.
+    local text, dropped = ("x"):rep(4000), false
+    for i = 1, 10000 do -- 40 MB at most
+      alice:write(("%d %s\n"):format(i, text))
+      local line = bob:read_until("\n")
+      if line == "* carol left (dropped: too slow)\n" then
+        assert.equal("* carol left (dropped: too slow)\n", alice:read_until("\n"))
+        line = bob:read_until("\n")
+        dropped = true
+      end
+      assert.equal(("<alice> %d %s\n"):format(i, text), line)
+      if dropped then break end
+    end
+    assert.is_true(dropped)
+    p.err:await("dropping carol: too slow")
+    -- carol gets what was sent before the drop, then the end of the stream
+    -- (read piecewise: a read_until_close that finds the read buffer at its
+    -- high-water mark would wait for ever, a core bug)
+    local got, err = 0, nil
+    repeat
+      local data
+      data, err = carol:read_bytes(65536, true)
+      got = got + #(data or "")
+    until not data
+    assert.equal("closed", err)
+    assert.is_true(got > 1024 * 1024)
+    -- the room is still open
+    local dave = join(port, "dave")
+    assert.equal("* dave joined\n", bob:read_until("\n"))
+    bob:write("hello dave\n")
+    assert.equal("<bob> hello dave\n", dave:read_until("\n"))
+    for _, c in ipairs {alice, bob, dave} do c:close() end
+    stop(p)
+  end))
+end)
