@@ -18,7 +18,8 @@ BUSTED      = busted --lua=$(LUA)
 
 # Debian packages: to build, to test, and the real peers the specs use.
 DEB_PKGS = gcc make pkg-config lua5.4 liblua5.4-dev libuv1-dev libssl-dev \
-           luarocks lua-busted lua-check openssl python3 netcat-openbsd haproxy
+           luarocks lua-busted lua-check openssl python3 netcat-openbsd haproxy \
+           curl wrk redis-tools python3-websockets
 
 CORE_SRC = $(filter-out src/host/%,$(wildcard src/*.c))
 CORE_OBJ = $(CORE_SRC:src/%.c=$(BUILD)/obj/%.o)
@@ -61,7 +62,7 @@ deps:
 
 run: deps
 	$(MAKE) all
-	$(HOST) examples/echo.lua $(PORT)
+	$(HOST) examples/echo.lua --port $(PORT)
 
 test: deps
 	$(MAKE) all

@@ -109,7 +109,7 @@ describe("examples/chat.lua", function()
     -- carol gets what was sent before the drop, then the end of the stream
     -- (read piecewise: a read_until_close that finds the read buffer at its
     -- high-water mark would wait for ever, a core bug)
-    local got, err = 0, nil
+    local got, err = 0
     repeat
       local data
       data, err = carol:read_bytes(65536, true)
@@ -123,6 +123,54 @@ describe("examples/chat.lua", function()
     bob:write("hello dave\n")
     assert.equal("<bob> hello dave\n", dave:read_until("\n"))
     for _, c in ipairs {alice, bob, dave} do c:close() end
+    stop(p)
+  end))
+end)
+
+describe("examples/kv.lua", function()
+  -- `redis-cli -p PORT args...`: its output (raw, as when piped).
+  local function cli(port, ...)
+    local out, status = H.run({"redis-cli", "-p", tostring(port), ...})
+    assert.equal(0, status)
+    return out
+  end
+
+  it("answers redis-cli: SET, GET, INCR, EXPIRE, TTL, and keys expire", async(function()
+    local p, port = P.example("kv", {"--port", 0})
+    assert.equal("OK\n", cli(port, "set", "counter", "41"))
+    assert.equal("42\n", cli(port, "incr", "counter"))
+    assert.equal("42\n", cli(port, "get", "counter"))
+    assert.equal("1\n", cli(port, "incr", "fresh"))
+    cli(port, "set", "word", "abc")
+    assert.matches("^ERR value is not an integer or out of range", cli(port, "incr", "word"))
+    assert.equal("-1\n", cli(port, "ttl", "counter"))
+    assert.equal("1\n", cli(port, "expire", "counter", "100"))
+    assert.equal("0\n", cli(port, "expire", "nothing", "100"))
+    assert.equal("43\n", cli(port, "incr", "counter"))      -- INCR keeps the time to live,
+    assert.matches("^%d+\n$", cli(port, "ttl", "counter"))
+    assert.equal("-2\n", cli(port, "ttl", "nothing"))
+    cli(port, "set", "counter", "1")
+    assert.equal("-1\n", cli(port, "ttl", "counter"))       -- SET drops it
+    assert.equal("1\n", cli(port, "expire", "counter", "0")) -- not in the future: gone now
+    assert.equal("0\n", cli(port, "exists", "counter"))
+    assert.equal("OK\n", cli(port, "set", "short", "lived", "px", "50"))
+    H.wait_until(function() return cli(port, "get", "short") == "\n" end) -- nil prints as ""
+    assert.equal("2\n", cli(port, "dbsize")) -- fresh, word
+    stop(p)
+  end))
+
+  it("survives redis-benchmark, pipelined or not", async(function()
+    local p, port = P.example("kv", {"--port", 0})
+    for _, pipeline in ipairs {"1", "16"} do
+      local out, status = H.run({"redis-benchmark", "-p", tostring(port), "-t", "set,get,incr,ping",
+                                 "-n", "2000", "-c", "4", "-P", pipeline, "-q"})
+      assert.equal(0, status)
+      for _, test in ipairs {"PING_INLINE", "PING_MBULK", "SET", "GET", "INCR"} do
+        assert.matches("\n?" .. test .. ": [%d.]+ requests per second", out)
+      end
+    end
+    -- redis-benchmark's INCR hits one key: 2000 requests per run
+    assert.equal("4000\n", cli(port, "get", "counter:__rand_int__"))
     stop(p)
   end))
 end)
