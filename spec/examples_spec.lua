@@ -174,3 +174,92 @@ describe("examples/kv.lua", function()
     stop(p)
   end))
 end)
+
+describe("examples/http.lua", function()
+  -- `curl -s args...` against the server: its stdout.
+  local function curl(args, input)
+    local argv = {"curl", "-s", "--max-time", "5"}
+    for _, a in ipairs(args) do argv[#argv + 1] = a end
+    local out, status = H.run(argv, input)
+    assert.equal(0, status)
+    return out
+  end
+
+  -- Sends raw bytes on a fresh connection; returns all the server says
+  -- before it closes the connection.
+  local function raw(port, request)
+    local c = connect(port)
+    c:write(request)
+    local reply = c:read_until_close()
+    c:close()
+    return reply
+  end
+
+  it("keeps connections alive for curl and answers 404 and 405", async(function()
+    local p, port = P.example("http", {"--port", 0})
+    local url = "http://127.0.0.1:" .. port
+    -- two requests, one connection (num_connects 0 for the second)
+    assert.equal("Hello, world!\n200 1\nNot Found\n404 0\n",
+                 curl({"-w", "%{http_code} %{num_connects}\n", url .. "/", url .. "/nope"}))
+    assert.matches("^HTTP/1.1 405 Method Not Allowed\r\n.*Allow: GET, HEAD\r\n",
+                   curl({"-i", "-X", "DELETE", url .. "/"}))
+    local head = curl({"-I", url .. "/"})
+    assert.matches("Content%-Length: 14\r\n\r\n$", head) -- HEAD: the length, no body
+    stop(p)
+  end))
+
+  it("reads Content-Length and chunked bodies, with or without Expect: 100-continue", async(function()
+    local p, port = P.example("http", {"--port", 0})
+    local url = "http://127.0.0.1:" .. port .. "/echo"
+    local body = ("0123456789abcdef\n"):rep(20000) -- 340 KB: several chunks
+    assert.equal(body, curl({"--data-binary", "@-", url}, body))
+    assert.equal(body, curl({"-H", "Transfer-Encoding: chunked", "--data-binary", "@-", url}, body))
+    assert.equal("hi", curl({"-H", "Expect: 100-continue", "--data-binary", "hi", url}))
+    -- too large: refused before curl sends it (it waits for 100 Continue)
+    local big = ("x"):rep(2 * 1024 * 1024)
+    assert.equal("413", curl({"-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "@-", url}, big))
+    stop(p)
+  end))
+
+  it("closes after `Connection: close` and after HTTP/1.0 requests", async(function()
+    local p, port = P.example("http", {"--port", 0})
+    local reply = raw(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert.matches("^HTTP/1.1 200 OK\r\n.*Connection: close\r\n\r\nHello, world!\n$", reply) -- one reply
+    assert.matches("Connection: close\r\n", curl({"-i", "-0", "http://127.0.0.1:" .. port .. "/"}))
+    -- pipelined keep-alive requests are answered in order
+    reply = raw(port, "GET / HTTP/1.1\r\nHost: x\r\n\r\nPOST /echo HTTP/1.1\r\nHost: x\r\n" ..
+                      "Content-Length: 3\r\nConnection: close\r\n\r\nabc")
+    assert.matches("^HTTP/1.1 200 OK\r\n.-\r\n\r\nHello, world!\nHTTP/1.1 200 OK\r\n.-\r\n\r\nabc$", reply)
+    stop(p)
+  end))
+
+  it("answers 400 to what it cannot parse, and closes", async(function()
+    local p, port = P.example("http", {"--port", 0})
+    for _, bad in ipairs {
+      "BOGUS\r\n\r\n",
+      "GET / HTTP/1.1\r\n\r\n",                                        -- no Host
+      "GET / HTTP/1.1\r\nHost: x\r\nbad header\r\n\r\n",
+      "GET / HTTP/1.1\r\nHost: x\r\n folded: no\r\n\r\n",
+      "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+      "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+      "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n",
+      "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+      "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n0\r\n\r\n",
+    } do
+      assert.matches("^HTTP/1.1 400 Bad Request\r\n.*Connection: close\r\n", raw(port, bad), nil, bad)
+    end
+    -- and still serves
+    assert.equal("Hello, world!\n", curl({"http://127.0.0.1:" .. port .. "/"}))
+    stop(p)
+  end))
+
+  it("holds a short wrk run without errors", async(function()
+    local p, port = P.example("http", {"--port", 0})
+    local out, status = H.run({"wrk", "-t", "1", "-c", "8", "-d", "1", "http://127.0.0.1:" .. port .. "/"})
+    assert.equal(0, status)
+    assert.matches("Requests/sec:%s+[%d.]+", out)
+    assert.no.matches("Non%-2xx", out)
+    assert.no.matches("Socket errors", out)
+    stop(p)
+  end))
+end)
