@@ -263,3 +263,52 @@ describe("examples/http.lua", function()
     stop(p)
   end))
 end)
+
+-- `openssl s_client args...` with a pipe on its stdin; its stdout (the
+-- decrypted data only, with -quiet) as a line reader.
+local function s_client(args)
+  local argv = {"openssl", "s_client", "-quiet", "-verify_return_error"}
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  return require("tcpserver.process").Subprocess(argv, {stdin = "pipe", stdout = "pipe", stderr = "null"})
+end
+
+describe("examples/tls_echo.lua", function()
+  local function read_file(path)
+    local f = assert(io.open(path, "rb"))
+    local s = f:read("a")
+    f:close()
+    return s
+  end
+
+  -- Runs the example on `cert` and `key`, echoes a line through s_client
+  -- that verifies it against `cafile`, and stops it.
+  local function echo_through_s_client(cert, key, cafile)
+    local p, port = P.example("tls_echo", {"--port", 0, "--certfile", cert, "--keyfile", key})
+    local s = s_client({"-connect", "127.0.0.1:" .. port, "-CAfile", cafile, "-verify_hostname", "localhost"})
+    s.stdin:write("hello over TLS\n")
+    assert.equal("hello over TLS\n", s.stdout:read_until("\n"))
+    s:kill(15)
+    s:wait_for_exit()
+    stop(p)
+    return p
+  end
+
+  it("makes a self-signed certificate on first run, keeps it, and s_client verifies it", async(function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir " .. dir))
+    finally(function() os.execute("rm -rf " .. dir) end)
+    local cert, key = dir .. "/echo.pem", dir .. "/echo.key"
+    local p = echo_through_s_client(cert, key, cert)
+    assert.matches("making a self%-signed certificate", p.err:text())
+    local first = read_file(cert)
+    p = echo_through_s_client(cert, key, cert) -- the second run uses the same one
+    assert.no.matches("making a self%-signed certificate", p.err:text())
+    assert.equal(first, read_file(cert))
+  end))
+
+  it("serves a certificate it is given", async(function()
+    local C = H.certs()
+    echo_through_s_client(C.server.certfile, C.server.keyfile, C.cafile)
+  end))
+end)
