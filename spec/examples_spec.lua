@@ -312,3 +312,54 @@ describe("examples/tls_echo.lua", function()
     echo_through_s_client(C.server.certfile, C.server.keyfile, C.cafile)
   end))
 end)
+
+describe("examples/starttls.lua", function()
+  local function start()
+    local C = H.certs()
+    return P.example("starttls", {"--port", 0, "--certfile", C.server.certfile, "--keyfile", C.server.keyfile})
+  end
+
+  it("upgrades to TLS for openssl s_client -starttls smtp, then takes a message", async(function()
+    local p, port = start()
+    local s = s_client({"-starttls", "smtp", "-crlf", "-connect", "127.0.0.1:" .. port,
+                        "-CAfile", H.certs().cafile})
+    s.stdin:write("EHLO spec\nMAIL FROM:<a@example.org>\nRCPT TO:<b@example.org>\nDATA\n" ..
+                  "Subject: hi\n\nhello\n..dot\n.\nQUIT\n")
+    -- s_client did the plain-text part (EHLO, STARTTLS); all this went over TLS
+    assert.equal(table.concat({
+      "250-localhost greets spec", "250 8BITMIME", "250 OK", "250 OK",
+      "354 End data with <CR><LF>.<CR><LF>", "250 OK: queued as 1", "221 Bye", ""}, "\r\n"),
+      s.stdout:read_until_close())
+    assert.same({0, 0}, {s:wait_for_exit()})
+    assert.equal("<a@example.org>", p.err:await("message from (%S+) to <b@example%.org>: 28 bytes %(TLSv1%.3%)"))
+    stop(p)
+  end))
+
+  it("serves Python's smtplib, refusing mail before STARTTLS", async(function()
+    local p, port = start()
+    local out, status = H.python([[
+import smtplib, ssl, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), local_hostname="py")
+s.ehlo()
+print(s.has_extn("starttls"), s.mail("a@example.org")[0])
+s.starttls(context=ssl.create_default_context(cafile=sys.argv[2]))
+s.ehlo()
+print(s.has_extn("starttls"), s.sock.version())
+print(s.sendmail("a@example.org", ["b@example.org", "c@example.org"], "Subject: x\r\n\r\nbody\r\n"))
+s.quit()
+]], tostring(port), H.certs().cafile)
+    assert.equal(0, status)
+    assert.equal("True 530\nFalse TLSv1.3\n{}\n", out)
+    p.err:await("message from <a@example%.org> to <b@example%.org>, <c@example%.org>")
+    stop(p)
+  end))
+
+  it("closes a connection that pipelines plain text after STARTTLS", async(function()
+    local p, port = start()
+    local c = connect(port)
+    c:write("EHLO x\r\nSTARTTLS\r\nEHLO injected\r\n")
+    assert.equal("220 localhost ESMTP tcpserver example\r\n250-localhost greets x\r\n250 STARTTLS\r\n" ..
+                 "503 5.5.1 nothing may follow STARTTLS before the handshake\r\n", c:read_until_close())
+    stop(p)
+  end))
+end)
