@@ -363,3 +363,53 @@ s.quit()
     stop(p)
   end))
 end)
+
+describe("examples/proxy.lua", function()
+  it("relays lines to the echo example and curl to the HTTP example", async(function()
+    local echo, echo_port = P.example("echo", {"--port", 0})
+    local proxy, port = P.example("proxy", {"--port", 0, "--upstream", "127.0.0.1:" .. echo_port})
+    local c = connect(port)
+    c:write("through the proxy\n")
+    assert.equal("through the proxy\n", c:read_until("\n"))
+    c:close()
+    stop(proxy)
+    stop(echo)
+
+    local http, http_port = P.example("http", {"--port", 0})
+    proxy, port = P.example("proxy", {"--port", 0, "--upstream", "127.0.0.1:" .. http_port})
+    local url = "http://127.0.0.1:" .. port .. "/"
+    local out = H.run({"curl", "-s", "-w", "%{num_connects}\n", url, url}) -- kept alive through it
+    assert.equal("Hello, world!\n1\nHello, world!\n0\n", out)
+    stop(proxy)
+    stop(http)
+  end))
+
+  it("moves 32 MiB each way at once, intact", async(function()
+    local echo, echo_port = P.example("echo", {"--port", 0})
+    local proxy, port = P.example("proxy", {"--port", 0, "--upstream", "127.0.0.1:" .. echo_port})
+    local line = ("0123456789abcdef"):rep(4095) .. "\n" -- 64 KiB lines
+    local n = 512
+    local c = connect(port)
+    require("tcpserver.ioloop").current():spawn(function()
+      for i = 1, n do c:write(("%08d"):format(i) .. line:sub(9)) end
+    end)
+    for i = 1, n do
+      local got = c:read_until("\n")
+      assert.equal(("%08d"):format(i) .. line:sub(9), got)
+    end
+    c:close()
+    stop(proxy)
+    stop(echo)
+  end))
+
+  it("closes the client when the upstream cannot be reached", async(function()
+    local free = P.free_port()
+    local proxy, port = P.example("proxy", {"--port", 0, "--upstream", "127.0.0.1:" .. free})
+    local c = connect(port)
+    local line, err = c:read_until("\n")
+    assert.is_nil(line)
+    assert.equal("closed", err)
+    proxy.err:await("cannot reach 127%.0%.0%.1:%d+: connection refused")
+    stop(proxy)
+  end))
+end)
