@@ -413,3 +413,63 @@ describe("examples/proxy.lua", function()
     stop(proxy)
   end))
 end)
+
+describe("examples/websocket.lua", function()
+  it("talks to Python's websockets: text, binary, fragments, ping and close", async(function()
+    local p, port = P.example("websocket", {"--port", 0})
+    local out, status = H.python([[
+import asyncio, sys, websockets
+async def main():
+    async with websockets.connect(sys.argv[1], max_size=None) as ws:
+        await ws.send("hello")
+        print(await ws.recv())
+        big = "é" * 100000  # 200 KB: a 64-bit length
+        await ws.send(big)
+        print(await ws.recv() == big)
+        await ws.send(bytes(range(256)) * 2)
+        print(await ws.recv() == bytes(range(256)) * 2)
+        await ws.send(["frag", "mented ", "message"])  # three frames
+        print(await ws.recv())
+        await (await ws.ping(b"are you there"))
+        print("pong")
+    print(ws.close_code)
+asyncio.run(main())
+]], ("ws://127.0.0.1:%d/"):format(port))
+    assert.equal(0, status)
+    assert.equal("hello\nTrue\nTrue\nfragmented message\npong\n1000\n", out)
+    stop(p)
+  end))
+
+  -- Upgrades a raw connection; returns it.
+  local function upgraded(port)
+    local c = connect(port)
+    c:write("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n" ..
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    local head = c:read_until("\r\n\r\n")
+    assert.matches("^HTTP/1.1 101 ", head)
+    assert.matches("\r\nSec%-WebSocket%-Accept: s3pPLMBiTxaQ9kYGzzhZRbK%+xOo=\r\n", head) -- RFC 6455's example
+    return c
+  end
+
+  it("closes with 1002 on an unmasked frame and 1007 on text that is not UTF-8", async(function()
+    local p, port = P.example("websocket", {"--port", 0})
+    local c = upgraded(port)
+    c:write("\x81\x02hi") -- unmasked
+    assert.equal("\x88\x02\x03\xea", c:read_until_close()) -- close, 1002
+    c = upgraded(port)
+    c:write("\x81\x82\0\0\0\0\xff\xfe") -- masked (with zeros), invalid UTF-8
+    assert.equal("\x88\x02\x03\xef", c:read_until_close()) -- close, 1007
+    stop(p)
+  end))
+
+  it("refuses plain HTTP and other versions with 426", async(function()
+    local p, port = P.example("websocket", {"--port", 0})
+    local url = ("http://127.0.0.1:%d/"):format(port)
+    local out = H.run({"curl", "-s", "-i", url})
+    assert.matches("^HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\n", out)
+    out = H.run({"curl", "-s", "-i", "-H", "Upgrade: websocket", "-H", "Connection: Upgrade",
+                 "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "-H", "Sec-WebSocket-Version: 8", url})
+    assert.matches("^HTTP/1.1 426 Upgrade Required\r\nSec%-WebSocket%-Version: 13\r\n", out)
+    stop(p)
+  end))
+end)
