@@ -90,6 +90,18 @@ describe("PROXY protocol", function()
       {"a v2 header of another version", V2_SIG .. [[ + bytes([0x31, 0x11]) + struct.pack("!H", 0)]],
        "malformed v2 header"},
       {"a header cut short by the peer", [[b"PROXY TCP4 1.2.3.4"]], "connection closed inside the header"},
+      {"a v1 header with a bad destination", [[b"PROXY TCP4 1.2.3.4 not-an-ip 1 2\r\nx\n"]],
+       "malformed v1 header"},
+      {"a v1 header whose destination is of another family", [[b"PROXY TCP4 1.2.3.4 ::1 1 2\r\nx\n"]],
+       "malformed v1 header"},
+      {"a v1 header with a signed port", [[b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\nx\n"]],
+       "malformed v1 header"},
+      {"a v2 header of unknown family 0x5", V2_SIG .. [[ + bytes([0x21, 0x51]) + struct.pack("!H", 12)
+        + b"\x01" * 12 + b"x\n"]], "unknown v2 address family"},
+      {"a v2 header of unknown family 0xF", V2_SIG .. [[ + bytes([0x21, 0xF1]) + struct.pack("!H", 12)
+        + b"\x01" * 12 + b"x\n"]], "unknown v2 address family"},
+      {"a v2 header of unknown transport 0xF", V2_SIG .. [[ + bytes([0x21, 0x1F]) + struct.pack("!H", 12)
+        + b"\x01" * 12 + b"x\n"]], "unknown v2 transport"},
     }
     for _, case in ipairs(cases) do
       it(case[1], async(function()
@@ -102,7 +114,7 @@ s.sendall(b"PROXY TCP4 1.2.3.4")
 s.close()
 ]], tostring(port))
         else
-          assert.equal("", send(port, case[2]))
+          assert.equal("", send(port, (case[2]:gsub("\n%s+", " "))))
         end
         H.wait_until(function() return #logs > 0 end)
         server:stop()
@@ -120,6 +132,50 @@ s.close()
       assert.same({"info: PROXY protocol: header timed out from 127.0.0.1; closing"}, logs)
     end))
   end)
+
+  -- Registry refs that hold a value (freed slots hold free-list numbers).
+  local function live_refs()
+    local n = 0
+    for k, v in pairs(debug.getregistry()) do
+      if math.type(k) == "integer" and type(v) ~= "number" then n = n + 1 end
+    end
+    return n
+  end
+
+  it("frees a connection that the client resets inside the header", async(function()
+    local server, port = serve()
+    assert.equal("inet 1.1.1.1:1 warm\n", send(port, [[b"PROXY TCP4 1.1.1.1 2.2.2.2 1 2\r\nwarm\n"]]))
+    local base = live_refs()
+    H.python([[
+import socket, struct, sys
+for i in range(20):
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    s.sendall(b"PROXY TCP4 1.2.3.4")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+]], tostring(port))
+    H.wait_until(function() return live_refs() <= base and server:connection_count() == 0 end)
+    server:stop()
+  end))
+
+  it("counts connections waiting for their header against max_connections", async(function()
+    local peak, server = 0, nil
+    local port
+    server, port = H.serve(function(_, stream, address)
+      peak = math.max(peak, server:connection_count())
+      stream:write(tostring(address) .. " " .. stream:read_until("\n"))
+    end, {proxy_protocol = true, max_connections = 2})
+    local silent = {H.connect(port), H.connect(port)}
+    H.wait_until(function() return server:connection_count() == 2 end)
+    local c = H.connect(port) -- queued by the kernel, not accepted
+    c:write("PROXY TCP4 1.1.1.1 2.2.2.2 1 2\r\nthird\n")
+    silent[1]:close()
+    assert.equal("1.1.1.1:1 third\n", c:read_until_close())
+    silent[2]:close()
+    H.wait_until(function() return server:connection_count() == 0 end)
+    server:stop()
+    assert.equal(2, peak)
+  end))
 
   it("closes a port probe silently", async(function()
     local server, port = serve()

@@ -1,243 +1,174 @@
-/* PROXY protocol v1 and v2 (HAProxy's): the header a load balancer sends
- * before the client's bytes, parsed in C before handle_stream runs, so that
- * `address` is the original client's. */
-#include "stream.h"
+/* PROXY protocol v1 and v2 (HAProxy's proxy-protocol.txt): a pure parser
+ * over bytes. Waiting for the bytes is the accept pipeline's business
+ * (server.c). */
+#include "proxy.h"
 
 #include <arpa/inet.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
-#define V1_MAX 107                 /* the spec's longest v1 line */
-#define V2_MAX_BODY 1024           /* addresses plus a sensible amount of TLVs */
+#define V1_MAX 107         /* the spec's longest v1 line, CRLF included */
+#define V2_HEAD 16         /* signature, version/command, family, length */
+#define V2_MAX_BODY (TS_PROXY_MAX_HEADER - V2_HEAD) /* addresses and TLVs */
+#define V2_LEN_INET 12     /* two IPv4 addresses, two ports */
+#define V2_LEN_INET6 36
+#define V2_LEN_UNIX 216    /* two 108-byte paths */
 
 static const char v2_sig[12] = "\r\n\r\n\0\r\nQUIT\n";
 
-typedef struct proxy_addr {
-  char host[INET6_ADDRSTRLEN];
-  int port;
-  const char *family;   /* NULL: keep the connection's own address */
-} proxy_addr;
+/* A v1 field: the bytes up to the next space (or the end of the line). */
+typedef struct field {
+  const char *p;
+  size_t n;
+} field;
 
-struct ts_proxy {
-  int handler_ref, ctx_ref;
-  double handshake_timeout;
-};
+/* Splits line[0, n) at single spaces into at most max fields; returns how
+ * many, or -1 for an empty field (two spaces, or a trailing space). */
+static int split(const char *line, size_t n, field *f, int max) {
+  size_t start = 0, i;
+  int k = 0;
 
-/* Parses a v1 line. Returns its length, 0 for more, or -1 (sets *why). */
-static long parse_v1(const char *p, size_t n, proxy_addr *a, const char **why) {
-  char line[V1_MAX + 1], proto[8], src[INET6_ADDRSTRLEN], dst[INET6_ADDRSTRLEN];
-  const char *end = memchr(p, '\n', n < V1_MAX ? n : V1_MAX);
-  unsigned sport, dport;
-  unsigned char tmp[16];
+  for (i = 0; i <= n; i++) {
+    if (i < n && line[i] != ' ')
+      continue;
+    if (i == start || k == max)
+      return -1;
+    f[k].p = line + start;
+    f[k].n = i - start;
+    k++;
+    start = i + 1;
+  }
+  return k;
+}
+
+static int field_is(const field *f, const char *s) {
+  return f->n == strlen(s) && memcmp(f->p, s, f->n) == 0;
+}
+
+/* An IP of the given family, as text; writes it to host if not NULL. */
+static int parse_ip(const field *f, int family, char *host) {
+  char text[INET6_ADDRSTRLEN];
+  unsigned char bin[16];
+
+  if (f->n == 0 || f->n >= sizeof(text) || memchr(f->p, '\0', f->n) != NULL)
+    return -1;
+  memcpy(text, f->p, f->n);
+  text[f->n] = '\0';
+  if (inet_pton(family, text, bin) != 1)
+    return -1;
+  if (host != NULL)
+    memcpy(host, text, f->n + 1);
+  return 0;
+}
+
+/* A port: 1 to 5 decimal digits, at most 65535. */
+static long parse_port(const field *f) {
+  long v = 0;
+  size_t i;
+
+  if (f->n == 0 || f->n > 5)
+    return -1;
+  for (i = 0; i < f->n; i++) {
+    if (f->p[i] < '0' || f->p[i] > '9')
+      return -1;
+    v = v * 10 + (f->p[i] - '0');
+  }
+  return v <= 65535 ? v : -1;
+}
+
+/* "PROXY TCP4|TCP6 src dst sport dport\r\n" or "PROXY UNKNOWN ...\r\n". */
+static long parse_v1(const char *p, size_t n, ts_proxy_addr *a, const char **why) {
+  const char *nl = memchr(p, '\n', n < V1_MAX ? n : V1_MAX);
   size_t len;
+  field f[5];
+  long sport;
+  int family;
 
-  if (end == NULL) {
+  if (nl == NULL) {
     *why = "header line too long";
     return n >= V1_MAX ? -1 : 0;
   }
-  len = (size_t)(end - p) + 1;
+  len = (size_t)(nl - p) + 1;
   *why = "malformed v1 header";
   if (len < 8 || p[len - 2] != '\r')
     return -1;
-  memcpy(line, p, len - 2);
-  line[len - 2] = '\0';
-  if (strncmp(line, "PROXY UNKNOWN", 13) == 0) {
-    a->family = NULL;
+  /* The fields after "PROXY ", without the CRLF. */
+  if (len - 2 - 6 >= 7 && memcmp(p + 6, "UNKNOWN", 7) == 0 &&
+      (len - 2 - 6 == 7 || p[6 + 7] == ' ')) {
+    a->family = 0; /* the balancer could not tell: keep the real peer */
     return (long)len;
   }
-  if (sscanf(line, "PROXY %7s %45s %45s %u %u", proto, src, dst, &sport, &dport) != 5 ||
-      sport > 65535 || dport > 65535)
+  if (split(p + 6, len - 2 - 6, f, 5) != 5)
     return -1;
-  if (strcmp(proto, "TCP4") == 0 && inet_pton(AF_INET, src, tmp) == 1)
-    a->family = "inet";
-  else if (strcmp(proto, "TCP6") == 0 && inet_pton(AF_INET6, src, tmp) == 1)
-    a->family = "inet6";
-  else
+  family = field_is(&f[0], "TCP4") ? AF_INET : field_is(&f[0], "TCP6") ? AF_INET6 : 0;
+  if (family == 0 || parse_ip(&f[1], family, a->host) != 0 ||
+      parse_ip(&f[2], family, NULL) != 0 || (sport = parse_port(&f[3])) < 0 ||
+      parse_port(&f[4]) < 0)
     return -1;
-  snprintf(a->host, sizeof(a->host), "%s", src);
+  a->family = family;
   a->port = (int)sport;
   return (long)len;
 }
 
-/* Parses a v2 header. Same returns as parse_v1. */
-static long parse_v2(const unsigned char *p, size_t n, proxy_addr *a,
+/* Checks the v2 address block of a PROXY command; 0 or -1 (sets *why). */
+static int check_v2_block(const unsigned char *p, size_t body, const char **why) {
+  static const size_t need[4] = {0, V2_LEN_INET, V2_LEN_INET6, V2_LEN_UNIX};
+  int family = p[13] >> 4, transport = p[13] & 15;
+
+  if (family > 3) {
+    *why = "unknown v2 address family";
+    return -1;
+  }
+  if (transport > 2) {
+    *why = "unknown v2 transport";
+    return -1;
+  }
+  if (body < need[family]) {
+    *why = "malformed v2 header";
+    return -1;
+  }
+  return 0;
+}
+
+/* The binary header: signature, version 2 and LOCAL or PROXY, family and
+ * transport, body length, addresses, TLVs (skipped). */
+static long parse_v2(const unsigned char *p, size_t n, ts_proxy_addr *a,
                      const char **why) {
   size_t body;
 
-  if (n < 16)
+  if (n < V2_HEAD)
     return 0;
   body = (size_t)p[14] << 8 | p[15];
-  *why = "header too large";
-  if (body > V2_MAX_BODY)
-    return -1;
   *why = "malformed v2 header";
   if ((p[12] >> 4) != 2 || (p[12] & 15) > 1)
     return -1;
-  if (n < 16 + body)
+  *why = "header too large";
+  if (body > V2_MAX_BODY)
+    return -1;
+  if ((p[12] & 15) == 1 && check_v2_block(p, body, why) != 0)
+    return -1;
+  if (n < V2_HEAD + body)
     return 0;
-  a->family = NULL;
-  if ((p[12] & 15) == 0) /* LOCAL: a health check from the balancer */
-    return (long)(16 + body);
-  switch (p[13] >> 4) {
-  case 1:
-    if (body < 12)
-      return -1;
+  a->family = 0; /* LOCAL (a health check), UNSPEC and UNIX keep the peer */
+  if ((p[12] & 15) == 1 && (p[13] >> 4) == 1) {
     inet_ntop(AF_INET, p + 16, a->host, sizeof(a->host));
     a->port = p[24] << 8 | p[25];
-    a->family = "inet";
-    break;
-  case 2:
-    if (body < 36)
-      return -1;
+    a->family = AF_INET;
+  } else if ((p[12] & 15) == 1 && (p[13] >> 4) == 2) {
     inet_ntop(AF_INET6, p + 16, a->host, sizeof(a->host));
     a->port = p[48] << 8 | p[49];
-    a->family = "inet6";
-    break;
+    a->family = AF_INET6;
   }
-  return (long)(16 + body);
+  return (long)(V2_HEAD + body);
 }
 
-static long parse(const char *p, size_t n, proxy_addr *a, const char **why) {
-  size_t k = n < 12 ? n : 12;
-
+long ts_proxy_parse(const char *p, size_t n, ts_proxy_addr *out, const char **why) {
   *why = "no PROXY header";
   if (n == 0)
     return 0;
   if (memcmp(p, "PROXY ", n < 6 ? n : 6) == 0)
-    return n < 6 ? 0 : parse_v1(p, n, a, why);
-  if (memcmp(p, v2_sig, k) == 0)
-    return parse_v2((const unsigned char *)p, n, a, why);
+    return n < 6 ? 0 : parse_v1(p, n, out, why);
+  if (memcmp(p, v2_sig, n < 12 ? n : 12) == 0)
+    return parse_v2((const unsigned char *)p, n, out, why);
   return -1;
-}
-
-static void log_refusal(ts_stream *s, const char *why) {
-  struct sockaddr_storage ss;
-  int len = sizeof(ss);
-  char host[INET6_ADDRSTRLEN] = "?", msg[200];
-
-  if (!(s->flags & F_PIPE) &&
-      uv_tcp_getpeername(&s->h.tcp, (struct sockaddr *)&ss, &len) == 0) {
-    ts__addr_name((struct sockaddr *)&ss, host, sizeof(host));
-  }
-  snprintf(msg, sizeof(msg), "PROXY protocol: %s from %s; closing", why, host);
-  ts__log(s->h.handle.loop->data, "info", msg);
-}
-
-static void refuse(ts_stream *s, const char *why) {
-  lua_State *L = ((ts_loop *)s->h.handle.loop->data)->L;
-  ts_proxy *p = s->proxy;
-
-  if (why != NULL)
-    log_refusal(s, why);
-  s->proxy = NULL;
-  luaL_unref(L, LUA_REGISTRYINDEX, p->handler_ref);
-  luaL_unref(L, LUA_REGISTRYINDEX, p->ctx_ref);
-  free(p);
-  ts__stream_unborrow(s);
-  ts__stream_close(s, UV_ECONNABORTED);
-}
-
-/* TLS behind the header: what came after it is ciphertext. */
-static int start_tls(lua_State *L, ts_stream *s, int ctx_ref, const char *host,
-                     int port, double timeout) {
-  const char *peer = lua_pushfstring(L, "%s:%d", host, port);
-  size_t n = ts_buf_len(&s->rbuf);
-  char *early = NULL;
-  int err;
-
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ctx_ref);
-  err = ts__tls_attach(L, s, lua_gettop(L), 1, peer, timeout);
-  lua_pop(L, 2);
-  if (err != 0 || n == 0)
-    return err;
-  early = malloc(n);
-  if (early == NULL)
-    return UV_ENOMEM;
-  memcpy(early, ts_buf_head(&s->rbuf), n);
-  ts_buf_consume(&s->rbuf, n);
-  ts__tls_on_read(s, early, n);
-  free(early);
-  return 0;
-}
-
-/* Serves the stream now that its peer is known. */
-static void finish(ts_stream *s, const proxy_addr *a) {
-  lua_State *L = ((ts_loop *)s->h.handle.loop->data)->L;
-  ts_proxy *p = s->proxy;
-  struct sockaddr_storage ss;
-  int len = sizeof(ss), err = 0, port = 0;
-  char host[INET6_ADDRSTRLEN] = "";
-  const char *family = (s->flags & F_PIPE) ? "unix" : "inet";
-
-  s->proxy = NULL;
-  ts__stream_unborrow(s);
-  if (s->timer != NULL)
-    uv_timer_stop(s->timer);
-  if (a->family != NULL) {
-    snprintf(host, sizeof(host), "%s", a->host);
-    port = a->port;
-    family = a->family;
-  } else if (!(s->flags & F_PIPE) &&
-             uv_tcp_getpeername(&s->h.tcp, (struct sockaddr *)&ss, &len) == 0) {
-    port = ts__addr_name((struct sockaddr *)&ss, host, sizeof(host));
-    family = ss.ss_family == AF_INET6 ? "inet6" : "inet";
-  }
-  if (p->ctx_ref != LUA_NOREF)
-    err = start_tls(L, s, p->ctx_ref, host, port, p->handshake_timeout);
-  if (err == 0)
-    ts__serve(L, s, p->handler_ref, host, port, family);
-  else
-    ts__stream_close(s, err);
-  luaL_unref(L, LUA_REGISTRYINDEX, p->handler_ref);
-  luaL_unref(L, LUA_REGISTRYINDEX, p->ctx_ref);
-  free(p);
-}
-
-void ts__proxy_on_data(ts_stream *s) {
-  proxy_addr a;
-  const char *why = NULL;
-  long n = parse(ts_buf_head(&s->rbuf), ts_buf_len(&s->rbuf), &a, &why);
-
-  if (n < 0) {
-    refuse(s, why);
-  } else if (n == 0) {
-    ts__stream_unborrow(s); /* keep the partial header */
-  } else {
-    ts_buf_consume(&s->rbuf, (size_t)n);
-    finish(s, &a);
-  }
-}
-
-void ts__proxy_on_eof(ts_stream *s) {
-  if (ts_buf_len(&s->rbuf) == 0) { /* a probe: closes silently */
-    refuse(s, NULL);
-    return;
-  }
-  refuse(s, "connection closed inside the header");
-}
-
-void ts__proxy_timeout(ts_stream *s) {
-  refuse(s, "header timed out");
-}
-
-/* Waits for the header before the server's handler runs. */
-int ts__proxy_begin(lua_State *L, ts_stream *s, int handler_ref, int ctx_ref,
-                    double timeout) {
-  ts_proxy *p = malloc(sizeof(*p));
-
-  if (p == NULL)
-    return UV_ENOMEM;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, handler_ref);
-  p->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  if (ctx_ref != LUA_NOREF) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ctx_ref);
-    p->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  } else {
-    p->ctx_ref = LUA_NOREF;
-  }
-  p->handshake_timeout = timeout;
-  s->proxy = p;
-  ts__stream_start_timer(s, (uint64_t)(timeout * 1000 + 0.5));
-  return 0;
 }
