@@ -1,6 +1,7 @@
 -- A TCP proxy: every connection is piped both ways to an upstream server.
 --   luahost examples/proxy.lua [--port 8000] [--host 127.0.0.1] [--upstream 127.0.0.1:8888]
 --   (with `luahost examples/echo.lua` upstream: nc 127.0.0.1 8000)
+-- The upstream is HOST:PORT, [IPv6]:PORT, or unix:/path for a unix socket.
 --
 -- Backpressure comes for free from the stream API: each direction is a
 -- loop that reads what has arrived and writes it on. write() waits while
@@ -12,9 +13,8 @@
 -- Each stream is written by one task only: the handler's task writes
 -- upstream, a second task writes to the client.
 --
--- Limits: the upstream is TCP only (tcpclient.connect does not reach unix
--- sockets yet), and when one side closes, the other is closed after what
--- is pending is delivered (streams have no half-close).
+-- Limit: when one side closes, the other is closed after what is pending
+-- is delivered (streams have no half-close).
 local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
 local locks = require "tcpserver.locks"
@@ -24,9 +24,13 @@ local tcpclient = require "tcpserver.tcpclient"
 local opts = require("tcpserver.host").options(arg,
   {port = 8000, host = "127.0.0.1", upstream = "127.0.0.1:8888", connect_timeout = 5})
 
-local UP_HOST, UP_PORT = opts.upstream:match("^%[?([^%]]+)%]?:(%d+)$") -- host:port or [v6]:port
-UP_PORT = math.tointeger(tonumber(UP_PORT))
-if not UP_PORT then error("--upstream must be HOST:PORT, got '" .. opts.upstream .. "'", 0) end
+-- tcpclient.connect's arguments: ("unix:/path", nil) or (host, port).
+local UP_HOST, UP_PORT = opts.upstream, nil
+if not UP_HOST:match("^unix:") then
+  local host, port = UP_HOST:match("^%[?([^%]]+)%]?:(%d+)$")
+  UP_HOST, UP_PORT = host, math.tointeger(tonumber(port))
+  if not UP_PORT then error("--upstream must be HOST:PORT or unix:/path, got '" .. opts.upstream .. "'", 0) end
+end
 
 local CHUNK = 64 * 1024
 
