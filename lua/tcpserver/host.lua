@@ -264,7 +264,7 @@ function M.options(argv, defaults, positional)
     end
     out:write("usage: luahost ", script, " ", table.concat(words, " "), "\n")
   end
-  local function fail(fmt, ...)
+  local function refuse(fmt, ...)
     usage(io.stderr)
     io.stderr:write(script, ": ", fmt:format(...), "\n")
     os.exit(2)
@@ -272,12 +272,12 @@ function M.options(argv, defaults, positional)
   local function set(flag, value) -- flag: "max-queue" or a positional name
     local name = flag:gsub("-", "_")
     local default = defaults[name]
-    if default == nil then fail("unknown option --%s", flag) end
-    if value == nil then fail("--%s needs a value", flag) end
+    if default == nil then refuse("unknown option --%s", flag) end
+    if value == nil then refuse("--%s needs a value", flag) end
     if type(default) == "number" then
       local n = tonumber(value)
       if math.type(default) == "integer" then n = n and math.tointeger(n) end
-      if not n then fail("--%s needs a number, got '%s'", flag, value) end
+      if not n then refuse("--%s needs a number, got '%s'", flag, value) end
       value = n
     end
     opts[name] = value
@@ -297,7 +297,7 @@ function M.options(argv, defaults, positional)
     else
       bare = bare + 1
       local name = positional and positional[bare]
-      if not name then fail("unexpected argument '%s'", a) end
+      if not name then refuse("unexpected argument '%s'", a) end
       set(name, a)
     end
     i = i + 1
