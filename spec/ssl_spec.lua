@@ -667,3 +667,45 @@ print("ok")
     end
   end))
 end)
+
+describe("sni_callback", function()
+  local restore
+  before_each(function() restore = select(2, H.capture_logs()) end)
+  after_each(function() restore() end)
+
+  it("picks the context by name, and stream:server_name() tells the name", async(function()
+    local asked, names = {}, {}
+    local other_ctx = ssl.context({certfile = C.other.certfile, keyfile = C.other.keyfile})
+    local server, port = tls_serve(function(_, stream)
+      assert(stream:wait_for_handshake())
+      names[#names + 1] = stream:server_name() or "-"
+      echo(_, stream)
+    end, {sni_callback = function(name)
+      asked[#asked + 1] = name
+      if name == "other.test" then return other_ctx end
+      if name == "table.test" then return {certfile = C.other.certfile, keyfile = C.other.keyfile} end
+      if name == "boom.test" then error("no such tenant") end
+    end})
+    finally(function() server:stop() end)
+    local c = assert(tls_connect(port, {server_hostname = "other.test"}))
+    assert.equal("CN=other.test", c:peer_certificate().subject)
+    assert.equal("other.test", c:server_name())
+    c:close()
+    c = assert(tls_connect(port, {server_hostname = "localhost"}))
+    assert.equal("CN=localhost", c:peer_certificate().subject)
+    c:close()
+    c = assert(tls_connect(port, {ssl_options = {verify = "none"}, server_hostname = "table.test"}))
+    assert.equal("CN=other.test", c:peer_certificate().subject)
+    c:close()
+    local bad, err = tls_connect(port, {server_hostname = "boom.test"})
+    assert.is_nil(bad)
+    assert.matches("^tls: .*internal error", err)
+    H.wait_until(function() return #names == 3 end)
+    assert.same({"other.test", "localhost", "table.test", "boom.test"}, asked)
+    assert.same({"other.test", "localhost", "table.test"}, names)
+  end))
+
+  it("refuses a callback that is not a function", function()
+    assert.has_error(function() ssl.context({sni_callback = "x"}) end)
+  end)
+end)

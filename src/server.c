@@ -45,6 +45,7 @@ typedef struct ts_listener {
   uint64_t fds_logged;   /* when running out of fds was last logged (ms) */
   size_t max_buffer, chunk;
   double timeout;
+  ts_counters *counters; /* over the streams it accepted */
 } ts_listener;
 
 /* ---- the handler's task and its end ---- */
@@ -321,6 +322,7 @@ static void serve(ts_listener *ls, int fd, struct sockaddr_storage *ss) {
     return;
   }
   ts__stream_configure(s, ls->max_buffer, ls->chunk, ls->timeout);
+  ts__stream_count_into(s, ls->counters);
   if (!is_pipe) {
     /* Writes are coalesced per wake-up, so Nagle only adds latency. */
     uv_tcp_nodelay((uv_tcp_t *)h, 1);
@@ -418,6 +420,8 @@ static void listener_closed(uv_handle_t *h) {
   luaL_unref(L, LUA_REGISTRYINDEX, ls->sock_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->ctx_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->self_ref);
+  ts__counters_release(ls->counters);
+  ls->counters = NULL;
 }
 
 static int l_listener_close(lua_State *L) {
@@ -430,6 +434,21 @@ static int l_listener_close(lua_State *L) {
   uv_close((uv_handle_t *)&ls->poll, listener_closed);
   uv_close((uv_handle_t *)&ls->backoff, listener_closed);
   return 0;
+}
+
+/* stats() -> {bytes_in=, bytes_out=, tls_handshake_failures=} */
+static int l_listener_stats(lua_State *L) {
+  ts_listener *ls = check_listener(L);
+  ts_counters none = {0, 0, 0, 0}, *c = ls->counters ? ls->counters : &none;
+
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, (lua_Integer)c->bytes_in);
+  lua_setfield(L, -2, "bytes_in");
+  lua_pushinteger(L, (lua_Integer)c->bytes_out);
+  lua_setfield(L, -2, "bytes_out");
+  lua_pushinteger(L, (lua_Integer)c->tls_handshake_failures);
+  lua_setfield(L, -2, "tls_handshake_failures");
+  return 1;
 }
 
 static int l_listener_pause(lua_State *L) {
@@ -469,6 +488,7 @@ static int l_listener(lua_State *L) {
   ls = lua_newuserdatauv(L, sizeof(*ls), 0);
   memset(ls, 0, sizeof(*ls));
   ls->loop = loop;
+  ls->counters = ts__counters_new(); /* NULL: no counts, no harm */
   ls->max_buffer = get_size(L, 2, "max_buffer_size");
   ls->chunk = get_size(L, 2, "read_chunk_size");
   ls->timeout = get_seconds(L, 2, "idle_timeout");
@@ -500,7 +520,8 @@ static int l_listener(lua_State *L) {
 
 int ts__open_server(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"close", l_listener_close}, {"pause", l_listener_pause}, {NULL, NULL}};
+    {"close", l_listener_close}, {"pause", l_listener_pause},
+    {"stats", l_listener_stats}, {NULL, NULL}};
   static const luaL_Reg funcs[] = {{"listener", l_listener}, {NULL, NULL}};
 
   luaL_newmetatable(L, LISTENER_MT);

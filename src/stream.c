@@ -77,6 +77,7 @@ struct ts_stream {
   write_queue *wq;        /* tasks waiting for the write buffer; lazy */
   uint64_t wtotal;        /* bytes ever passed to write() */
   const ts_layer_ops *ops; /* the layer, or NULL */
+  ts_counters *counters;  /* its listener's, or NULL */
   void *layer;
   int self_ref, close_cb_ref;
   int err;                /* the libuv error that ended the stream */
@@ -154,6 +155,43 @@ static int push_error(lua_State *L, const char *err) {
   lua_pushnil(L);
   lua_pushstring(L, err);
   return 2;
+}
+
+/* ---- counters ---- */
+
+ts_counters *ts__counters_new(void) {
+  ts_counters *c = calloc(1, sizeof(*c));
+  if (c != NULL)
+    c->refs = 1;
+  return c;
+}
+
+void ts__counters_release(ts_counters *c) {
+  if (c != NULL && --c->refs == 0)
+    free(c);
+}
+
+void ts__stream_count_into(ts_stream *s, ts_counters *c) {
+  if (c == NULL)
+    return;
+  c->refs++;
+  ts__counters_release(s->counters);
+  s->counters = c;
+}
+
+ts_counters *ts__stream_counters(ts_stream *s) {
+  return s->counters;
+}
+
+static void count_in(ts_stream *s, size_t n) {
+  if (s->counters != NULL)
+    s->counters->bytes_in += n;
+}
+
+static void count_out(ts_stream *s, size_t n) {
+  s->wtotal += n;
+  if (s->counters != NULL)
+    s->counters->bytes_out += n;
 }
 
 /* ---- the wait timer ---- */
@@ -454,6 +492,7 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
   if (nread > 0 && ops != NULL) {
     ops->on_read(s, s->layer, buf->base, (size_t)nread);
   } else if (nread > 0) {
+    count_in(s, (size_t)nread);
     if (buf->base == s->ctx->shared) {
       borrow(s);
       s->rbuf.end = (size_t)nread;
@@ -626,6 +665,7 @@ char *ts__stream_read_space(ts_stream *s, size_t *room) {
 }
 
 void ts__stream_read_commit(ts_stream *s, size_t n) {
+  count_in(s, n);
   s->rbuf.end += n;
 }
 
@@ -816,7 +856,7 @@ static int append_array(lua_State *L, ts_stream *s) {
     p = lua_tolstring(L, -1, &len);
     if (ts_buf_append(&s->wbuf, p, len) != 0)
       return UV_ENOMEM;
-    s->wtotal += len;
+    count_out(s, len);
     lua_pop(L, 1);
   }
   return 0;
@@ -855,7 +895,7 @@ static int append_arg(lua_State *L, ts_stream *s) {
     return append_array(L, s);
   }
   p = lua_tolstring(L, 2, &len);
-  s->wtotal += len;
+  count_out(s, len);
   rc = write_direct(s, p, len);
   if (rc != 1)
     return rc;
@@ -948,6 +988,8 @@ static void close_cb(uv_handle_t *h) {
     s->close_cb_ref = LUA_NOREF;
     ts__pcall(ctx->loop, 0);
   }
+  ts__counters_release(s->counters);
+  s->counters = NULL;
   luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
   s->self_ref = LUA_NOREF;
 }
@@ -1220,7 +1262,8 @@ int ts__open_stream(lua_State *L) {
     {"close", l_close},
     {"closed", l_closed},
     {"set_close_callback", l_set_close_callback},
-    {"settimeout", l_settimeout},
+    {"set_timeout", l_settimeout},
+    {"settimeout", l_settimeout}, /* LuaSocket's and OpenResty's name */
     {"set_nodelay", l_set_nodelay},
     {"getpeername", l_getpeername},
     {"getsockname", l_getsockname},

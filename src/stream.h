@@ -36,6 +36,19 @@ typedef struct ts_layer_ops {
   void (*free)(lua_State *L, void *layer); /* the stream is collected */
 } ts_layer_ops;
 
+/* What a listener counts over the streams it accepted, closed ones too.
+ * Shared: the listener and each stream hold a reference. */
+typedef struct ts_counters {
+  int refs;
+  uint64_t bytes_in, bytes_out;   /* application bytes: after TLS */
+  uint64_t tls_handshake_failures;
+} ts_counters;
+
+ts_counters *ts__counters_new(void);
+void ts__counters_release(ts_counters *c);
+void ts__stream_count_into(ts_stream *s, ts_counters *c); /* takes a ref */
+ts_counters *ts__stream_counters(ts_stream *s);           /* or NULL */
+
 /* Creating and running (client.c, subprocess.c, server.c) */
 ts_stream *ts__stream_new(lua_State *L, int is_pipe); /* pushed, pinned */
 uv_stream_t *ts__stream_handle(ts_stream *s);

@@ -25,6 +25,7 @@ typedef struct ts_ctx {
   int nsni;
   char **sni_names;
   SSL_CTX **sni_ctx;
+  int sni_cb_ref;        /* sni_callback(server_name), or LUA_NOREF */
 } ts_ctx;
 
 typedef struct ts_tls {
@@ -34,6 +35,7 @@ typedef struct ts_tls {
   uv_timer_t *hs_timer;    /* handshake_timeout, until the handshake ends */
   ts_waiter hs;            /* the task in wait_for_handshake */
   int ctx_ref;
+  int sni_ref;             /* the context sni_callback chose, or LUA_NOREF */
   int server, done, failed, shutdown_sent, close_notify;
   char peer[INET6_ADDRSTRLEN + 8]; /* server side: the client, for logs */
   size_t rx;               /* ciphertext bytes received */
@@ -80,6 +82,8 @@ static void tls_fail(ts_tls *t, const char *reason) {
     return;
   t->failed = 1;
   snprintf(t->err, sizeof(t->err), "tls: %s", reason);
+  if (t->server && !t->done && ts__stream_counters(t->s) != NULL)
+    ts__stream_counters(t->s)->tls_handshake_failures++;
   if (t->server && t->rx > 0) {
     snprintf(msg, sizeof(msg), "TLS %s with %s: %s",
              t->done ? "error" : "handshake failed", t->peer, reason);
@@ -303,7 +307,8 @@ static void tls_closed(ts_stream *s, void *layer) {
   ts_buf_free(&t->xbuf);
   free_ssl(t);
   luaL_unref(loop_of(t)->L, LUA_REGISTRYINDEX, t->ctx_ref);
-  t->ctx_ref = LUA_NOREF;
+  luaL_unref(loop_of(t)->L, LUA_REGISTRYINDEX, t->sni_ref);
+  t->ctx_ref = t->sni_ref = LUA_NOREF;
   if (t->hs_timer != NULL) {
     uv_close((uv_handle_t *)t->hs_timer, hs_timer_free);
     t->hs_timer = NULL;
@@ -316,6 +321,7 @@ static void tls_free(lua_State *L, void *layer) {
 
   free_ssl(t);
   luaL_unref(L, LUA_REGISTRYINDEX, t->ctx_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, t->sni_ref);
   free(t);
 }
 
@@ -345,6 +351,8 @@ static int ctx_gc(lua_State *L) {
   c->sni_names = NULL;
   SSL_CTX_free(c->ctx); /* connections hold their own reference */
   c->ctx = NULL;
+  luaL_unref(L, LUA_REGISTRYINDEX, c->sni_cb_ref);
+  c->sni_cb_ref = LUA_NOREF;
   return 0;
 }
 
@@ -409,18 +417,52 @@ static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outle
   return SSL_TLSEXT_ERR_NOACK;
 }
 
+/* sni_callback(name) -> context or nil, called inside the handshake. The
+ * chosen context brings its own certificate and verify settings; the
+ * connection anchors it until it closes. */
+static int sni_call(SSL *ssl, ts_ctx *c, const char *name, int *alert) {
+  ts_tls *t = SSL_get_app_data(ssl);
+  lua_State *L = loop_of(t)->L;
+  int top = lua_gettop(L), ok = 1;
+  ts_ctx *sub;
+
+  lua_rawgeti(L, LUA_REGISTRYINDEX, c->sni_cb_ref);
+  lua_pushstring(L, name);
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    char msg[300];
+    snprintf(msg, sizeof(msg), "sni_callback(%s) failed: %s", name,
+             lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object)");
+    ts__report(loop_of(t), msg);
+    ok = 0;
+  } else if ((sub = luaL_testudata(L, -1, TS_CTX_MT)) != NULL && sub->ctx != NULL) {
+    SSL_set_SSL_CTX(ssl, sub->ctx);
+    SSL_set_verify(ssl, sub->verify >= 0 ? sub->verify : SSL_VERIFY_NONE, NULL);
+    luaL_unref(L, LUA_REGISTRYINDEX, t->sni_ref);
+    t->sni_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  } else if (!lua_isnil(L, -1)) {
+    ts__report(loop_of(t), "sni_callback must return an ssl context, ssl_options or nil");
+    ok = 0;
+  }
+  lua_settop(L, top);
+  if (ok)
+    return SSL_TLSEXT_ERR_OK;
+  *alert = SSL_AD_INTERNAL_ERROR;
+  return SSL_TLSEXT_ERR_ALERT_FATAL;
+}
+
 static int sni_select(SSL *ssl, int *alert, void *arg) {
   ts_ctx *c = arg;
   const char *name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
   int i;
 
-  (void)alert;
   for (i = 0; name != NULL && i < c->nsni; i++) {
     if (strcasecmp(name, c->sni_names[i]) == 0) {
       SSL_set_SSL_CTX(ssl, c->sni_ctx[i]);
-      break;
+      return SSL_TLSEXT_ERR_OK;
     }
   }
+  if (name != NULL && c->sni_cb_ref != LUA_NOREF)
+    return sni_call(ssl, c, name, alert);
   return SSL_TLSEXT_ERR_OK;
 }
 
@@ -540,6 +582,7 @@ static int l_ssl_context(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   c = lua_newuserdatauv(L, sizeof(*c), 0);
   memset(c, 0, sizeof(*c));
+  c->sni_cb_ref = LUA_NOREF;
   luaL_setmetatable(L, TS_CTX_MT);
   c->ctx = new_ssl_ctx(L);
   cert = opt_string(L, 1, "certfile");
@@ -554,6 +597,13 @@ static int l_ssl_context(lua_State *L) {
   set_verify(L, c, 1);
   set_alpn(L, c, 1);
   set_sni(L, c, 1);
+  if (lua_getfield(L, 1, "sni_callback") == LUA_TFUNCTION) {
+    c->sni_cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    SSL_CTX_set_tlsext_servername_callback(c->ctx, sni_select);
+    SSL_CTX_set_tlsext_servername_arg(c->ctx, c);
+  } else {
+    lua_pop(L, 1);
+  }
   return 1;
 }
 
@@ -613,7 +663,9 @@ static ts_tls *new_tls(ts_ctx *c, int server, int verify) {
   BIO_set_mem_eof_return(t->rbio, -1); /* empty means "want more" */
   SSL_set_bio(t->ssl, t->rbio, t->wbio);
   SSL_set_verify(t->ssl, verify, NULL);
+  SSL_set_app_data(t->ssl, t);
   t->server = server;
+  t->ctx_ref = t->sni_ref = LUA_NOREF;
   ts_waiter_init(&t->hs);
   return t;
 fail:
@@ -806,6 +858,20 @@ static int l_tls_version(lua_State *L) {
   return 1;
 }
 
+/* server_name() -> the name the client asked for with SNI (a client: the
+ * name it sent), or nil */
+static int l_server_name(lua_State *L) {
+  ts_stream *s;
+  ts_tls *t = check_tls(L, &s);
+  const char *name;
+
+  if (t == NULL || t->ssl == NULL ||
+      (name = SSL_get_servername(t->ssl, TLSEXT_NAMETYPE_host_name)) == NULL)
+    return 0;
+  lua_pushstring(L, name);
+  return 1;
+}
+
 static int l_cipher(lua_State *L) {
   ts_stream *s;
   ts_tls *t = check_tls(L, &s);
@@ -823,6 +889,7 @@ int ts__open_tls(lua_State *L) {
     {"alpn_protocol", l_alpn_protocol},
     {"tls_version", l_tls_version},
     {"cipher", l_cipher},
+    {"server_name", l_server_name},
     {NULL, NULL}};
   static const luaL_Reg ctx_methods[] = {
     {"has_certificate", ctx_has_certificate}, {NULL, NULL}};

@@ -86,9 +86,13 @@ function IOStream:flush() end
 -- @section control
 
 --- Sets a limit on each later wait (a read, a write over the high-water
--- mark, `flush`, `wait_for_handshake`). Expiry returns `nil, "timeout"` and
+-- mark, `flush`; a TLS handshake has handshake_timeout). Expiry returns `nil, "timeout"` and
 -- leaves the stream open. The server's `idle_timeout` option is the default.
 -- @number[opt] seconds nil or 0: no limit
+function IOStream:set_timeout(seconds) end
+
+--- The same as @{set_timeout} (LuaSocket's and OpenResty's name).
+-- @tparam ?number seconds
 function IOStream:settimeout(seconds) end
 
 --- Closes the stream (a TLS stream sends close_notify first). Waiting
@@ -169,5 +173,11 @@ function IOStream:tls_version() end
 --- The cipher once the handshake is done, or nil.
 -- @treturn ?string
 function IOStream:cipher() end
+
+--- The host name the client asked for with SNI (on a client: the name it
+-- sent), or nil; a server picks a certificate by it with `sni` or
+-- `sni_callback` in ssl_options. Nil once the stream is closed.
+-- @treturn ?string
+function IOStream:server_name() end
 
 return IOStream

@@ -20,6 +20,7 @@ local KINDS = {
   certfile = "string", keyfile = "string", cafile = "string", capath = "string",
   ciphers = "string", verify = {string = true, table = true}, min_version = "string",
   protocol = "string", options = {string = true, table = true}, alpn = "table", sni = "table",
+  sni_callback = "function",
 }
 
 local VERIFY = {none = true, optional = true, required = true}
@@ -130,6 +131,23 @@ local function check_key(out)
   end
 end
 
+local build, sni_adapter
+
+-- The core calls sni_callback(server_name) during the handshake and takes
+-- a context or nil; the user's function may also return ssl_options (a
+-- table), built once per table. It must not wait (it runs inside OpenSSL).
+function sni_adapter(fn)
+  local built = setmetatable({}, {__mode = "k"})
+  return function(name)
+    local r = fn(name)
+    if type(r) == "table" and not M.is_context(r) then
+      built[r] = built[r] or build(r)
+      r = built[r]
+    end
+    return r
+  end
+end
+
 local function normalize(opts)
   if type(opts) ~= "table" then fail("table or context expected, got %s", type(opts)) end
   local out, given = {}, {}
@@ -173,6 +191,7 @@ local function normalize(opts)
     if out[k] then read_file(out[k], k) end
   end
   check_key(out)
+  if out.sni_callback then out.sni_callback = sni_adapter(out.sni_callback) end
   for name, pair in pairs(out.sni or {}) do
     if type(name) ~= "string" or type(pair) ~= "table" or type(pair.certfile or pair.certificate) ~= "string" then
       fail("sni must map host names to {certfile=, keyfile=}")
@@ -185,7 +204,7 @@ local function normalize(opts)
   return out
 end
 
-local function build(opts)
+function build(opts)
   local normalized = normalize(opts)
   local ctx = core.ssl_context(normalized)
   built_from[ctx] = normalized
