@@ -357,9 +357,15 @@ s.quit()
 end)
 
 describe("examples/proxy.lua", function()
+  -- Runs the proxy in front of `upstream` ("HOST:PORT" or "unix:/path");
+  -- returns it and its port.
+  local function proxy_to(upstream)
+    return P.example("proxy", {"--port", 0, "--upstream", upstream})
+  end
+
   it("relays lines to the echo example and curl to the HTTP example", async(function()
     local echo, echo_port = P.example("echo", {"--port", 0})
-    local proxy, port = P.example("proxy", {"--port", 0, "--upstream", "127.0.0.1:" .. echo_port})
+    local proxy, port = proxy_to("127.0.0.1:" .. echo_port)
     local c = connect(port)
     c:write("through the proxy\n")
     assert.equal("through the proxy\n", c:read_until("\n"))
@@ -368,7 +374,7 @@ describe("examples/proxy.lua", function()
     stop(echo)
 
     local http, http_port = P.example("http", {"--port", 0})
-    proxy, port = P.example("proxy", {"--port", 0, "--upstream", "127.0.0.1:" .. http_port})
+    proxy, port = proxy_to("127.0.0.1:" .. http_port)
     local url = "http://127.0.0.1:" .. port .. "/"
     local out = H.run({"curl", "-s", "-w", "%{num_connects}\n", url, url}) -- kept alive through it
     assert.equal("Hello, world!\n1\nHello, world!\n0\n", out)
@@ -383,7 +389,7 @@ describe("examples/proxy.lua", function()
     local Echo = require("tcpserver").TCPServer:extend({handle_stream = H.echo_lines})
     local upstream = Echo()
     upstream:add_sockets({require("tcpserver.netutil").bind_unix_socket(path)})
-    local proxy, port = P.example("proxy", {"--port", 0, "--upstream", "unix:" .. path})
+    local proxy, port = proxy_to("unix:" .. path)
     local c = connect(port)
     c:write("to a unix socket\n")
     assert.equal("to a unix socket\n", c:read_until("\n"))
@@ -394,7 +400,7 @@ describe("examples/proxy.lua", function()
 
   it("moves 32 MiB each way at once, intact", async(function()
     local echo, echo_port = P.example("echo", {"--port", 0})
-    local proxy, port = P.example("proxy", {"--port", 0, "--upstream", "127.0.0.1:" .. echo_port})
+    local proxy, port = proxy_to("127.0.0.1:" .. echo_port)
     local line = ("0123456789abcdef"):rep(4095) .. "\n" -- 64 KiB lines
     local n = 512
     local c = connect(port)
@@ -412,7 +418,7 @@ describe("examples/proxy.lua", function()
 
   it("closes the client when the upstream cannot be reached", async(function()
     local free = P.free_port()
-    local proxy, port = P.example("proxy", {"--port", 0, "--upstream", "127.0.0.1:" .. free})
+    local proxy, port = proxy_to("127.0.0.1:" .. free)
     local c = connect(port)
     local line, err = c:read_until("\n")
     assert.is_nil(line)
