@@ -19,7 +19,8 @@ BUSTED      = busted --lua=$(LUA)
 # Debian packages: to build, to test, and the real peers the specs use.
 DEB_PKGS = gcc make pkg-config lua5.4 liblua5.4-dev libuv1-dev libssl-dev \
            luarocks lua-busted lua-check openssl python3 netcat-openbsd haproxy \
-           curl python3-prometheus-client lua-logging lua-ldoc lua-discount clang-format cppcheck groff-base
+           curl python3-prometheus-client lua-logging lua-ldoc lua-discount clang-format cppcheck groff-base \
+           wrk redis-tools python3-websockets
 
 VERSION  = $(shell sed -n 's/^\#define TS_VERSION "\(.*\)"/\1/p' include/tcpserver.h)
 MANDIR  ?= $(PREFIX)/share/man
@@ -72,7 +73,7 @@ deps:
 # run and test build quietly: a compiler line is no news, its errors are.
 run: deps
 	@$(MAKE) -s --no-print-directory all
-	@$(HOST) examples/echo.lua $(PORT)
+	@$(HOST) examples/echo.lua --port $(PORT)
 
 test: deps
 	@$(MAKE) -s --no-print-directory all

@@ -78,36 +78,6 @@ describe("luahost", function()
     local _, bad = H.run({LUAHOST, "--gc", "fast", "x.lua"})
     assert.equal(2, bad)
   end))
-
-  -- Runs examples/echo.lua with `args`, echoes one line through a client
-  -- made by connect(port), then stops it.
-  local function echo_example(args, connect)
-    local argv = {LUAHOST, "examples/echo.lua"}
-    for _, a in ipairs(args) do argv[#argv + 1] = a end
-    local p = process.Subprocess(argv, {stderr = "pipe"})
-    local line = p.stderr:read_until("\n")
-    local port = tonumber(line:match("127%.0%.0%.1:(%d+)"))
-    assert.is_truthy(port, line)
-    local c = assert(connect(port))
-    c:write("echo example\n")
-    assert.equal("echo example\n", c:read_until("\n"))
-    c:close()
-    p:kill(15)
-    assert.same({0, 0}, {p:wait_for_exit()})
-    return line
-  end
-
-  it("runs the echo example", async(function()
-    echo_example({"0"}, function(port) return tcpclient.connect("127.0.0.1", port) end)
-  end))
-
-  it("runs the echo example over TLS when given a certificate and key", async(function()
-    local C = H.certs()
-    local line = echo_example({"0", C.server.certfile, C.server.keyfile}, function(port)
-      return tcpclient.connect("localhost", port, {ssl_options = {cafile = C.cafile}})
-    end)
-    assert.matches("%(TLS%)", line)
-  end))
 end)
 
 -- Deployment: luahost --workers, reloads, and sockets passed by systemd.

@@ -95,7 +95,7 @@ local started = {}
 function P.cleanup()
   for _, s in ipairs(started) do
     s.proc:kill(9)
-    os.remove(s.path)
+    if s.path then os.remove(s.path) end
   end
   started = {}
 end
@@ -105,14 +105,25 @@ end
 -- signal. opts: flags (list), env (table), argv (a full argv instead).
 function P.luahost(source, args, opts)
   opts = opts or {}
-  local path = P.tmpfile(source)
+  return P.run_script(P.tmpfile(source), args, opts, true)
+end
+
+--- Runs `luahost examples/NAME.lua args...` as P.luahost does, and waits
+-- for its "listening on HOST:PORT" log line; returns the process and the port.
+function P.example(name, args, opts)
+  local p = P.run_script("examples/" .. name .. ".lua", args, opts or {})
+  return p, tonumber(p.err:await("listening on %S+:(%d+)"))
+end
+
+-- Starts luahost on the script at `path`; `temporary`: remove it at cleanup.
+function P.run_script(path, args, opts, temporary)
   local argv = {P.LUAHOST}
   for _, f in ipairs(opts.flags or {}) do argv[#argv + 1] = f end
   argv[#argv + 1] = path
   for _, a in ipairs(args or {}) do argv[#argv + 1] = tostring(a) end
   if opts.launcher then argv = opts.launcher(argv) end
   local p = process.Subprocess(argv, {stdout = "pipe", stderr = "pipe", env = opts.env})
-  started[#started + 1] = {proc = p, path = path}
+  started[#started + 1] = {proc = p, path = temporary and path}
   return {
     proc = p, pid = p.pid, script = path,
     out = reader(p.stdout), err = reader(p.stderr),
