@@ -49,32 +49,11 @@ local MB = 1024 * 1024
 -- Tests that fail because of a known core defect (being fixed in main):
 -- they still run; a failure is pending() (with the error), a pass is a
 -- failure asking to remove the entry. Keyed by "<describe> <it>".
-local TLS_CLOSE = "after data that came with the peer's close_notify and FIN is read, a TLS "
-  .. "stream does not notice the close: no close callback, closed() false, until another "
-  .. "read returns nil, 'closed' (TCP and pipes notice it at once)"
-local CLOSE_WAKE = {"close() right after writers queued at the write high-water mark never "
-  .. "resumes them (TCP: the queued ones, in about half the runs; pipes: the waiting one "
-  .. "too): they wait forever", flaky = true}
-local PEER_CLOSE = "when the peer closes (reset) while writers wait at the write high-water "
-  .. "mark, they return true although their data is dropped and the stream is closed"
-local TLS_LOCAL_CLOSE = "TLS: close() while writers wait at the write high-water mark returns "
-  .. "true to them although their data is dropped (it returned nil, 'closed' before main's "
-  .. "layer rebuild, fba45b8)"
-local KNOWN_FAIL = {
-  ["TestIOStreamSSL test_future_write (closed while writers wait)"] = TLS_LOCAL_CLOSE,
-  ["TestIOStreamSSLContext test_future_write (closed while writers wait)"] = TLS_LOCAL_CLOSE,
-  ["TestIOStream test_future_write (closed while writers wait)"] = CLOSE_WAKE,
-  ["TestPipeIOStream test_future_write (closed while writers wait)"] = CLOSE_WAKE,
-  ["TestIOStream test_future_write (peer closes while writers wait)"] = PEER_CLOSE,
-  ["TestIOStreamSSL test_future_write (peer closes while writers wait)"] = PEER_CLOSE,
-  ["TestIOStreamSSLContext test_future_write (peer closes while writers wait)"] = PEER_CLOSE,
-  ["TestPipeIOStream test_future_write (peer closes while writers wait)"] = PEER_CLOSE,
-  ["TestIOStreamSSL test_future_close_callback (data and close together)"] = TLS_CLOSE,
-  ["TestIOStreamSSLContext test_future_close_callback (data and close together)"] = TLS_CLOSE,
-}
+-- Empty now: the defects these ports found (writers left waiting or told
+-- true when the stream closed under them, a TLS close that came with data
+-- going unnoticed) are fixed in the core, each with a spec of its own.
+local KNOWN_FAIL = {}
 
--- (busted's `pending` is looked up when called: the one in force at load
--- time declares a pending spec instead.)
 local known = T.known_failures(KNOWN_FAIL, function(msg) pending(msg) end)
 
 -- A port that refuses connections (Tornado's refusing_port).

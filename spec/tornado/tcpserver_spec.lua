@@ -24,12 +24,8 @@ local async = H.async
 
 -- Tests that fail because of a core defect (see spec/tornado/util.lua:
 -- known_failures): a failure is pending, a pass asks to remove the entry.
-local KNOWN_FAIL = {
-  ["TCPServerTest test_stop_twice"] = "stop() leaves the listening socket open until the loop's "
-    .. "next closing phase (listener_closed closes the fd): binding the port again right "
-    .. "after stop() fails with 'Address already in use', and a client connecting in that "
-    .. "window is accepted by the kernel, then reset",
-}
+-- Empty now: stop() frees the port before it returns (was test_stop_twice).
+local KNOWN_FAIL = {}
 local known = T.known_failures(KNOWN_FAIL, function(msg) pending(msg) end)
 
 describe("TCPServerTest", function()
