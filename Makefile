@@ -18,25 +18,37 @@ BUSTED      = busted --lua=$(LUA)
 
 # Debian packages: to build, to test, and the real peers the specs use.
 DEB_PKGS = gcc make pkg-config lua5.4 liblua5.4-dev libuv1-dev libssl-dev \
-           luarocks lua-busted lua-check openssl python3 netcat-openbsd haproxy
+           luarocks lua-busted lua-check openssl python3 netcat-openbsd haproxy \
+           curl python3-prometheus-client lua-logging lua-ldoc lua-discount clang-format cppcheck groff-base \
+           wrk redis-tools python3-websockets
+
+VERSION  = $(shell sed -n 's/^\#define TS_VERSION "\(.*\)"/\1/p' include/tcpserver.h)
+MANDIR  ?= $(PREFIX)/share/man
 
 CORE_SRC = $(filter-out src/host/%,$(wildcard src/*.c))
 CORE_OBJ = $(CORE_SRC:src/%.c=$(BUILD)/obj/%.o)
 CORE_SO  = $(BUILD)/tcpserver/core.so
+CORE_LIB = $(BUILD)/libtcpserver.a
 HOST     = $(BUILD)/luahost
 PORT    ?= 8888
 
-.PHONY: all deps run test lint bench install uninstall clean sanitize valgrind fuzz soak
+.PHONY: all deps run test lint docs rock bench install uninstall clean \
+        sanitize valgrind fuzz soak
 
-all: $(CORE_SO) $(HOST)
+all: $(CORE_SO) $(CORE_LIB) $(HOST)
 
-$(BUILD)/obj/%.o: src/%.c src/internal.h src/stream.h src/buf.h src/proxy.h include/tcpserver.h
+$(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h) include/tcpserver.h
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) $(CFLAGS) -fPIC $(CPPFLAGS) -c $< -o $@
 
 $(CORE_SO): $(CORE_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) -shared $(LDFLAGS) -o $@ $(CORE_OBJ) $(LIBS)
+
+# For C hosts that embed the core (include/tcpserver.h, spec/embed_spec.lua).
+$(CORE_LIB): $(CORE_OBJ)
+	@rm -f $@
+	$(AR) rcs $@ $(CORE_OBJ)
 
 $(HOST): src/host/main.c
 	@mkdir -p $(dir $@)
@@ -59,16 +71,50 @@ deps:
 	  fi; \
 	fi
 
+# run and test build quietly: a compiler line is no news, its errors are.
 run: deps
-	$(MAKE) all
-	$(HOST) examples/echo.lua $(PORT)
+	@$(MAKE) -s --no-print-directory all
+	@$(HOST) examples/echo.lua --port $(PORT)
 
 test: deps
-	$(MAKE) all
+	@$(MAKE) -s --no-print-directory all
 	$(BUSTED) spec
 
+# C files already in .clang-format's style. The others differ only in
+# layout (alignment of trailing comments, line breaks); once reformatted
+# with `clang-format -i`, they join this list.
+FORMATTED_C = src/module.c src/host/main.c include/tcpserver.h
+
 lint:
-	luacheck lua spec examples bench src/host/luahost.lua
+	luacheck -q lua spec examples bench src/host/luahost.lua
+	@for f in $(FORMATTED_C); do \
+	  clang-format --dry-run --Werror $$f || exit 1; \
+	done; echo "clang-format: $(words $(FORMATTED_C)) files in style"
+	cppcheck -q --enable=warning,portability,performance --std=c11 --error-exitcode=1 \
+	  -D_POSIX_C_SOURCE=200809L -Iinclude -Isrc src
+	luarocks --lua-version 5.4 lint rockspec/tcpserver-scm-1.rockspec
+
+# The API reference: LDoc over the Lua modules and docs/ldoc/IOStream.lua,
+# which documents the methods the C core gives every stream.
+DOCS_DIR ?= docs/api
+docs:
+	@mkdir -p $(BUILD)
+	@ldoc -q --fatalwarnings -d $(DOCS_DIR) . >$(BUILD)/ldoc.log 2>&1 || { cat $(BUILD)/ldoc.log; exit 1; }
+	@echo "API reference: $(DOCS_DIR)/index.html"
+
+# A source rock of this checkout that installs without a network:
+# `luarocks --lua-version 5.4 install ./tcpserver-$(VERSION)-1.src.rock`.
+ROCK_DIR = $(BUILD)/rock
+rock:
+	@rm -rf $(ROCK_DIR) && mkdir -p $(ROCK_DIR)/tcpserver-$(VERSION)
+	@cp -r src lua include rockspec README.md docs/luahost.1 $(ROCK_DIR)/tcpserver-$(VERSION)/
+	@tar -C $(ROCK_DIR) -czf $(ROCK_DIR)/tcpserver-$(VERSION).tar.gz tcpserver-$(VERSION)
+	@sed -e 's/^version = .*/version = "$(VERSION)-1"/' \
+	  -e 's|^  url = .*|  url = "file://$(abspath $(ROCK_DIR))/tcpserver-$(VERSION).tar.gz",\n  dir = "tcpserver-$(VERSION)",|' \
+	  rockspec/tcpserver-scm-1.rockspec > $(ROCK_DIR)/tcpserver-$(VERSION)-1.rockspec
+	@cd $(ROCK_DIR) && luarocks --lua-version 5.4 pack tcpserver-$(VERSION)-1.rockspec >/dev/null
+	@mv $(ROCK_DIR)/tcpserver-$(VERSION)-1.src.rock .
+	@echo "tcpserver-$(VERSION)-1.src.rock"
 
 bench: deps
 	$(MAKE) all
@@ -81,10 +127,18 @@ install: all
 	install -m 755 $(CORE_SO) $(DESTDIR)$(LUA_LIB)/tcpserver/core.so
 	install -m 755 $(HOST) $(DESTDIR)$(PREFIX)/bin/luahost
 	install -m 644 include/tcpserver.h $(DESTDIR)$(PREFIX)/include/
+	install -d $(DESTDIR)$(PREFIX)/lib
+	install -m 644 $(CORE_LIB) $(DESTDIR)$(PREFIX)/lib/libtcpserver.a
+	install -d $(DESTDIR)$(MANDIR)/man1
+	install -m 644 docs/luahost.1 $(DESTDIR)$(MANDIR)/man1/luahost.1
+	@case ":$$PATH:" in *":$(PREFIX)/bin:"*) ;; \
+	  *) echo "note: $(PREFIX)/bin is not on your PATH; add it to run luahost:"; \
+	     echo "  export PATH=\"$(PREFIX)/bin:\$$PATH\"";; esac
 
 uninstall:
 	rm -rf $(DESTDIR)$(LUA_SHARE)/tcpserver $(DESTDIR)$(LUA_LIB)/tcpserver
-	rm -f $(DESTDIR)$(PREFIX)/bin/luahost $(DESTDIR)$(PREFIX)/include/tcpserver.h
+	rm -f $(DESTDIR)$(PREFIX)/bin/luahost $(DESTDIR)$(PREFIX)/include/tcpserver.h \
+	  $(DESTDIR)$(MANDIR)/man1/luahost.1
 
 # ---- disciplines: sanitizers, valgrind, fuzzing, soak ----
 
@@ -112,7 +166,9 @@ sanitize: deps
 	  sh tools/sanitizer-logs.sh $(SAN_LOGS) && exit $$status
 
 # valgrind: memcheck over specs that reach every C file (see the script).
-valgrind: deps all
+valgrind:
+	@$(MAKE) -s --no-print-directory deps DEB_PKGS="$(DEB_PKGS) valgrind"
+	@$(MAKE) -s --no-print-directory all
 	@bash tools/valgrind.sh $(CURDIR)/$(CORE_SO)
 
 # fuzz: libFuzzer targets (clang) in fuzz/, each run FUZZ_SECONDS from its

@@ -1,24 +1,32 @@
 -- Echo server: every line a client sends comes back.
---   luahost examples/echo.lua [port [certfile keyfile]]
--- (port 8888 by default; with a certificate and key it serves TLS)
+--   luahost examples/echo.lua [--port 8888] [--host 127.0.0.1]
+--                             [--certfile cert.pem --keyfile key.pem]
+-- With a certificate and key it serves TLS. The old positional form
+-- `luahost examples/echo.lua PORT [CERTFILE KEYFILE]` works too.
 local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
 local log = require "tcpserver.log"
 
+-- --port/--host (and any other flag a script declares) with their
+-- defaults; false means "a string, optional".
+local opts = require("tcpserver.host").options(arg,
+  {port = 8888, host = "127.0.0.1", certfile = false, keyfile = false},
+  {"port", "certfile", "keyfile"})
+
 local EchoServer = tcpserver.TCPServer:extend()
 
+-- One coroutine per connection: the reads look blocking, the loop is not.
 function EchoServer:handle_stream(stream, address)
   log.debug("connection from %s", address) -- formatted only if logged
   while true do
     local line = stream:read_until("\n")
-    if not line then break end
+    if not line then break end -- nil, "closed": the client went away
     stream:write(line)
   end
 end
 
-local port = tonumber(arg and arg[1]) or 8888
-local certfile, keyfile = arg and arg[2], arg and arg[3]
-local server = EchoServer(certfile and {ssl_options = {certfile = certfile, keyfile = keyfile}})
-port = server:listen(port, "127.0.0.1")
-log.info("echo server listening on 127.0.0.1:%d%s", port, certfile and " (TLS)" or "")
+local tls = opts.certfile and {certfile = opts.certfile, keyfile = opts.keyfile}
+local server = EchoServer({ssl_options = tls or nil})
+local port = server:listen(opts.port, opts.host) -- the bound port (with 0: the kernel's pick)
+log.info("echo server listening on %s:%d%s", opts.host, port, tls and " (TLS)" or "")
 ioloop.current():start()

@@ -1,7 +1,10 @@
 -- A tiny in-memory key-value server speaking the Redis protocol (RESP):
--- PING, ECHO, GET, SET, DEL, EXISTS, DBSIZE, FLUSHALL, CONFIG GET and QUIT,
--- enough for redis-cli and `redis-benchmark -t get,set,ping` (any -P).
---   luahost examples/kv.lua [port]        (6380 by default)
+-- PING, ECHO, GET, SET (with EX/PX), DEL, EXISTS, INCR, EXPIRE, PEXPIRE,
+-- TTL, PTTL, DBSIZE, FLUSHALL, CONFIG GET and QUIT: enough for redis-cli
+-- and `redis-benchmark -t get,set,incr,ping` (any -P).
+--   luahost examples/kv.lua [--port 6380] [--host 127.0.0.1]
+--   redis-cli -p 6380 set counter 41; redis-cli -p 6380 incr counter
+-- (`luahost examples/kv.lua PORT` works too.)
 --
 -- Requests are RESP arrays of bulk strings ("*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
 -- or inline commands ("PING\r\n"). The handler takes whatever the client
@@ -10,6 +13,9 @@
 -- replies: a pipelined batch costs one read and one write, however long.
 -- Values are stored already encoded as bulk replies ("$3\r\nbar\r\n"), so
 -- GET answers with the stored string itself.
+--
+-- Keys with a time to live expire as in Redis: lazily, when a command
+-- touches them, and by a sweep each second for those nobody asks for.
 local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
 local log = require "tcpserver.log"
@@ -26,6 +32,33 @@ local OK, PONG, NIL = "+OK\r\n", "+PONG\r\n", "$-1\r\n"
 local ZERO, ONE = ":0\r\n", ":1\r\n"
 
 local store, count = {}, 0
+local expires = {} -- key -> when it expires (the loop's clock, seconds)
+local clock = ioloop.current()
+
+-- Forgets a key and its time to live.
+local function remove(key)
+  if store[key] ~= nil then
+    store[key], expires[key] = nil, nil
+    count = count - 1
+    return true
+  end
+  return false
+end
+
+-- The key's stored value, unless it has expired (then it goes now).
+local function lookup(key)
+  local at = expires[key]
+  if at and at <= clock:time() then remove(key) end
+  return store[key]
+end
+
+local function sweep()
+  local now = clock:time()
+  for key, at in pairs(expires) do
+    if at <= now then remove(key) end -- removing while iterating is fine in Lua
+  end
+end
+ioloop.PeriodicCallback(sweep, 1000):start()
 
 local function integer(n)
   if n == 0 then return ZERO elseif n == 1 then return ONE end
@@ -61,28 +94,93 @@ end
 
 function commands.GET(argv, argc)
   if argc ~= 2 then return arity("get") end
-  return store[argv[2]] or NIL
+  return lookup(argv[2]) or NIL
 end
 
+-- Stores an encoded value; a plain SET clears the key's time to live.
+local function put(key, encoded)
+  if lookup(key) == nil then count = count + 1 end
+  store[key], expires[key] = encoded, nil
+end
+
+-- Seconds (or milliseconds) as an integer, or nil.
+local function integer_arg(s)
+  return s:match("^%-?%d+$") and math.tointeger(tonumber(s))
+end
+
+local NOT_INTEGER = err("value is not an integer or out of range")
+
 function commands.SET(argv, argc, raw)
-  if argc ~= 3 then return err("syntax error") end
-  local key = argv[2]
-  if store[key] == nil then count = count + 1 end
-  store[key] = raw(3)
+  local ttl
+  if argc == 5 then -- SET key value EX seconds | PX milliseconds
+    local unit, n = upper(argv[4]), integer_arg(argv[5])
+    if not n then return NOT_INTEGER end
+    if n <= 0 then return err("invalid expire time in 'set' command") end
+    ttl = unit == "EX" and n or unit == "PX" and n / 1000
+    if not ttl then return err("syntax error") end
+  elseif argc ~= 3 then
+    return err("syntax error")
+  end
+  put(argv[2], raw(3))
+  if ttl then expires[argv[2]] = clock:time() + ttl end
   return OK
 end
+
+function commands.INCR(argv, argc)
+  if argc ~= 2 then return arity("incr") end
+  local key, value = argv[2], 0
+  local stored = lookup(key)
+  if stored then
+    value = integer_arg(stored:match("\r\n(.*)\r\n$"))
+    if not value or value == math.maxinteger then return NOT_INTEGER end
+  end
+  value = value + 1
+  local ttl = expires[key] -- INCR keeps the time to live
+  put(key, bulk(tostring(value)))
+  expires[key] = ttl
+  return integer(value)
+end
+
+-- EXPIRE key seconds / PEXPIRE key milliseconds: 1 if set, 0 if no key;
+-- a time not in the future deletes the key, as in Redis.
+local function expire(name, scale)
+  return function(argv, argc)
+    if argc ~= 3 then return arity(name) end
+    local n = integer_arg(argv[3])
+    if not n then return NOT_INTEGER end
+    local key = argv[2]
+    if lookup(key) == nil then return ZERO end
+    if n <= 0 then
+      remove(key)
+    else
+      expires[key] = clock:time() + n / scale
+    end
+    return ONE
+  end
+end
+commands.EXPIRE = expire("expire", 1)
+commands.PEXPIRE = expire("pexpire", 1000)
+
+-- TTL / PTTL: what is left (rounded), -1 without a time to live, -2 without the key.
+local function ttl(name, scale)
+  return function(argv, argc)
+    if argc ~= 2 then return arity(name) end
+    local key = argv[2]
+    if lookup(key) == nil then return integer(-2) end
+    local at = expires[key]
+    if not at then return integer(-1) end
+    return integer(math.floor((at - clock:time()) * scale + 0.5))
+  end
+end
+commands.TTL = ttl("ttl", 1)
+commands.PTTL = ttl("pttl", 1000)
 
 function commands.DEL(argv, argc)
   if argc < 2 then return arity("del") end
   local n = 0
   for i = 2, argc do
-    local key = argv[i]
-    if store[key] ~= nil then
-      store[key] = nil
-      n = n + 1
-    end
+    if lookup(argv[i]) ~= nil and remove(argv[i]) then n = n + 1 end
   end
-  count = count - n
   return integer(n)
 end
 
@@ -90,7 +188,7 @@ function commands.EXISTS(argv, argc)
   if argc < 2 then return arity("exists") end
   local n = 0
   for i = 2, argc do
-    if store[argv[i]] ~= nil then n = n + 1 end
+    if lookup(argv[i]) ~= nil then n = n + 1 end
   end
   return integer(n)
 end
@@ -100,7 +198,7 @@ function commands.DBSIZE()
 end
 
 function commands.FLUSHALL()
-  store, count = {}, 0
+  store, expires, count = {}, {}, 0
   return OK
 end
 
@@ -236,8 +334,8 @@ function KV:handle_stream(stream)
   end
 end
 
-local port = tonumber(arg and arg[1]) or 6380
+local opts = require("tcpserver.host").options(arg, {port = 6380, host = "127.0.0.1"}, {"port"})
 local server = KV()
-port = server:listen(port, "127.0.0.1")
-log.info("kv server listening on 127.0.0.1:%d", port)
+local port = server:listen(opts.port, opts.host)
+log.info("kv server listening on %s:%d", opts.host, port)
 ioloop.current():start()

@@ -24,9 +24,9 @@ build = {
   modules = {
     ["tcpserver.core"] = {
       sources = {
-        "src/buf.c", "src/client.c", "src/loop.c", "src/module.c",
-        "src/netutil.c", "src/process.c", "src/server.c", "src/stream.c",
-        "src/tls.c", "src/proxy.c",
+        "src/addr.c", "src/buf.c", "src/client.c", "src/loop.c", "src/module.c",
+        "src/netutil.c", "src/fork.c", "src/subprocess.c", "src/server.c",
+        "src/stream.c", "src/tls.c", "src/proxy.c",
       },
       defines = {"_POSIX_C_SOURCE=200809L"},
       incdirs = {"include", "src", "$(LIBUV_INCDIR)", "$(OPENSSL_INCDIR)"},

@@ -7,6 +7,7 @@ package.cpath = BUILD .. "/?.so;" .. package.cpath
 
 local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
+local locks = require "tcpserver.locks"
 local log = require "tcpserver.log"
 local process = require "tcpserver.process"
 local tcpclient = require "tcpserver.tcpclient"
@@ -16,6 +17,7 @@ process.raise_fd_limit()
 
 local H = {}
 H.async = testing.async
+H.BUILD = BUILD
 H.LUAHOST = BUILD .. "/luahost"
 
 --- A server whose handle_stream is `handler`, listening on 127.0.0.1:0.
@@ -66,14 +68,21 @@ function H.script_file(source)
   return path
 end
 
---- Runs argv with `input` on its stdin; returns its stdout and exit status.
+--- Runs argv with `input` on its stdin; returns its stdout, exit status,
+-- signal and stderr (collected, so peers' chatter stays out of the report).
 function H.run(argv, input, env)
-  local p = process.Subprocess(argv, {stdin = "pipe", stdout = "pipe", env = env})
+  local p = process.Subprocess(argv, {stdin = "pipe", stdout = "pipe", stderr = "pipe", env = env})
+  local err, err_done = nil, locks.Event()
+  ioloop.current():spawn_callback(function()
+    err = p.stderr:read_until_close()
+    err_done:set()
+  end)
   if input then p.stdin:write(input) end
   p.stdin:close()
   local out = p.stdout:read_until_close()
+  err_done:wait()
   local status, signal = p:wait_for_exit()
-  return out, status, signal
+  return out, status, signal, err
 end
 
 -- Debian's python3 directly: a version manager's shim in PATH can take a

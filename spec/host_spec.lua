@@ -78,36 +78,6 @@ describe("luahost", function()
     local _, bad = H.run({LUAHOST, "--gc", "fast", "x.lua"})
     assert.equal(2, bad)
   end))
-
-  -- Runs examples/echo.lua with `args`, echoes one line through a client
-  -- made by connect(port), then stops it.
-  local function echo_example(args, connect)
-    local argv = {LUAHOST, "examples/echo.lua"}
-    for _, a in ipairs(args) do argv[#argv + 1] = a end
-    local p = process.Subprocess(argv, {stderr = "pipe"})
-    local line = p.stderr:read_until("\n")
-    local port = tonumber(line:match("127%.0%.0%.1:(%d+)"))
-    assert.is_truthy(port, line)
-    local c = assert(connect(port))
-    c:write("echo example\n")
-    assert.equal("echo example\n", c:read_until("\n"))
-    c:close()
-    p:kill(15)
-    assert.same({0, 0}, {p:wait_for_exit()})
-    return line
-  end
-
-  it("runs the echo example", async(function()
-    echo_example({"0"}, function(port) return tcpclient.connect("127.0.0.1", port) end)
-  end))
-
-  it("runs the echo example over TLS when given a certificate and key", async(function()
-    local C = H.certs()
-    local line = echo_example({"0", C.server.certfile, C.server.keyfile}, function(port)
-      return tcpclient.connect("localhost", port, {ssl_options = {cafile = C.cafile}})
-    end)
-    assert.matches("%(TLS%)", line)
-  end))
 end)
 
 -- Deployment: luahost --workers, reloads, and sockets passed by systemd.
@@ -212,11 +182,19 @@ describe("luahost --workers", function()
     assert.same({0, 0}, {p:wait()})
   end))
 
-  it("gives up after --max-restarts when the script keeps failing", async(function()
-    local p = P.luahost([[error("broken at startup")]], {}, {flags = {"--workers", "2", "--max-restarts", "2"}})
+  it("gives up after --max-restarts when the workers keep crashing", async(function()
+    local p = P.luahost([[require("tcpserver.ioloop").current():add_callback(os.exit, 3)]], {},
+                        {flags = {"--workers", "2", "--max-restarts", "2"}})
     assert.equal(1, p:wait())
-    p.err:await("broken at startup")
-    p.err:await("luahost: .*too many child restarts %(2%), giving up")
+    p.err:await("^luahost: fork_processes: too many child restarts %(2%), giving up")
+  end))
+
+  it("stops at once, with one line, when the script fails before its loop runs", async(function()
+    local p = P.luahost([[error("broken at startup")]], {}, {flags = {"--workers", "2"}})
+    assert.equal(1, p:wait())
+    p.err:await("^luahost: fork_processes: worker [01] %(pid %d+%) failed before its loop ran: "
+                .. ".*: broken at startup$")
+    assert.is_nil(p.err:text():match("traceback"), p.err:text())
   end))
 
   it("rejects bad flag values", async(function()
@@ -318,5 +296,103 @@ io.stdout:flush()
     p = P.luahost(show, {}, {launcher = P.systemd("env:x:self")})
     assert.equal(2, p:wait())
     p.err:await("inherited_sockets: bad LISTEN_FDS 'x'")
+  end))
+end)
+
+describe("luahost flags", function()
+  after_each(P.cleanup)
+
+  -- An echo that raises on "boom"; logs at every level once listening.
+  local SCRIPT = [[
+local log = require "tcpserver.log"
+local S = require("tcpserver").TCPServer:extend()
+function S:handle_stream(stream)
+  local line = stream:read_until("\n")
+  if line == "boom\n" then error("boom") end
+  stream:write(line)
+end
+local port = S():listen(0, "127.0.0.1")
+for _, level in ipairs {"debug", "info", "warning", "error"} do log[level]("at %s", level) end
+print("port " .. port)
+]]
+
+  it("--version prints the module's version", async(function()
+    local out, status = H.run({LUAHOST, "--version"})
+    assert.equal(0, status)
+    assert.equal("luahost (tcpserver) " .. require("tcpserver")._VERSION .. "\n", out)
+  end))
+
+  it("--log-level filters and --log-format json writes JSON lines", async(function()
+    local p = P.luahost(SCRIPT, {}, {flags = {"--log-level", "warning", "--log-format", "json"}})
+    p.out:await("^port (%d+)$")
+    p:kill(15)
+    assert.same({0, 0}, {p:wait()})
+    local out = H.python([[
+import json, sys
+for line in sys.argv[1].splitlines():
+    d = json.loads(line)
+    print(d["level"], d["message"], d["pid"] == int(sys.argv[2]), d["time"][-1])
+]], table.concat(p.err:all(), "\n"), tostring(p.pid))
+    assert.equal("warning at warning True Z\nerror at error True Z\n", out)
+    p = P.luahost(SCRIPT, {}, {flags = {"--log-level", "debug"}})
+    p.out:await("^port (%d+)$")
+    p:kill(15)
+    p:wait()
+    local levels = {}
+    for _, line in ipairs(p.err:all()) do
+      levels[#levels + 1] = line:match("^%d+%-%d+%-%d+T%d+:%d+:%d+Z (%u+) %[" .. p.pid .. "%] at ")
+    end
+    assert.same({"DEBUG", "INFO", "WARNING", "ERROR"}, levels)
+    local _, status, _, err = H.run({LUAHOST, "--log-level", "loud", "x.lua"})
+    assert.equal(2, status)
+    assert.equal("luahost: --log-level needs debug, info, warning or error (try --help)\n", err)
+  end))
+
+  -- Scrapes http://127.0.0.1:port/metrics with curl and parses it with
+  -- the Prometheus client library's parser: {name = {labels, value}}.
+  local function scrape(port)
+    return H.python([==[
+import subprocess, sys
+from prometheus_client.parser import text_string_to_metric_families
+text = subprocess.run(["curl", "-sf", "http://127.0.0.1:%s/metrics" % sys.argv[1]],
+                      check=True, capture_output=True, text=True).stdout
+for family in text_string_to_metric_families(text):
+    for s in family.samples:
+        print(family.type, s.name, ",".join("%s=%s" % kv for kv in sorted(s.labels.items())), int(s.value))
+]==], tostring(port))
+  end
+
+  it("--stats-port serves server:stats() in Prometheus's text format", async(function()
+    local stats_port = P.free_port()
+    local p = P.luahost(SCRIPT, {}, {flags = {"--stats-port", tostring(stats_port), "--log-level", "error"}})
+    local port = tonumber(p.out:await("^port (%d+)$"))
+    assert.equal("fine\n", P.request(port, "fine\n"))
+    local c = H.connect(port)
+    c:write("boom\n")
+    c:read_until_close()
+    local out, status = scrape(stats_port)
+    assert.equal(0, status)
+    assert.equal(table.concat({
+      "gauge tcpserver_connections_open  0",
+      "counter tcpserver_connections_total  2",
+      "counter tcpserver_bytes_in_total  %d",
+      "counter tcpserver_bytes_out_total  %d",
+      "counter tcpserver_handler_errors_total  1",
+      "counter tcpserver_tls_handshake_failures_total  0", ""}, "\n"),
+      (out:gsub("(_bytes_%w+_total  )%d+", "%1%%d")))
+    p:kill(15)
+    assert.same({0, 0}, {p:wait()})
+  end))
+
+  it("--stats-port under --workers: worker k on port N + k, labelled with its task id", async(function()
+    local stats_port = P.free_port()
+    local p = P.luahost(SCRIPT, {}, {flags = {"--workers", "1", "--stats-port", tostring(stats_port),
+                                              "--log-level", "error"}})
+    local port = tonumber(p.out:await("^port (%d+)$"))
+    assert.equal("x\n", P.request(port, "x\n"))
+    local out = scrape(stats_port)
+    assert.matches("counter tcpserver_connections_total task=0 1\n", out)
+    p:kill(15)
+    assert.same({0, 0}, {p:wait()})
   end))
 end)

@@ -198,3 +198,56 @@ io.stdout:flush()
     ctl:close()
   end))
 end)
+
+-- Under plain lua5.4 the interpreter's own SIGINT handler only flags an
+-- error for the next Lua instruction: a server blocked in the loop went
+-- on serving, and the next connection got "interrupted!".
+describe("ioloop signals under plain lua5.4", function()
+  local P = require "spec.procs"
+  after_each(P.cleanup)
+
+  for _, sig in ipairs {{2, "SIGINT"}, {15, "SIGTERM"}} do
+    it(sig[2] .. " stops a server gracefully once its loop runs", H.async(function()
+      local p = P.lua(P.DRAIN .. P.UP .. P.LOOP, {10, 1})
+      local c = P.request_in_flight(p, 1)
+      p:kill(sig[1])
+      p.err:await("Shutting down: waiting for 1 connection %(shutdown_timeout 10 s%)$")
+      c:write("finish\n")
+      assert.equal("done finish\n", c:read_until("\n"))
+      assert.same({0, 0}, {p:wait()})
+      p.err:await("Shut down: the last connection closed after [%d.]+ s$")
+      assert.is_nil(p.err:text():match("interrupted"), p.err:text())
+    end))
+  end
+
+  it("a script's own handler wins, for the signal it handles", H.async(function()
+    local p = P.lua(P.DRAIN .. [[
+require("tcpserver.ioloop").current():add_signal_handler("SIGINT", function()
+  print("mine")
+  io.stdout:flush()
+end)
+]] .. P.UP .. P.LOOP, {10, 1})
+    local port = tonumber(p.out:await("^port (%d+)"))
+    p.out:await("^up nil$")
+    p:kill(2)
+    p.out:await("^mine$")
+    assert.equal("ok\n", P.request(port, "hi\n"))
+    p:kill(15)
+    assert.same({0, 0}, {p:wait()})
+    p.err:await("Shutting down: no connections open$")
+  end))
+
+  it("the interpreter's own SIGINT handling is back once the loop returns", H.async(function()
+    local p = P.lua([[
+local ioloop = require "tcpserver.ioloop"
+ioloop.current():run_sync(function() end)
+print("looping")
+io.stdout:flush()
+while true do end
+]])
+    p.out:await("^looping$")
+    p:kill(2)
+    assert.same({1, 0}, {p:wait()})
+    p.err:await("interrupted!")
+  end))
+end)

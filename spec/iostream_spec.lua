@@ -505,3 +505,217 @@ s.close()
     server:stop()
   end)
 end)
+
+-- Defects found by Tornado's ported tests and real clients (issue 10); each
+-- of these failed before its fix.
+describe("IOStream regressions", function()
+  it("resumes reading for a request made past the read high-water mark", async(function()
+    local got
+    local n = 64 * 1024
+    local client = pair(function(_, stream)
+      -- read_chunk_size 1 KiB: reading stops at 4 KiB buffered
+      H.wait_until(function() return stream:buffer_sizes() >= 4096 end)
+      got = stream:read_bytes(n)
+      stream:write("done\n")
+    end, {read_chunk_size = 1024})
+    client:write(("x"):rep(n))
+    assert.equal("done\n", client:read_until("\n"))
+    assert.equal(n, #got)
+    client:close()
+  end))
+
+  it("queues concurrent writers past the high-water mark, in order", async(function()
+    local errs, order = {}, {}
+    local chunk = ("w"):rep(4 * 1024 * 1024)
+    local released = locks.Event()
+    local client = pair(function(_, stream)
+      local done = 0
+      for i = 1, 3 do
+        ioloop.current():spawn(function()
+          local ok, err = pcall(stream.write, stream, chunk:sub(1, -2) .. i)
+          if not ok then errs[#errs + 1] = err end
+          order[#order + 1] = i
+          done = done + 1
+          if done == 3 then released:set() end
+        end)
+      end
+      released:wait()
+      stream:write("end\n")
+    end)
+    local all = assert(client:read_until("end\n"))
+    assert.same({}, errs)
+    assert.same({1, 2, 3}, order)
+    assert.equal(3 * #chunk + 4, #all)
+    assert.equal("1", all:sub(#chunk, #chunk))
+    assert.equal("2", all:sub(2 * #chunk, 2 * #chunk))
+    assert.equal("3", all:sub(3 * #chunk, 3 * #chunk))
+    client:close()
+  end))
+
+  it("treats a huge timeout as none", async(function()
+    for _, t in ipairs {math.huge, 1e17} do
+      local res
+      local client = pair(function(_, stream)
+        stream:settimeout(t)
+        res = {stream:read_until("\n")}
+      end)
+      client:write("late\n")
+      H.wait_until(function() return res end)
+      assert.same({"late\n"}, res)
+      client:close()
+    end
+    local res
+    local client = pair(function(_, stream)
+      res = {stream:read_until("\n")}
+    end, {idle_timeout = math.huge})
+    client:write("idle\n")
+    H.wait_until(function() return res end)
+    assert.same({"idle\n"}, res)
+    client:close()
+  end))
+
+  it("gives the others a turn on a bare coroutine.yield and resumes the task", async(function()
+    local after
+    local server, port = H.serve(function(_, stream)
+      coroutine.yield()
+      after = true
+      stream:write("resumed\n")
+    end, {max_connections = 1})
+    finally(function() server:stop() end)
+    for _ = 1, 3 do
+      local c = H.connect(port)
+      assert.equal("resumed\n", c:read_until("\n"))
+      c:close()
+    end
+    assert.is_true(after)
+  end))
+end)
+
+describe("the read budget", function()
+  local loop = ioloop.current()
+  local saved = loop:read_budget()
+  after_each(function() loop:read_budget(saved) end)
+
+  it("refuses the largest buffers past it and serves the small ones", async(function()
+    local logs, restore = H.capture_logs()
+    finally(restore)
+    loop:read_budget(1024 * 1024)
+    local results = {}
+    local client_big = {}
+    local server, port = H.serve(function(_, stream)
+      while true do
+        local line, err = stream:read_until("\n")
+        if not line then
+          results[#results + 1] = err
+          return
+        end
+        stream:write(#line .. "\n")
+      end
+    end)
+    finally(function() server:stop() end)
+    local small = H.connect(port)
+    small:write("hello\n")
+    assert.equal("6\n", small:read_until("\n"))
+    for i = 1, 3 do
+      client_big[i] = H.connect(port)
+      client_big[i]:write(("x"):rep(2 * 1024 * 1024)) -- no end of line
+    end
+    H.wait_until(function() return #results == 3 end)
+    assert.same({"too large", "too large", "too large"}, results)
+    for i = 1, 3 do
+      assert.equal("", client_big[i]:read_until_close()) -- closed by the server
+    end
+    small:write("still served\n")
+    assert.equal("13\n", small:read_until("\n"))
+    assert.matches("warning: read buffers over the budget", logs[1])
+    small:close()
+    collectgarbage()
+    collectgarbage()
+    local _, held = loop:read_budget()
+    assert.is_true(held < 1024 * 1024)
+  end))
+
+  it("rejects a budget that is not a positive integer", function()
+    assert.has_error(function() loop:read_budget(0) end, "read_budget: bytes must be a positive integer")
+    assert.has_error(function() loop:read_budget(1.5) end, "read_budget: bytes must be a positive integer")
+  end)
+end)
+
+describe("read_until_pattern", function()
+  it("reads up to the end of the first match, across reads", async(function()
+    local got = {}
+    local client = pair(function(_, stream)
+      got[1] = stream:read_until_pattern("\r?\n")
+      got[2] = stream:read_until_pattern("%d+;")
+      got[3] = {stream:read_until_pattern("END")}
+    end, {read_chunk_size = 2})
+    client:write("first\r\nabc 123;")
+    client:write("rest without the word")
+    client:close()
+    H.wait_until(function() return got[3] end)
+    assert.same({"first\r\n", "abc 123;", {nil, "closed", "rest without the word"}}, got)
+  end))
+
+  it("fails with 'too large' and closes past max_bytes, buffered or not", async(function()
+    local res = {}
+    local client = pair(function(_, stream)
+      res[1] = {stream:read_until_pattern("x", 3)}
+      res[2] = stream:closed()
+    end)
+    client:write("abcdx")
+    H.wait_until(function() return res[2] ~= nil end)
+    assert.same({{nil, "too large"}, true}, res)
+    client:close()
+  end))
+
+  it("raises for a bad pattern or max_bytes, and for a second reader", async(function()
+    local errs = {}
+    local client = pair(function(_, stream)
+      errs[1] = select(2, pcall(stream.read_until_pattern, stream, ""))
+      errs[2] = select(2, pcall(stream.read_until_pattern, stream, "x", 0))
+      ioloop.current():spawn(function() stream:read_until_pattern("never") end)
+      errs[3] = select(2, pcall(stream.read_until_pattern, stream, "x"))
+    end)
+    H.wait_until(function() return errs[3] end)
+    client:close()
+    assert.matches("non%-empty string expected", errs[1])
+    assert.matches("positive integer expected", errs[2])
+    assert.matches("already reading", errs[3])
+  end))
+end)
+
+describe("writers waiting when the stream closes", function()
+  local big = ("w"):rep(8 * 1024 * 1024)
+
+  it("fail with 'closed' at once when a task closes the stream", async(function()
+    local res
+    local client = pair(function(_, stream)
+      ioloop.current():spawn(function() res = {stream:write(big)} end)
+      assert.is_nil(res) -- waiting: the client does not read
+      stream:close()
+      H.wait_until(function() return res end)
+    end)
+    H.wait_until(function() return res end, 3)
+    assert.same({nil, "closed"}, res)
+    client:close()
+  end))
+
+  it("fail when the peer resets", async(function()
+    local res
+    local server, port = H.serve(function(_, stream)
+      stream:write("go\n")
+      ioloop.current():spawn(function() res = {stream:write(big)} end)
+      H.wait_until(function() return res end)
+    end)
+    finally(function() server:stop() end)
+    H.python([[
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.makefile("rb").readline()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+]], tostring(port))
+    H.wait_until(function() return res end, 3)
+    assert.same({nil, "closed"}, res)
+  end))
+end)

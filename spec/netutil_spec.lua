@@ -99,6 +99,27 @@ describe("netutil.bind_unix_socket", function()
                      "bind_unix_socket: " .. path .. " exists and is not a socket")
     assert.equal("keep me", io.open(path):read("a"))
   end)
+
+  it("binds a name in the abstract namespace", async(function()
+    local name = "\0tcpserver-test-" .. os.time() .. "-" .. math.random(1e9)
+    local sock = netutil.bind_unix_socket(name)
+    assert.equal(name, (sock:getsockname()))
+    local Echo = tcpserver.TCPServer:extend({handle_stream = function(_, stream)
+      stream:write("abstract: " .. stream:read_until("\n"))
+    end})
+    local server = Echo()
+    server:add_sockets({sock})
+    local out = H.python([[
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect("\0" + sys.argv[1])
+s.sendall(b"hi\n")
+sys.stdout.write(s.makefile("rb").readline().decode())
+]], name:sub(2))
+    server:stop()
+    assert.equal("abstract: hi\n", out)
+    assert.has_error(function() netutil.bind_unix_socket("a\0b") end)
+  end))
 end)
 
 local P = require "spec.procs"

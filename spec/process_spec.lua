@@ -1,5 +1,6 @@
 local H = require "spec.helper"
 local process = require "tcpserver.process"
+local testing = require "tcpserver.testing"
 
 local async = H.async
 
@@ -121,7 +122,8 @@ print(("up %d %s %d"):format(id, tostring(process.task_id()), process.getpid()))
     pids[id] = new
     p.err:await("child " .. id .. " %(pid " .. pid .. "%) exited with status 2, restarting")
 
-    assert.same({"", 0, 0}, {H.run({"kill", "-KILL", tostring(pids[1])})})
+    local out, status, signal = H.run({"kill", "-KILL", tostring(pids[1])})
+    assert.same({"", 0, 0}, {out, status, signal})
     new = tonumber(p.out:await("^up 1 (%d+)"))
     assert.are_not.equal(pids[1], new)
     p.err:await("child 1 %(pid " .. pids[1] .. "%) killed by signal 9, restarting")
@@ -135,18 +137,43 @@ print(("up %d %s %d"):format(id, tostring(process.task_id()), process.getpid()))
     assert.equal(5, up, p.out:text())
   end))
 
-  it("gives up after max_restarts: stops the others and raises in the parent", async(function()
-    local p = P.luahost([[
+  -- A worker that crashes once its loop runs: task 0 exits 3 at once, the
+  -- others keep running (a timer) until they are told to stop.
+  local CRASHER = [[
 local process = require "tcpserver.process"
-local id = process.fork_processes(2, 1)
+local ioloop = require "tcpserver.ioloop"
+local id = process.fork_processes(tonumber(arg[1]), tonumber(arg[2]))
 print("up " .. id)
 io.stdout:flush()
-os.exit(3)
-]])
+if id == 0 then ioloop.current():add_callback(os.exit, 3)
+else ioloop.current():call_later(60, print) end
+]]
+
+  it("gives up after max_restarts: stops the others and raises in the parent", async(function()
+    local p = P.luahost(CRASHER, {2, 1})
     local status = p:wait()
     assert.equal(1, status)
-    p.err:await("luahost: .*fork_processes: too many child restarts %(1%), giving up")
-    assert.equal(3, #p.out:all(), p.out:text()) -- two, and one restart
+    p.err:await("luahost: fork_processes: too many child restarts %(1%), giving up: "
+                .. "child 0 %(pid %d+%) exited with status 3$")
+    -- stdout ends once every worker is gone: task 1 was stopped
+    local up0 = 0
+    for _, line in ipairs(p.out:all()) do
+      if line == "up 0" then up0 = up0 + 1 end
+    end
+    assert.equal(2, up0) -- task 0, and one restart
+  end))
+
+  it("restarts with exponential back-off", async(function()
+    local p = P.luahost(CRASHER, {1, 4})
+    assert.equal(1, p:wait())
+    local delays = {}
+    for _, line in ipairs(p.err:all()) do
+      local d, k = line:match("child 0 %(pid %d+%) exited with status 3, restarting in "
+                              .. "(%S+) s %(restart (%d) of 4%)$")
+      if d then delays[tonumber(k)] = d end
+    end
+    assert.same({"0.1", "0.2", "0.4", "0.8"}, delays)
+    assert.equal(5, #p.out:all())
   end))
 
   it("forks one child per CPU for nil, 0 or a negative number", async(function()
@@ -161,20 +188,39 @@ print(process.fork_processes(tonumber(arg[1])))
   end))
 
   it("restarts at most 100 times by default", async(function()
-    local p = P.luahost([[
-local process = require "tcpserver.process"
-process.fork_processes(1)
-os.exit(1)
-]])
-    assert.equal(1, p:wait())
-    p.err:await("too many child restarts %(100%), giving up")
-    local restarting = 0
+    local p = P.luahost(CRASHER, {1})
+    p.err:await("child 0 %(pid %d+%) exited with status 3, restarting in 0.1 s %(restart 1 of 100%)")
+    p:kill(15)
+    assert.same({0, 0}, {p:wait()})
+  end))
+
+  it("a worker that fails before its loop runs stops the start: one line, exit 1, no restart", async(function()
+    -- luahost --workers binds with reuse_port in each worker: the port is
+    -- in use by a socket without it
+    local sock, port = testing.bind_unused_port()
+    finally(function() sock:close() end)
+    local p = P.luahost('require("tcpserver").TCPServer():listen(tonumber(arg[1]), "127.0.0.1")',
+                        {port}, {flags = {"--workers", "2"}})
+    assert.same({1, 0}, {p:wait()})
+    local lines = {}
     for _, line in ipairs(p.err:all()) do
-      if line:match("child 0 %(pid %d+%) exited with status 1, restarting") then
-        restarting = restarting + 1
-      end
+      if not line:match("Starting 2 processes") then lines[#lines + 1] = line end
     end
-    assert.equal(101, restarting)
+    assert.equal(1, #lines, p.err:text())
+    assert.matches("^luahost: fork_processes: worker [01] %(pid %d+%) failed before its loop ran: "
+                   .. ".*cannot listen on 127%.0%.0%.1:" .. port .. ": Address already in use$", lines[1])
+    assert.same({}, p.out:all())
+  end))
+
+  it("so does one that exits non-zero before its loop runs, when nothing reports why", async(function()
+    local p = P.lua([[
+local process = require "tcpserver.process"
+process.fork_processes(2)
+os.exit(3)
+]])
+    assert.same({1, 0}, {p:wait()})
+    p.err:await("fork_processes: worker [01] %(pid %d+%) exited with status 3 before its loop ran$")
+    assert.is_nil(p.err:text():match("restarting"), p.err:text())
   end))
 
   it("is called once, never while the loop runs, and rejects bad arguments", async(function()
@@ -206,34 +252,67 @@ os.exit(id)
     }, lines)
   end))
 
-  -- "slow" makes a request that stays in flight until the client sends
-  -- another line; "term <id>" is printed when a worker gets SIGTERM.
-  local DRAIN = [[
-local tcpserver = require "tcpserver"
-local process = require "tcpserver.process"
-local ioloop = require "tcpserver.ioloop"
-local Server = tcpserver.TCPServer:extend()
-function Server:handle_stream(stream)
-  local line = stream:read_until("\n")
-  if line == "slow\n" then
-    stream:write("working " .. process.task_id() .. "\n")
-    local more, err = stream:read_until("\n")
-    stream:write("done " .. (more or err .. "\n"))
-  else
-    stream:write("ok\n")
-  end
-end
-local server = Server({shutdown_timeout = tonumber(arg[1])})
-print("port " .. server:bind(0, "127.0.0.1"))
-io.stdout:flush()
-server:start(2)
-ioloop.current():add_signal_handler("SIGTERM", function()
-  print("term " .. process.task_id())
+  -- P.DRAIN, printing "term <id>" when a worker gets SIGTERM.
+  local DRAIN = P.DRAIN .. [[
+require("tcpserver.ioloop").current():add_signal_handler("SIGTERM", function()
+  print("term " .. require("tcpserver.process").task_id())
   io.stdout:flush()
 end)
-print("up " .. process.task_id())
-io.stdout:flush()
-]]
+]] .. P.UP
+
+  -- Tornado's process_test.py test_multi_process, under plain lua5.4:
+  -- tasks 0 and 1 serve a socket bound before the fork, task 2 is the
+  -- client that makes them exit.
+  it("test_multi_process: exits 2, 3 and 4 are restarted with a new pid, 0 is not, "
+     .. "and the parent exits 0", async(function()
+    local p = P.lua([[
+local process = require "tcpserver.process"
+local netutil = require "tcpserver.netutil"
+local ioloop = require "tcpserver.ioloop"
+local sock = netutil.bind_sockets(0, "127.0.0.1")[1]
+local port = select(2, sock:getsockname())
+local id = process.fork_processes(3, 3)
+assert(id == process.task_id())
+if id < 2 then
+  local S = require("tcpserver").TCPServer:extend()
+  function S:handle_stream(stream)
+    local status = stream:read_until("\n"):match("^exit (%d+)")
+    if status then os.exit(tonumber(status)) end
+    stream:write(process.getpid() .. "\n")
+  end
+  S():add_sockets({sock})
+  ioloop.current():start()
+  return
+end
+sock:close()
+local function fetch(line)
+  local c = assert(require("tcpserver.tcpclient").connect("127.0.0.1", port))
+  c:write(line .. "\n")
+  local reply = c:read_until("\n")
+  c:close()
+  return reply and tonumber(reply)
+end
+ioloop.current():run_sync(function()
+  fetch("exit 2") -- two processes exit abnormally
+  fetch("exit 3")
+  assert(fetch("pid")) -- they have been restarted: a new fetch works
+  fetch("exit 0") -- not restarted
+  local pid = fetch("pid") -- one process left: its pid changes
+  fetch("exit 4")
+  local pid2 = fetch("pid")
+  assert(pid and pid2 and pid ~= pid2)
+  fetch("exit 0") -- the last one, so that all shut down
+  print("client done")
+end)
+]])
+    assert.same({0, 0}, {p:wait()})
+    assert.same({"client done"}, p.out:all())
+    for status = 2, 4 do
+      p.err:await("child [01] %(pid %d+%) exited with status " .. status .. ", restarting")
+    end
+    p.err:await("child 2 %(pid %d+%) exited normally")
+    assert.is_nil(p.err:text():match("giving up"), p.err:text())
+  end))
 
   it("leaves no orphans: killing the supervisor stops the workers", async(function()
     local p = P.luahost(DRAIN, {10})
@@ -251,12 +330,7 @@ io.stdout:flush()
     -- Starts DRAIN with `shutdown_timeout` and a request in flight.
     local function drain_with_request(shutdown_timeout)
       local p = P.luahost(DRAIN, {shutdown_timeout})
-      local port = tonumber(p.out:await("^port (%d+)"))
-      ups(p, 2)
-      local c = H.connect(port)
-      c:write("slow\n")
-      assert.matches("^working %d\n$", c:read_until("\n"))
-      return p, c
+      return p, P.request_in_flight(p, 2)
     end
 
     it("SIGTERM is forwarded; a request in flight finishes, then all exit 0", async(function()
@@ -264,10 +338,14 @@ io.stdout:flush()
       p:kill(15)
       p.out:await("^term 0$")
       p.out:await("^term 1$")
+      -- the drain says what it waits for, and when it is over
+      p.err:await("Shutting down: waiting for 1 connection %(shutdown_timeout 10 s%)$")
+      p.err:await("Shutting down: no connections open$")
       c:write("finish\n")
       assert.equal("done finish\n", c:read_until("\n"))
       assert.same({nil, "closed", ""}, {c:read_until("\n")})
       assert.same({0, 0}, {p:wait()})
+      p.err:await("Shut down: the last connection closed after [%d.]+ s$")
     end))
 
     it("SIGINT too, and shutdown_timeout ends a handler that does not finish", async(function()
@@ -277,6 +355,18 @@ io.stdout:flush()
       -- pending read fails, and what it writes then is not sent
       assert.same({nil, "closed", ""}, {c:read_until("\n")})
       assert.same({0, 0}, {p:wait()})
+      p.err:await("shutdown_timeout %(0.2 s%) expired: closing 1 connection$")
+    end))
+
+    it("under plain lua5.4, workers forked by start(n) drain on SIGTERM too", async(function()
+      local p = P.lua(P.DRAIN .. P.UP .. P.LOOP, {10})
+      local c = P.request_in_flight(p, 2)
+      p:kill(15)
+      p.err:await("Shutting down: waiting for 1 connection %(shutdown_timeout 10 s%)$")
+      c:write("finish\n")
+      assert.equal("done finish\n", c:read_until("\n"))
+      assert.same({0, 0}, {p:wait()})
+      p.err:await("Shut down: the last connection closed after [%d.]+ s$")
     end))
 
     -- Each worker reads the version file when it starts (after the fork),

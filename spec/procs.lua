@@ -95,7 +95,7 @@ local started = {}
 function P.cleanup()
   for _, s in ipairs(started) do
     s.proc:kill(9)
-    os.remove(s.path)
+    if s.path then os.remove(s.path) end
   end
   started = {}
 end
@@ -105,20 +105,48 @@ end
 -- signal. opts: flags (list), env (table), argv (a full argv instead).
 function P.luahost(source, args, opts)
   opts = opts or {}
-  local path = P.tmpfile(source)
+  return P.run_script(P.tmpfile(source), args, opts, true)
+end
+
+--- Runs `luahost examples/NAME.lua args...` as P.luahost does, and waits
+-- for its "listening on HOST:PORT" log line; returns the process and the port.
+function P.example(name, args, opts)
+  local p = P.run_script("examples/" .. name .. ".lua", args, opts or {})
+  return p, tonumber(p.err:await("listening on %S+:(%d+)"))
+end
+
+-- Starts luahost on the script at `path`; `temporary`: remove it at cleanup.
+function P.run_script(path, args, opts, temporary)
   local argv = {P.LUAHOST}
   for _, f in ipairs(opts.flags or {}) do argv[#argv + 1] = f end
   argv[#argv + 1] = path
   for _, a in ipairs(args or {}) do argv[#argv + 1] = tostring(a) end
   if opts.launcher then argv = opts.launcher(argv) end
   local p = process.Subprocess(argv, {stdout = "pipe", stderr = "pipe", env = opts.env})
-  started[#started + 1] = {proc = p, path = path}
+  started[#started + 1] = {proc = p, path = temporary and path}
   return {
     proc = p, pid = p.pid, script = path,
     out = reader(p.stdout), err = reader(p.stderr),
     kill = function(_, sig) return p:kill(sig) end,
     wait = function() return p:wait_for_exit() end,
   }
+end
+
+--- P.luahost under plain `lua5.4` instead: the script finds the modules
+-- of this tree through LUA_PATH and LUA_CPATH, and starts the loop itself.
+function P.lua(source, args, opts)
+  opts = opts or {}
+  local env = {LUA_PATH = "lua/?.lua;lua/?/init.lua;;", LUA_CPATH = H.BUILD .. "/?.so;;",
+               PATH = os.getenv("PATH")}
+  -- make sanitize: the runtime preloaded into lua5.4, and where it reports.
+  for _, k in ipairs {"LD_PRELOAD", "ASAN_OPTIONS", "LSAN_OPTIONS", "UBSAN_OPTIONS"} do
+    env[k] = os.getenv(k)
+  end
+  for k, v in pairs(opts.env or {}) do env[k] = v end
+  return P.luahost(source, args, {env = env, launcher = function(argv)
+    argv[1] = "lua5.4"
+    return argv
+  end})
 end
 
 -- Execs argv[2..] with listening sockets from fd 3 on, the way systemd's
@@ -173,6 +201,49 @@ function P.systemd(what)
   return function(argv)
     return {H.PYTHON, "-c", SYSTEMD, what, table.unpack(argv)}
   end
+end
+
+--- A server script for the drain specs: shutdown_timeout arg[1], arg[2]
+-- processes (2 by default) from server:start. "slow" makes a request that
+-- stays in flight until the client sends another line. Prints "port P"
+-- once bound; P.UP then prints "up <task id>" ("up nil" without a fork).
+P.DRAIN = [[
+local tcpserver = require "tcpserver"
+local process = require "tcpserver.process"
+local Server = tcpserver.TCPServer:extend()
+function Server:handle_stream(stream)
+  local line = stream:read_until("\n")
+  if line == "slow\n" then
+    stream:write("working " .. tostring(process.task_id()) .. "\n")
+    local more, err = stream:read_until("\n")
+    stream:write("done " .. (more or err .. "\n"))
+  else
+    stream:write("ok\n")
+  end
+end
+local server = Server({shutdown_timeout = tonumber(arg[1])})
+print("port " .. server:bind(0, "127.0.0.1"))
+io.stdout:flush()
+server:start(tonumber(arg[2]) or 2)
+]]
+P.UP = [[
+print("up " .. tostring(require("tcpserver.process").task_id()))
+io.stdout:flush()
+]]
+
+--- What a plain lua5.4 script ends with to serve: luahost does it itself.
+P.LOOP = 'require("tcpserver.ioloop").current():start()\n'
+
+--- Waits for the port and `n` "up" lines that `p` (running P.DRAIN)
+-- prints, then leaves a "slow" request in flight. Returns the client
+-- stream and the port.
+function P.request_in_flight(p, n)
+  local port = tonumber(p.out:await("^port (%d+)"))
+  for _ = 1, n do p.out:await("^up ") end
+  local c = H.connect(port)
+  c:write("slow\n")
+  assert(c:read_until("\n"):match("^working "))
+  return c, port
 end
 
 --- One request: connect, send `line`, read one line back.

@@ -36,3 +36,79 @@ end, 10))'
     assert.equal("installed\n\nusage: luahost [options] script.lua [args...]\n", out)
   end, 120))
 end)
+
+-- The commands that README.md's "Testing your server" runs, from the
+-- fenced block after the marker comment.
+local function readme_block()
+  local readme = assert(io.open("README.md")):read("a")
+  local block = readme:match("<!%-%- spec/rockspec_spec%.lua runs this block %-%->\n```sh\n(.-)```")
+  assert(block, "README.md: the busted block is missing")
+  -- the spec sets T itself
+  return (("\n" .. block):gsub("\nT=[^\n]*", ""))
+end
+
+describe("make rock", function()
+  it("builds a .src.rock that installs offline into a clean tree, where busted runs a user's spec "
+     .. "the way README.md says", H.async(function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    local script = [[
+set -e
+mkdir -p "$1/none" "$1/project/spec"
+make -s rock >"$1/rock.log" 2>&1 || { cat "$1/rock.log"; exit 1; }
+rock=$(ls "$PWD"/tcpserver-*.src.rock)
+cd "$1"
+# offline: no rock server to ask, and any download goes to a dead proxy
+http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9 \
+  luarocks --lua-version 5.4 --only-server="$1/none" install --tree "$1/tree" "$rock" >"$1/install.log" 2>&1 \
+  || { cat "$1/install.log"; exit 1; }
+cat >project/spec/echo_spec.lua <<'LUA'
+local tcpserver = require "tcpserver"
+local testing = require "tcpserver.testing"
+local tcpclient = require "tcpserver.tcpclient"
+local Echo = tcpserver.TCPServer:extend()
+function Echo:handle_stream(stream) stream:write(stream:read_until("\n")) end
+describe("my server", function()
+  it("echoes", testing.async(function()
+    local server = Echo()
+    local port = server:listen(0, "127.0.0.1")
+    local client = assert(tcpclient.connect("127.0.0.1", port))
+    client:write("hi\n")
+    assert.equal("hi\n", client:read_until("\n"))
+    assert.matches("^" .. os.getenv("T"), package.searchpath("tcpserver", package.path))
+    server:stop()
+  end))
+end)
+LUA
+cd project
+export T="$1/tree"
+]] .. readme_block() .. [[
+]]
+    local out, status = H.run({"bash", "-c", script, "rock", dir})
+    H.run({"rm", "-rf", dir})
+    assert.equal(0, status, out)
+    assert.matches("1 success / 0 failures / 0 errors", out)
+  end, 120))
+end)
+
+describe("make install", function()
+  it("installs luahost, the modules and the man page under PREFIX, and says when PREFIX/bin "
+     .. "is not on PATH", H.async(function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    local out, status, _, err = H.run({"make", "-s", "install", "PREFIX=" .. dir})
+    assert.equal(0, status, err)
+    assert.equal(("note: %s/bin is not on your PATH; add it to run luahost:\n"
+                  .. "  export PATH=\"%s/bin:$PATH\"\n"):format(dir, dir), out)
+    assert.is_truthy(io.open(dir .. "/share/man/man1/luahost.1"))
+    local version = H.run({dir .. "/bin/luahost", "--version"})
+    assert.equal("luahost (tcpserver) " .. require("tcpserver")._VERSION .. "\n", version)
+    -- the installed luahost finds the installed modules, not this checkout's
+    local where = H.run({dir .. "/bin/luahost", "-e", "print(package.searchpath('tcpserver', package.path))",
+                         "/dev/null"})
+    assert.equal(dir .. "/bin/../share/lua/5.4/tcpserver/init.lua\n", where)
+    out = H.run({"make", "-s", "install", "PREFIX=" .. dir}, nil, {PATH = dir .. "/bin:" .. os.getenv("PATH")})
+    assert.equal("", out)
+    H.run({"rm", "-rf", dir})
+  end, 60))
+end)

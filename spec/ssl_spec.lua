@@ -67,9 +67,10 @@ describe("TLS", function()
                        "ssl_options: cannot read certfile /no/such.pem")
       assert.has_error(function() ssl.context({colour = "red"}) end, "ssl_options: unknown option 'colour'")
       assert.has_error(function() ssl.context({verify = "sometimes"}) end,
-                       "ssl_options: verify must be \"none\", \"optional\" or \"required\", got 'sometimes'")
-      assert.has_error(function() ssl.context({min_version = "tlsv9"}) end,
-                       "ssl_options: unknown min_version 'tlsv9'")
+                       "ssl_options: verify must be \"none\", \"optional\" or \"required\" (or LuaSec's "
+                       .. "{\"peer\"}, {\"peer\", \"fail_if_no_peer_cert\"}, {\"none\"}), got 'sometimes'")
+      assert.has_error(function() ssl.context({min_version = "tls1.3"}) end,
+                       "ssl_options: unknown min_version 'tls1.3' (valid: tlsv1, tlsv1.1, tlsv1.2, tlsv1.3)")
       local ok, err = pcall(ssl.context, {certfile = C.server.certfile, keyfile = C.other.keyfile})
       assert.is_false(ok)
       assert.matches("does not match the certificate", err)
@@ -81,6 +82,88 @@ describe("TLS", function()
       assert.has_error(function() tcpserver.TCPServer({ssl_options = {certfile = 1}}) end,
                        "ssl_options: 'certfile' must be a string, got number")
     end)
+
+    it("names the missing keyfile instead of failing to read the certificate as a key", function()
+      assert.has_error(function() ssl.context({certfile = C.server.certfile}) end,
+                       ("ssl_options: keyfile is missing: certfile %s holds no private key "
+                        .. "(give keyfile = \"...\")"):format(C.server.certfile))
+      -- one file with both still works without keyfile
+      local both = C.dir .. "/both.pem"
+      local f = assert(io.open(both, "w"))
+      for _, path in ipairs {C.server.certfile, C.server.keyfile} do
+        local src = assert(io.open(path))
+        f:write(src:read("a"))
+        src:close()
+      end
+      f:close()
+      assert.is_true(ssl.context({certfile = both}):has_certificate())
+    end)
+
+    it("refuses to verify client certificates on a server without cafile", function()
+      for _, verify in ipairs {"required", "optional"} do
+        assert.has_error(function() tcpserver.TCPServer({ssl_options = server_opts({verify = verify})}) end,
+                         ("ssl_options: verify = \"%s\" on a server needs cafile: the CAs that sign "
+                          .. "the client certificates"):format(verify))
+      end
+      -- a client verifies against the system store without one
+      assert.is_true(ssl.is_context(ssl.context({verify = "required"})))
+    end)
+
+    it("refuses LuaSec names it cannot honour, listing what it takes", function()
+      assert.has_error(function() ssl.context({protocol = "sslv3"}) end,
+                       "ssl_options: unknown protocol 'sslv3' (LuaSec's names: any, tlsv1_2, tlsv1_3; "
+                       .. "or use min_version)")
+      assert.has_error(function() ssl.context({options = {"all", "cipher_server_preference"}}) end,
+                       "ssl_options: options: 'cipher_server_preference' is not supported (accepted: "
+                       .. "no_tlsv1, no_tlsv1_1, no_tlsv1_2, all, no_compression, no_renegotiation, "
+                       .. "no_sslv2, no_sslv3, single_dh_use, single_ecdh_use)")
+      assert.has_error(function() ssl.context({capath = C.dir}) end,
+                       ("ssl_options: capath %s: only the system store (/etc/ssl/certs) is supported; "
+                        .. "concatenate those certificates into one cafile"):format(C.dir))
+      assert.has_error(function() ssl.context({certfile = C.server.certfile, certificate = C.server.certfile}) end,
+                       "ssl_options: 'certfile' and 'certificate' are the same option")
+      assert.is_true(ssl.is_context(ssl.context({capath = "/etc/ssl/certs", protocol = "any"})))
+    end)
+  end)
+
+  describe("server with LuaSec's option names", function()
+    -- certificate/key, verify = {"peer", "fail_if_no_peer_cert"},
+    -- protocol = "tlsv1_3" and options = {"all", "no_sslv3"}.
+    local function luasec_serve(verify)
+      return H.serve(function(_, stream)
+        if not stream:wait_for_handshake() then return end
+        local cert = stream:peer_certificate()
+        stream:write((cert and cert.subject or "none") .. " " .. stream:tls_version() .. "\n")
+      end, {ssl_options = {certificate = C.server.certfile, key = C.server.keyfile, cafile = C.cafile,
+                           verify = verify, protocol = "tlsv1_3", options = {"all", "no_sslv3"}}})
+    end
+
+    local function s_client(port, ...)
+      local argv = {"openssl", "s_client", "-connect", "127.0.0.1:" .. port, "-CAfile", C.cafile,
+                    "-verify_return_error", "-quiet", ...}
+      return H.run(argv, "")
+    end
+
+    it("requires a client certificate and TLS 1.3", async(function()
+      local server, port = luasec_serve({"peer", "fail_if_no_peer_cert"})
+      assert.equal("CN=test client TLSv1.3\n",
+                   (s_client(port, "-cert", C.client.certfile, "-key", C.client.keyfile)))
+      assert.equal("", (s_client(port)))                       -- no certificate: refused
+      assert.equal("", (s_client(port, "-cert", C.client.certfile, "-key", C.client.keyfile,
+                                 "-tls1_2")))                   -- TLS 1.2: below the floor
+      server:stop()
+    end))
+
+    it("takes {\"peer\"} as optional and {\"none\"} as none", async(function()
+      local server, port = luasec_serve({"peer"})
+      assert.equal("none TLSv1.3\n", (s_client(port)))
+      assert.equal("CN=test client TLSv1.3\n",
+                   (s_client(port, "-cert", C.client.certfile, "-key", C.client.keyfile)))
+      server:stop()
+      server, port = luasec_serve({"none"})
+      assert.equal("none TLSv1.3\n", (s_client(port, "-cert", C.client.certfile, "-key", C.client.keyfile)))
+      server:stop()
+    end))
   end)
 
   describe("server", function()
@@ -107,6 +190,23 @@ describe("TLS", function()
       c:close()
       server:stop()
       assert.same({after = "TLSv1.3"}, info)
+    end))
+
+    it("gives the certificate's subject as an RFC 2253 string, as the README documents", async(function()
+      local key, cert = C.dir .. "/utf8.key", C.dir .. "/utf8.pem"
+      local _, status = H.run({"openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                               "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-utf8",
+                               "-subj", "/C=FR/O=Example, Inc./CN=caf\xC3\xA9"})
+      assert.equal(0, status)
+      local server, port = H.serve(echo, {ssl_options = {certfile = cert, keyfile = key}})
+      local c = assert(tls_connect(port, {ssl_options = {verify = "none"}}))
+      local got = c:peer_certificate()
+      c:close()
+      server:stop()
+      assert.equal("CN=caf\\C3\\A9,O=Example\\, Inc.,C=FR", got.subject)
+      assert.equal(got.subject, got.issuer)
+      assert.is_false(got.verified)
+      assert.matches("^%x+$", got.serial)
     end))
 
     it("speaks TLS 1.2 with openssl s_client", async(function()
@@ -388,7 +488,7 @@ s.close()
     it("talks to openssl s_server", async(function()
       local p = process.Subprocess({"openssl", "s_server", "-accept", "0", "-cert", C.server.certfile,
                                     "-key", C.server.keyfile, "-naccept", "1", "-rev"},
-                                   {stdin = "pipe", stdout = "pipe"})
+                                   {stdin = "pipe", stdout = "pipe", stderr = "null"})
       local sport
       repeat
         local line = assert(p.stdout:read_until("\n"))
@@ -440,5 +540,172 @@ s.close()
       assert.matches("plain data is buffered", errs[1])
       assert.matches("a read or write is pending", errs[2])
     end))
+  end)
+end)
+
+describe("TLS regressions", function()
+  local restore
+  before_each(function() restore = select(2, H.capture_logs()) end)
+  after_each(function() restore() end)
+
+  it("keeps data that arrives with close_notify apart from other connections", async(function()
+    local locks = require "tcpserver.locks"
+    local other_done = locks.Event()
+    local got
+    local server, port = tls_serve(function(_, stream)
+      local first = stream:read_bytes(1)
+      if first == "A" then
+        other_done:wait()
+        got.A = first .. (stream:read_until_close() or "")
+      else
+        got.B = first .. assert(stream:read_bytes(99))
+        other_done:set()
+      end
+    end)
+    finally(function() server:stop() end)
+    for _ = 1, 3 do
+      got = {}
+      other_done = locks.Event()
+      local a = assert(tls_connect(port))
+      a:write("A" .. ("a"):rep(41))
+      a:close() -- data and close_notify leave in one segment
+      local b = assert(tls_connect(port))
+      b:write(("B"):rep(100))
+      H.wait_until(function() return got.A end)
+      b:close()
+      assert.equal("A" .. ("a"):rep(41), got.A)
+      assert.equal(("B"):rep(100), got.B)
+    end
+  end))
+
+  it("returns from a large write made before the handshake completes", async(function()
+    local n = 2 * 1024 * 1024
+    local wrote
+    local server, port = tls_serve(function(_, stream)
+      wrote = stream:write(("z"):rep(n))
+      stream:write("\n")
+    end)
+    finally(function() server:stop() end)
+    local c = assert(tls_connect(port))
+    local back = assert(c:read_until("\n"))
+    assert.equal(n + 1, #back)
+    H.wait_until(function() return wrote ~= nil end)
+    assert.is_true(wrote)
+    c:close()
+  end))
+
+  it("reports a handshake that succeeded although the client closed at once", async(function()
+    local res
+    local server, port = tls_serve(function(_, stream)
+      res = {stream:wait_for_handshake()}
+    end)
+    finally(function() server:stop() end)
+    local out = python_tls(port, [[
+# handshake over memory BIOs, so that Finished and close_notify leave in one segment
+s = socket.create_connection(("127.0.0.1", port))
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+o = ctx.wrap_bio(inc, out, server_hostname="localhost")
+while True:
+    try:
+        o.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        s.sendall(out.read())
+        inc.write(s.recv(65536))
+try:
+    o.unwrap()
+except ssl.SSLWantReadError:
+    pass
+s.sendall(out.read())
+s.recv(65536)
+print("ok")
+]])
+    assert.equal("ok\n", out)
+    H.wait_until(function() return res end)
+    assert.same({true}, res)
+  end))
+
+  it("frees the SSL state of closed streams without waiting for a collection", async(function()
+    local server, port = tls_serve(echo)
+    finally(function() server:stop() end)
+    collectgarbage("stop")
+    finally(function() collectgarbage("restart") end)
+    local before = require("tcpserver.core").tls_live()
+    for _ = 1, 20 do
+      local c = assert(tls_connect(port))
+      c:write("x\n")
+      assert.equal("x\n", c:read_until("\n"))
+      c:close()
+    end
+    H.wait_until(function() return require("tcpserver.core").tls_live() <= before end)
+    assert.is_true(require("tcpserver.core").tls_live() <= before)
+  end))
+
+  it("refuses start_tls as a client without a name to check", async(function()
+    local server, port = tls_serve(echo)
+    finally(function() server:stop() end)
+    local c = H.connect(port)
+    local ok, err = pcall(c.start_tls, c, false, {cafile = C.cafile})
+    assert.is_false(ok)
+    assert.matches("server_hostname", err)
+    c:close()
+    c = H.connect(port)
+    assert.is_true(c:start_tls(false, {verify = "none"}))
+    c:close()
+  end))
+
+  it("verifies client certificates on SNI contexts with verify = required", async(function()
+    local server, port = tls_serve(echo, {sni = {["other.test"] = C.other}, verify = "required",
+                                          cafile = C.cafile})
+    finally(function() server:stop() end)
+    local client_opts = {cafile = C.cafile, certfile = C.client.certfile, keyfile = C.client.keyfile}
+    for _, name in ipairs {"other.test", "localhost"} do
+      local c = assert(tls_connect(port, {ssl_options = client_opts, server_hostname = name}))
+      c:write(name .. "\n")
+      assert.equal(name .. "\n", c:read_until("\n"))
+      c:close()
+    end
+  end))
+end)
+
+describe("sni_callback", function()
+  local restore
+  before_each(function() restore = select(2, H.capture_logs()) end)
+  after_each(function() restore() end)
+
+  it("picks the context by name, and stream:server_name() tells the name", async(function()
+    local asked, names = {}, {}
+    local other_ctx = ssl.context({certfile = C.other.certfile, keyfile = C.other.keyfile})
+    local server, port = tls_serve(function(_, stream)
+      assert(stream:wait_for_handshake())
+      names[#names + 1] = stream:server_name() or "-"
+      echo(_, stream)
+    end, {sni_callback = function(name)
+      asked[#asked + 1] = name
+      if name == "other.test" then return other_ctx end
+      if name == "table.test" then return {certfile = C.other.certfile, keyfile = C.other.keyfile} end
+      if name == "boom.test" then error("no such tenant") end
+    end})
+    finally(function() server:stop() end)
+    local c = assert(tls_connect(port, {server_hostname = "other.test"}))
+    assert.equal("CN=other.test", c:peer_certificate().subject)
+    assert.equal("other.test", c:server_name())
+    c:close()
+    c = assert(tls_connect(port, {server_hostname = "localhost"}))
+    assert.equal("CN=localhost", c:peer_certificate().subject)
+    c:close()
+    c = assert(tls_connect(port, {ssl_options = {verify = "none"}, server_hostname = "table.test"}))
+    assert.equal("CN=other.test", c:peer_certificate().subject)
+    c:close()
+    local bad, err = tls_connect(port, {server_hostname = "boom.test"})
+    assert.is_nil(bad)
+    assert.matches("^tls: .*internal error", err)
+    H.wait_until(function() return #names == 3 end)
+    assert.same({"other.test", "localhost", "table.test", "boom.test"}, asked)
+    assert.same({"other.test", "localhost", "table.test"}, names)
+  end))
+
+  it("refuses a callback that is not a function", function()
+    assert.has_error(function() ssl.context({sni_callback = "x"}) end)
   end)
 end)

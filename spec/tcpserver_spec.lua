@@ -35,9 +35,28 @@ describe("TCPServer", function()
       assert.equal(opts, S(opts).seen)
     end)
 
+    it("leaves the options it does not know to the subclass's initialize", async(function()
+      local Motd = TCPServer:extend()
+      function Motd:initialize(opts) self.motd = opts.motd end
+      function Motd:handle_stream(stream) stream:write(self.motd .. "\n") end
+      local server = Motd({motd = "hello", max_buffer_size = 4096})
+      assert.is_nil(server._tcpserver.options.motd)
+      assert.equal(4096, server._tcpserver.options.max_buffer_size)
+      local port = server:listen(0, "127.0.0.1")
+      assert.equal("hello\n", H.connect(port):read_until_close())
+      server:stop()
+      -- a near miss of TCPServer's own names is still a typo
+      assert.has_error(function() Motd({motd = "x", idle_timeot = 5}) end,
+                       "TCPServer: unknown option 'idle_timeot' (did you mean 'idle_timeout'?)")
+      assert.has_error(function() Motd({on_eror = print}) end,
+                       "TCPServer: unknown option 'on_eror' (did you mean 'on_error'?)")
+    end))
+
     it("rejects unknown options and bad values with a clear error", function()
       assert.has_error(function() TCPServer({max_bufer_size = 1}) end,
-                       "TCPServer: unknown option 'max_bufer_size'")
+                       "TCPServer: unknown option 'max_bufer_size' (did you mean 'max_buffer_size'?)")
+      assert.has_error(function() TCPServer({motd = "hi"}) end,
+                       "TCPServer: unknown option 'motd' (a subclass takes options of its own in initialize(opts))")
       assert.has_error(function() TCPServer({max_buffer_size = -1}) end,
                        "TCPServer: option 'max_buffer_size' must be a positive integer below 4 GiB, got -1")
       assert.has_error(function() TCPServer({on_error = 1}) end,
@@ -214,6 +233,58 @@ sys.stdout.write((f.readline() + f.readline()).decode())
     assert.equal("in\n", clients[3]:read_until("\n"))
     server:stop()
     assert.equal(2, peak)
+  end))
+
+  it("counts connections and handler errors in stats()", async(function()
+    local release = locks.Event()
+    local server, port = H.serve(function(_, stream)
+      local line = stream:read_until("\n")
+      if line == "boom\n" then error("boom") end
+      release:wait()
+    end)
+    local before = tcpserver.stats()
+    local a, b = H.connect(port), H.connect(port)
+    a:write("wait\n")
+    b:write("wait\n")
+    H.wait_until(function() return server:connection_count() == 2 end)
+    local bad = H.connect(port)
+    bad:write("boom\n")
+    bad:read_until_close()
+    local stats = server:stats()
+    assert.same({2, 3, 1}, {stats.connections_open, stats.connections_total, stats.handler_errors})
+    for _, k in ipairs {"bytes_in", "bytes_out", "tls_handshake_failures"} do
+      assert.equal("integer", math.type(stats[k]), k)
+    end
+    local all = tcpserver.stats()
+    assert.same({2, 3, 1}, {all.connections_open - before.connections_open,
+                            all.connections_total - before.connections_total,
+                            all.handler_errors - before.handler_errors})
+    release:set()
+    a:read_until_close()
+    b:read_until_close()
+    server:stop()
+    H.wait_until(function() return server:connection_count() == 0 end)
+    stats = server:stats()
+    assert.same({0, 3, 1}, {stats.connections_open, stats.connections_total, stats.handler_errors})
+    assert.same({15, 0}, {stats.bytes_in, stats.bytes_out}) -- "wait\n" twice, "boom\n"
+  end))
+
+  it("counts bytes after TLS and failed handshakes in stats()", async(function()
+    local C = H.certs()
+    local server, port = H.serve(function(_, stream)
+      stream:write(stream:read_until("\n"))
+    end, {ssl_options = {certfile = C.server.certfile, keyfile = C.server.keyfile}})
+    local c = assert(tcpclient.connect("127.0.0.1", port, {ssl_options = {cafile = C.cafile}}))
+    c:write("0123456789\n")
+    assert.equal("0123456789\n", c:read_until("\n"))
+    c:close()
+    local plain = H.connect(port)
+    plain:write("GET / HTTP/1.0\r\n\r\n")
+    plain:read_until_close()
+    H.wait_until(function() return server:stats().tls_handshake_failures == 1 end)
+    local stats = server:stats()
+    server:stop()
+    assert.same({11, 11, 1}, {stats.bytes_in, stats.bytes_out, stats.tls_handshake_failures})
   end))
 
   it("serves 1,000 concurrent connections", async(function()

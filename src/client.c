@@ -1,10 +1,11 @@
 /* Outgoing connections: resolve through libuv, try each address in turn,
  * all under one deadline that also closes the attempt in progress. */
-#include "internal.h"
+#include "client.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/un.h>
 
 typedef struct connect_req {
   uv_getaddrinfo_t gai;
@@ -12,8 +13,7 @@ typedef struct connect_req {
   uv_timer_t timer;
   struct addrinfo *res, *cur;
   struct sockaddr_storage source;
-  lua_State *co;
-  int co_ref;
+  ts_waiter w;          /* the task in connect */
   ts_stream *s;        /* the attempt in progress */
   int has_source, done, refs;
   char host[256];
@@ -32,20 +32,16 @@ static void timer_closed(uv_handle_t *h) {
 }
 
 /* Resumes the waiting task with what is on its stack (nres values). */
-static void finish(connect_req *r, int nres) {
-  lua_State *co = r->co;
-  int ref = r->co_ref;
-
+static void finish_connect(connect_req *r, int nres) {
   r->done = 1;
   uv_close((uv_handle_t *)&r->timer, timer_closed);
-  ts__resume(co, nres);
-  luaL_unref(co, LUA_REGISTRYINDEX, ref);
+  ts_waiter_wake(&r->w, nres);
 }
 
 static void finish_error(connect_req *r, const char *err) {
-  lua_pushnil(r->co);
-  lua_pushstring(r->co, err);
-  finish(r, 2);
+  r->done = 1;
+  uv_close((uv_handle_t *)&r->timer, timer_closed);
+  ts_waiter_wake_error(&r->w, err);
 }
 
 static void try_next(connect_req *r, int last_err);
@@ -60,13 +56,13 @@ static void connect_cb(uv_connect_t *req, int status) {
     return;
   }
   if (status == 0) {
-    ts__stream_push(r->co, s);
+    ts__stream_push(r->w.co, s);
     if (ts__stream_start(s) == 0) {
       release(r);
-      finish(r, 1);
+      finish_connect(r, 1);
       return;
     }
-    lua_pop(r->co, 1);
+    lua_pop(r->w.co, 1);
     status = UV_ECONNRESET;
   }
   ts__stream_abort(s);
@@ -76,7 +72,7 @@ static void connect_cb(uv_connect_t *req, int status) {
 }
 
 static int start_attempt(connect_req *r) {
-  lua_State *L = r->co;
+  lua_State *L = r->w.co;
   ts_stream *s = ts__stream_new(L, 0);
   uv_tcp_t *tcp = (uv_tcp_t *)ts__stream_handle(s);
   int err = 0;
@@ -182,16 +178,69 @@ static int l_connect(lua_State *L) {
   }
   r->refs = 2; /* the resolver and the timer */
   uv_timer_init(loop->uv, &r->timer);
-  if (timeout > 0)
-    uv_timer_start(&r->timer, timeout_cb, (uint64_t)(timeout * 1000 + 0.5), 0);
-  r->co = L;
-  lua_pushthread(L);
-  r->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  return lua_yield(L, 0);
+  if (ts__timeout_ms(timeout) > 0)
+    uv_timer_start(&r->timer, timeout_cb, ts__timeout_ms(timeout), 0);
+  ts_waiter_init(&r->w);
+  return ts_waiter_park(&r->w, L);
+}
+
+/* ---- unix sockets ---- */
+
+static void pipe_connect_cb(uv_connect_t *req, int status) {
+  connect_req *r = req->data;
+  ts_stream *s = r->s;
+
+  r->s = NULL;
+  if (r->done) { /* timed out: the stream was aborted */
+    release(r);
+    return;
+  }
+  if (status == 0) {
+    ts__stream_push(r->w.co, s);
+    if (ts__stream_start(s) == 0) {
+      release(r);
+      finish_connect(r, 1);
+      return;
+    }
+    lua_pop(r->w.co, 1);
+    status = UV_ECONNRESET;
+  }
+  ts__stream_abort(s);
+  release(r);
+  finish_error(r, ts__errname(status));
+}
+
+/* core.connect_unix(path [, timeout]) -> stream | nil, err */
+static int l_connect_unix(lua_State *L) {
+  size_t plen;
+  const char *path = luaL_checklstring(L, 1, &plen);
+  lua_Number timeout = luaL_optnumber(L, 2, 0);
+  ts_loop *loop = ts__loop(L);
+  connect_req *r;
+  ts_stream *s;
+
+  luaL_argcheck(L, plen > 0 && plen < sizeof(((struct sockaddr_un *)0)->sun_path) &&
+                   strlen(path) == plen, 1, "path empty, too long or with a NUL inside");
+  ts__check_task(L, "connect");
+  r = calloc(1, sizeof(*r));
+  if (r == NULL)
+    return luaL_error(L, "connect: out of memory");
+  s = ts__stream_new(L, 1);
+  lua_pop(L, 1); /* pinned by the stream itself until closed */
+  r->conn.data = r->timer.data = r;
+  r->s = s;
+  r->refs = 2; /* the connect request and the timer */
+  uv_pipe_connect(&r->conn, (uv_pipe_t *)ts__stream_handle(s), path, pipe_connect_cb);
+  uv_timer_init(loop->uv, &r->timer);
+  if (ts__timeout_ms(timeout) > 0)
+    uv_timer_start(&r->timer, timeout_cb, ts__timeout_ms(timeout), 0);
+  ts_waiter_init(&r->w);
+  return ts_waiter_park(&r->w, L);
 }
 
 int ts__open_client(lua_State *L) {
-  static const luaL_Reg funcs[] = {{"connect", l_connect}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {
+    {"connect", l_connect}, {"connect_unix", l_connect_unix}, {NULL, NULL}};
   luaL_setfuncs(L, funcs, 0);
   return 0;
 }

@@ -1,15 +1,32 @@
-/* The per-process libuv loop, tasks (coroutines the loop resumes), timers
- * and signals. */
-#include "internal.h"
+/* The loop context of a lua_State: tasks, waiters, timers, signals, hooks
+ * and the collector's policy. One context per state, kept in its registry
+ * (as luv keeps its ctx), so that two states, or a host that runs its own
+ * libuv loop, each have theirs. */
+#include "loop.h"
 
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static ts_loop *the_loop;
+/* Registry keys: the context, and a loop the host handed over. */
+static const char loop_key = 'L';
+static const char host_loop_key = 'H';
 
-/* A task that ends after the generational collector has aged it stays on
+#define SENTINEL_MT "tcpserver.gc_sentinel"
+#define LOOP_MT "tcpserver.loop"
+#define WALK_BUDGET_MIN 256
+/* Past this many seconds, milliseconds no longer fit in a uint64_t. */
+#define MAX_TIMEOUT_S 1.8e16
+
+uint64_t ts__timeout_ms(double seconds) {
+  if (!(seconds > 0) || seconds >= MAX_TIMEOUT_S)
+    return 0;
+  return seconds < 0.001 ? 1 : (uint64_t)(seconds * 1000 + 0.5);
+}
+
+/* ---- the collector's policy ----
+ * A task that ends after the generational collector has aged it stays on
  * its gray list, and every minor collection walks it again until a major
  * one; Lua starts a major collection only once the heap has doubled, which
  * after a wave of closed connections may be never (bulk transfer then ran
@@ -20,94 +37,144 @@ static ts_loop *the_loop;
  * a KiB), it runs one: never more than twice the least work, and nothing
  * at all while no task ends. It runs from a prepare handle, after the
  * close callbacks have let go of the streams whose tasks ended. */
-#define SENTINEL "tcpserver.gc_sentinel"
-#define WALK_BUDGET_MIN 256
 
-static void new_sentinel(lua_State *L) {
-  lua_newuserdatauv(L, 0, 0);
-  luaL_setmetatable(L, SENTINEL);
+static void new_sentinel(lua_State *L, ts_loop *loop) {
+  *(ts_loop **)lua_newuserdatauv(L, sizeof(loop), 0) = loop;
+  luaL_setmetatable(L, SENTINEL_MT);
   lua_pop(L, 1);
 }
 
 /* The sentinel is collected too, so counting restarts first. */
 static void full_collect_cb(uv_prepare_t *h) {
-  lua_State *L = the_loop->L;
+  ts_loop *loop = h->data;
+  lua_State *L = loop->L;
   size_t heap_kb;
 
   uv_prepare_stop(h);
-  the_loop->ended = 0;
-  the_loop->walked = 0;
+  loop->ended = 0;
+  loop->walked = 0;
   if (lua_gc(L, LUA_GCISRUNNING)) /* not if the script stopped it */
     lua_gc(L, LUA_GCCOLLECT);
   heap_kb = (size_t)lua_gc(L, LUA_GCCOUNT);
-  the_loop->walk_budget = heap_kb > WALK_BUDGET_MIN ? heap_kb : WALK_BUDGET_MIN;
+  loop->walk_budget = heap_kb > WALK_BUDGET_MIN ? heap_kb : WALK_BUDGET_MIN;
 }
 
 static int sentinel_gc(lua_State *L) {
-  the_loop->walked += the_loop->ended;
-  if (the_loop->walked >= the_loop->walk_budget)
-    uv_prepare_start(&the_loop->full_collect, full_collect_cb);
-  new_sentinel(L);
+  ts_loop *loop = *(ts_loop **)lua_touserdata(L, 1);
+
+  loop->walked += loop->ended;
+  if (loop->walked >= loop->walk_budget)
+    uv_prepare_start(&loop->full_collect, full_collect_cb);
+  new_sentinel(L, loop);
   return 0;
 }
 
-static void start_sentinel(lua_State *L) {
-  uv_prepare_init(the_loop->uv, &the_loop->full_collect);
-  uv_unref((uv_handle_t *)&the_loop->full_collect);
-  luaL_newmetatable(L, SENTINEL);
+static void start_sentinel(lua_State *L, ts_loop *loop) {
+  uv_prepare_init(loop->uv, &loop->full_collect);
+  loop->full_collect.data = loop;
+  uv_unref((uv_handle_t *)&loop->full_collect);
+  luaL_newmetatable(L, SENTINEL_MT);
   lua_pushcfunction(L, sentinel_gc);
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
-  new_sentinel(L);
-  the_loop->walk_budget = WALK_BUDGET_MIN;
+  new_sentinel(L, loop);
+  loop->walk_budget = WALK_BUDGET_MIN;
+}
+
+/* ---- the context ---- */
+
+static void loop_free(uv_handle_t *h) {
+  free(h->data);
+}
+
+/* The state is closing: libuv lets go of the context's handle later. */
+static int loop_gc(lua_State *L) {
+  ts_loop *loop = *(ts_loop **)lua_touserdata(L, 1);
+  uv_close((uv_handle_t *)&loop->full_collect, loop_free);
+  return 0;
+}
+
+ts_loop *ts__loop_find(lua_State *L) {
+  ts_loop *loop;
+
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &loop_key);
+  loop = lua_isuserdata(L, -1) ? *(ts_loop **)lua_touserdata(L, -1) : NULL;
+  lua_pop(L, 1);
+  return loop;
 }
 
 ts_loop *ts__loop(lua_State *L) {
-  if (the_loop != NULL)
-    return the_loop;
-  the_loop = calloc(1, sizeof(*the_loop));
-  if (the_loop == NULL)
+  ts_loop *loop = ts__loop_find(L);
+
+  if (loop != NULL)
+    return loop;
+  loop = calloc(1, sizeof(*loop));
+  if (loop == NULL)
     luaL_error(L, "tcpserver: out of memory");
-  /* The default loop is created on first use, so a process may bind
+  /* libuv's default loop is made on first use, so a process may bind
    * sockets and fork before it exists. */
-  the_loop->uv = uv_default_loop();
-  the_loop->uv->data = the_loop;
-  the_loop->log_ref = LUA_NOREF;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
-  the_loop->L = lua_tothread(L, -1);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &host_loop_key);
+  loop->uv = lua_isuserdata(L, -1) ? lua_touserdata(L, -1) : uv_default_loop();
   lua_pop(L, 1);
-  start_sentinel(L);
+  loop->log_ref = LUA_NOREF;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  loop->L = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  *(ts_loop **)lua_newuserdatauv(L, sizeof(loop), 0) = loop;
+  luaL_newmetatable(L, LOOP_MT);
+  lua_pushcfunction(L, loop_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &loop_key);
+  start_sentinel(L, loop);
   signal(SIGPIPE, SIG_IGN);
-  return the_loop;
+  return loop;
 }
 
-/* In a forked child: the inherited loop gets its own kernel state. */
-int ts__loop_fork(void) {
-  return the_loop != NULL ? uv_loop_fork(the_loop->uv) : 0;
+int ts_set_loop(lua_State *L, uv_loop_t *uv) {
+  if (ts__loop_find(L) != NULL)
+    return -1; /* too late: the core already runs on a loop */
+  lua_pushlightuserdata(L, uv);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &host_loop_key);
+  return 0;
 }
 
-int ts__loop_running(void) {
-  return the_loop != NULL && the_loop->running;
+uv_loop_t *ts_get_loop(lua_State *L) {
+  return ts__loop(L)->uv;
 }
 
-/* A task's extra space holds the loop's address, or the stream whose
- * handler it runs; other threads hold what the main thread has: NULL, set
- * when the module opens (threads created before that hold what Lua left
- * there, which is zero in practice but not by contract). */
-void ts__mark_task(lua_State *co, void *owner) {
-  *(void **)lua_getextraspace(co) = owner ? owner : the_loop;
+int ts__loop_fork(lua_State *L) {
+  ts_loop *loop = ts__loop_find(L);
+  return loop != NULL ? uv_loop_fork(loop->uv) : 0;
 }
 
-int ts__in_task(lua_State *L) {
-  return the_loop != NULL && *(void **)lua_getextraspace(L) != NULL;
+static void add_hook(ts_hook *hooks, int *n, ts_hook fn) {
+  int i;
+
+  for (i = 0; i < *n; i++) {
+    if (hooks[i] == fn)
+      return;
+  }
+  if (*n < TS_MAX_HOOKS)
+    hooks[(*n)++] = fn;
 }
 
-void ts__check_task(lua_State *L, const char *what) {
-  if (!ts__in_task(L))
-    luaL_error(L, "%s: must be called from a coroutine run by the loop "
-                  "(handle_stream, spawn_callback, run_sync or testing.async)",
-               what);
+void ts__loop_on_settle(ts_loop *loop, ts_hook fn) {
+  add_hook(loop->settle, &loop->nsettle, fn);
 }
+
+void ts__loop_on_start(ts_loop *loop, ts_hook fn) {
+  add_hook(loop->start, &loop->nstart, fn);
+}
+
+static void settle(ts_loop *loop) {
+  int i;
+
+  for (i = 0; i < loop->nsettle; i++)
+    loop->settle[i](loop);
+}
+
+/* ---- logs and calls from callbacks ---- */
 
 void ts__log(ts_loop *loop, const char *level, const char *msg) {
   lua_State *L = loop->L;
@@ -135,12 +202,9 @@ static int traceback(lua_State *L) {
 }
 
 void ts__pcall(ts_loop *loop, int narg) {
-  ts__pcall_on(loop->L, narg);
-}
-
-void ts__pcall_on(lua_State *L, int narg) {
-  ts_loop *loop = the_loop;
+  lua_State *L = loop->L;
   int base = lua_gettop(L) - narg;
+
   lua_pushcfunction(L, traceback);
   lua_insert(L, base);
   if (lua_pcall(L, narg, 0, base) != LUA_OK) {
@@ -148,44 +212,191 @@ void ts__pcall_on(lua_State *L, int narg) {
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
-  ts__flush_dirty(loop);
+  settle(loop);
 }
 
-static void resume_from(lua_State *L, lua_State *co, int narg) {
-  int nres, status;
-  void *owner;
+/* ---- tasks ----
+ * A task's extra space holds its loop; other threads hold what the main
+ * thread has: NULL, set when the module opens (threads made before that
+ * hold what Lua left there, zero in practice but not by contract). */
 
+static ts_loop *task_loop(lua_State *co) {
+  return *(ts_loop **)lua_getextraspace(co);
+}
+
+int ts__in_task(lua_State *L) {
+  return task_loop(L) != NULL;
+}
+
+void ts__check_task(lua_State *L, const char *what) {
+  if (!ts__in_task(L))
+    luaL_error(L, "%s: must be called from a coroutine run by the loop "
+                  "(handle_stream, spawn_callback, run_sync or testing.async)",
+               what);
+}
+
+static void resume_soon(ts_loop *loop, lua_State *co);
+
+static void resume_from(lua_State *L, lua_State *co, int narg) {
+  ts_loop *loop = task_loop(co);
+  int nres, status, outer = loop->parked;
+
+  loop->parked = 0;
   status = lua_resume(co, L, narg, &nres);
-  owner = *(void **)lua_getextraspace(co);
-  if (status != LUA_YIELD && owner != the_loop) {
-    ts__stream_task_done(L, owner, co, status);
-  } else if (status == LUA_OK || status == LUA_YIELD) {
+  if (status == LUA_YIELD && !loop->parked) /* a bare coroutine.yield */
+    resume_soon(loop, co);
+  loop->parked = outer; /* a task that resumed another runs on */
+  if (status == LUA_OK || status == LUA_YIELD) {
     lua_pop(co, nres);
   } else {
     const char *msg = lua_tostring(co, -1);
     luaL_traceback(L, co, msg ? msg : "(error object)", 0);
-    ts__report(the_loop, lua_tostring(L, -1));
+    ts__report(loop, lua_tostring(L, -1));
     lua_pop(L, 1);
   }
-  ts__flush_dirty(the_loop);
+  settle(loop);
   if (status != LUA_YIELD)
-    the_loop->ended++;
+    loop->ended++;
 }
 
-void ts__resume(lua_State *co, int narg) {
-  resume_from(the_loop->L, co, narg);
+/* Resumes task co with `narg` values on its stack, from a callback. */
+static void resume_task(lua_State *co, int narg) {
+  resume_from(task_loop(co)->L, co, narg);
+}
+
+void ts__spawn(lua_State *L, int narg) {
+  ts_loop *loop = ts__loop(L);
+  lua_State *co = lua_newthread(L);
+
+  *(ts_loop **)lua_getextraspace(co) = loop;
+  lua_insert(L, -(narg + 2));
+  lua_xmove(L, co, narg + 1);
+  resume_from(L, co, narg);
+  lua_pop(L, 1);
+}
+
+/* ---- waiters ---- */
+
+void ts_waiter_init(ts_waiter *w) {
+  w->co = NULL;
+  w->ref = LUA_NOREF;
+}
+
+int ts_waiter_park_anchored(ts_waiter *w, lua_State *L) {
+  w->co = L;
+  task_loop(L)->parked = 1;
+  return lua_yield(L, 0);
+}
+
+int ts_waiter_park(ts_waiter *w, lua_State *L) {
+  lua_pushthread(L);
+  w->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return ts_waiter_park_anchored(w, L);
+}
+
+/* The anchor goes after the resume: the task may have parked again on
+ * this waiter, with a new one. */
+void ts_waiter_wake(ts_waiter *w, int nres) {
+  lua_State *co = w->co;
+  int ref = w->ref;
+
+  w->co = NULL;
+  w->ref = LUA_NOREF;
+  resume_task(co, nres);
+  luaL_unref(co, LUA_REGISTRYINDEX, ref);
+}
+
+void ts_waiter_wake_error(ts_waiter *w, const char *err) {
+  lua_pushnil(w->co);
+  lua_pushstring(w->co, err);
+  ts_waiter_wake(w, 2);
+}
+
+void ts_waiter_cancel(ts_waiter *w) {
+  if (w->co != NULL)
+    luaL_unref(w->co, LUA_REGISTRYINDEX, w->ref);
+  ts_waiter_init(w);
+}
+
+/* ---- sleep: a task waits on a timer ---- */
+
+typedef struct sleeper {
+  uv_timer_t h;
+  ts_waiter w;
+} sleeper;
+
+static void sleeper_free(uv_handle_t *h) {
+  free(h->data);
+}
+
+static void sleeper_cb(uv_timer_t *h) {
+  sleeper *s = h->data;
+
+  uv_close((uv_handle_t *)h, sleeper_free);
+  lua_pushboolean(s->w.co, 1);
+  ts_waiter_wake(&s->w, 1);
+}
+
+static sleeper *new_sleeper(ts_loop *loop, uint64_t ms) {
+  sleeper *s = malloc(sizeof(*s));
+
+  if (s == NULL)
+    return NULL;
+  uv_timer_init(loop->uv, &s->h);
+  s->h.data = s;
+  ts_waiter_init(&s->w);
+  uv_timer_start(&s->h, sleeper_cb, ms, 0);
+  return s;
+}
+
+/* A task that yields with coroutine.yield gives the others a turn: the
+ * loop resumes it in its next iteration (with true), as sleep(0) would. */
+static void resume_soon(ts_loop *loop, lua_State *co) {
+  sleeper *s = new_sleeper(loop, 0);
+
+  if (s == NULL) {
+    ts__report(loop, "coroutine.yield in a task: out of memory, the task is lost");
+    return;
+  }
+  s->w.co = co;
+  lua_pushthread(co);
+  s->w.ref = luaL_ref(co, LUA_REGISTRYINDEX);
+}
+
+/* A delay given from Lua: 0 stays 0 (the next iteration). */
+static uint64_t to_ms(lua_State *L, int idx) {
+  lua_Number s = luaL_checknumber(L, idx);
+  luaL_argcheck(L, s >= 0 && s < 1e9, idx, "seconds out of range");
+  return ts__timeout_ms(s);
+}
+
+static int l_sleep(lua_State *L) {
+  uint64_t ms = to_ms(L, 1);
+  sleeper *s;
+
+  ts__check_task(L, "sleep");
+  s = new_sleeper(task_loop(L), ms);
+  if (s == NULL)
+    return luaL_error(L, "sleep: out of memory");
+  return ts_waiter_park(&s->w, L);
+}
+
+/* core.park(): suspends the task until core.resume wakes it (for waits
+ * written in Lua, such as locks.Event). */
+static int l_park(lua_State *L) {
+  ts__check_task(L, "park");
+  task_loop(L)->parked = 1;
+  return lua_yield(L, 0);
 }
 
 /* core.spawn(fn, ...): runs fn in a new task until it first waits. */
 static int l_spawn(lua_State *L) {
   luaL_checktype(L, 1, LUA_TFUNCTION);
-  ts__loop(L);
-  ts__spawn(L, lua_gettop(L) - 1, NULL);
+  ts__spawn(L, lua_gettop(L) - 1);
   return 0;
 }
 
-/* core.resume(co, ...): wakes a task that suspended itself with
- * coroutine.yield (Lua-level primitives such as locks.Event). */
+/* core.resume(co, ...): wakes a task that parked itself with core.park. */
 static int l_resume(lua_State *L) {
   lua_State *co = lua_tothread(L, 1);
   int n = lua_gettop(L) - 1;
@@ -202,16 +413,20 @@ static int l_in_task(lua_State *L) {
   return 1;
 }
 
+/* ---- running ---- */
+
 static int l_start(lua_State *L) {
   ts_loop *loop = ts__loop(L);
   lua_State *prev = loop->L;
+  int i, n = loop->nstart;
 
   if (loop->running || ts__in_task(L))
     return luaL_error(L, "ioloop: the loop is already running");
   loop->running = 1;
   loop->L = L;
-  /* A forked worker is ready once its loop runs (see fork_processes). */
-  ts__worker_ready();
+  loop->nstart = 0; /* each hook runs once */
+  for (i = 0; i < n; i++)
+    loop->start[i](loop);
   uv_run(loop->uv, UV_RUN_DEFAULT);
   loop->running = 0;
   loop->L = prev;
@@ -224,7 +439,8 @@ static int l_stop(lua_State *L) {
 }
 
 static int l_running(lua_State *L) {
-  lua_pushboolean(L, ts__loop(L)->running);
+  ts_loop *loop = ts__loop_find(L);
+  lua_pushboolean(L, loop != NULL && loop->running);
   return 1;
 }
 
@@ -244,22 +460,19 @@ static int l_set_log_handler(lua_State *L) {
 
 /* ---- timers: one-shot or repeating, calling a Lua function ---- */
 
+#define TIMER_MT "tcpserver.timer"
+
 typedef struct ts_timer {
   uv_timer_t h;
+  ts_loop *loop;
   int fn_ref;
   int self_ref;
   int closed;
 } ts_timer;
 
-static uint64_t to_ms(lua_State *L, int idx) {
-  lua_Number s = luaL_checknumber(L, idx);
-  luaL_argcheck(L, s >= 0 && s < 1e9, idx, "seconds out of range");
-  return (uint64_t)(s * 1000 + 0.5);
-}
-
 static void timer_close_cb(uv_handle_t *h) {
   ts_timer *t = h->data;
-  lua_State *L = the_loop->L;
+  lua_State *L = t->loop->L;
   luaL_unref(L, LUA_REGISTRYINDEX, t->fn_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, t->self_ref);
 }
@@ -271,14 +484,13 @@ static void timer_close(ts_timer *t) {
   uv_close((uv_handle_t *)&t->h, timer_close_cb);
 }
 
-static void timer_cb(uv_timer_t *h) {
+static void timer_fire(uv_timer_t *h) {
   ts_timer *t = h->data;
-  ts_loop *loop = the_loop;
 
-  lua_rawgeti(loop->L, LUA_REGISTRYINDEX, t->fn_ref);
+  lua_rawgeti(t->loop->L, LUA_REGISTRYINDEX, t->fn_ref);
   if (uv_timer_get_repeat(h) == 0)
     timer_close(t);
-  ts__pcall(loop, 0);
+  ts__pcall(t->loop, 0);
 }
 
 /* core.timer(delay, repeat, fn) -> handle with :cancel() */
@@ -290,84 +502,64 @@ static int l_timer(lua_State *L) {
   luaL_checktype(L, 3, LUA_TFUNCTION);
   t = lua_newuserdatauv(L, sizeof(*t), 0);
   memset(t, 0, sizeof(*t));
-  luaL_setmetatable(L, TS_TIMER_MT);
+  luaL_setmetatable(L, TIMER_MT);
   uv_timer_init(loop->uv, &t->h);
   t->h.data = t;
+  t->loop = loop;
   lua_pushvalue(L, 3);
   t->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushvalue(L, -1);
   t->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  uv_timer_start(&t->h, timer_cb, delay, repeat);
+  uv_timer_start(&t->h, timer_fire, delay, repeat);
   return 1;
 }
 
 static int timer_cancel(lua_State *L) {
-  ts_timer *t = luaL_checkudata(L, 1, TS_TIMER_MT);
-  timer_close(t);
+  timer_close(luaL_checkudata(L, 1, TIMER_MT));
   return 0;
 }
 
 static int timer_active(lua_State *L) {
-  ts_timer *t = luaL_checkudata(L, 1, TS_TIMER_MT);
+  ts_timer *t = luaL_checkudata(L, 1, TIMER_MT);
   lua_pushboolean(L, !t->closed);
   return 1;
 }
 
-/* ---- sleep: a task waits on a timer ---- */
+/* ---- signals: handlers that do not keep the loop alive ----
+ *
+ * A handler may be cancelled (the loop's default SIGINT/SIGTERM handlers
+ * are, when it returns). libuv then resets the signal to SIG_DFL, which
+ * under plain lua5.4 would drop the interpreter's own SIGINT handler (an
+ * "interrupted!" error, or a kill when it is not running a chunk): the
+ * disposition found before our first handler comes back instead. */
 
-typedef struct sleeper {
-  uv_timer_t h;
-  lua_State *co;
-  int co_ref;
-} sleeper;
-
-static void sleeper_free(uv_handle_t *h) {
-  free(h->data);
-}
-
-static void sleeper_cb(uv_timer_t *h) {
-  sleeper *s = h->data;
-  lua_State *co = s->co;
-  int ref = s->co_ref;
-
-  uv_close((uv_handle_t *)h, sleeper_free);
-  lua_pushboolean(co, 1);
-  ts__resume(co, 1);
-  luaL_unref(the_loop->L, LUA_REGISTRYINDEX, ref);
-}
-
-static int l_sleep(lua_State *L) {
-  ts_loop *loop = ts__loop(L);
-  uint64_t ms = to_ms(L, 1);
-  sleeper *s;
-
-  ts__check_task(L, "sleep");
-  s = malloc(sizeof(*s));
-  if (s == NULL)
-    return luaL_error(L, "sleep: out of memory");
-  uv_timer_init(loop->uv, &s->h);
-  s->h.data = s;
-  s->co = L;
-  lua_pushthread(L);
-  s->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  uv_timer_start(&s->h, sleeper_cb, ms, 0);
-  return lua_yield(L, 0);
-}
-
-/* ---- signals: handlers that do not keep the loop alive ---- */
+#define TS_SIGNAL_MT "tcpserver.signal"
+#define NSIG_MAX 65
 
 typedef struct ts_signal {
   uv_signal_t h;
-  int fn_ref;
+  ts_loop *loop;
+  int fn_ref, self_ref;
+  int closed;
 } ts_signal;
+
+static int active[NSIG_MAX];            /* our running handlers, by signal */
+static struct sigaction before[NSIG_MAX]; /* the disposition they replaced */
 
 static void signal_cb(uv_signal_t *h, int signum) {
   ts_signal *s = h->data;
-  lua_rawgeti(the_loop->L, LUA_REGISTRYINDEX, s->fn_ref);
-  lua_pushinteger(the_loop->L, signum);
-  ts__pcall(the_loop, 1);
+  lua_rawgeti(s->loop->L, LUA_REGISTRYINDEX, s->fn_ref);
+  lua_pushinteger(s->loop->L, signum);
+  ts__pcall(s->loop, 1);
 }
 
+static void signal_close_cb(uv_handle_t *h) {
+  ts_signal *s = h->data;
+  luaL_unref(s->loop->L, LUA_REGISTRYINDEX, s->fn_ref);
+  luaL_unref(s->loop->L, LUA_REGISTRYINDEX, s->self_ref);
+}
+
+/* core.signal(name, fn) -> handle with :cancel() */
 static int l_signal(lua_State *L) {
   static const char *const names[] = {"SIGINT", "SIGTERM", "SIGHUP",
                                       "SIGUSR1", "SIGUSR2", NULL};
@@ -377,23 +569,48 @@ static int l_signal(lua_State *L) {
   ts_signal *s;
 
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  /* Never freed: a handler lives as long as the process. */
-  s = malloc(sizeof(*s));
-  if (s == NULL)
-    return luaL_error(L, "signal: out of memory");
+  s = lua_newuserdatauv(L, sizeof(*s), 0);
+  memset(s, 0, sizeof(*s));
+  luaL_setmetatable(L, TS_SIGNAL_MT);
   uv_signal_init(loop->uv, &s->h);
   s->h.data = s;
+  s->loop = loop;
   lua_pushvalue(L, 2);
   s->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, -1);
+  s->self_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* until cancelled */
+  if (active[signum]++ == 0)
+    sigaction(signum, NULL, &before[signum]);
   uv_signal_start(&s->h, signal_cb, signum);
   uv_unref((uv_handle_t *)&s->h);
+  return 1;
+}
+
+static int signal_cancel(lua_State *L) {
+  ts_signal *s = luaL_checkudata(L, 1, TS_SIGNAL_MT);
+  int signum = s->h.signum;
+
+  if (s->closed)
+    return 0;
+  s->closed = 1;
+  uv_close((uv_handle_t *)&s->h, signal_close_cb); /* stops it at once */
+  if (--active[signum] == 0)
+    sigaction(signum, &before[signum], NULL);
   return 0;
+}
+
+static void create_signal_meta(lua_State *L) {
+  static const luaL_Reg methods[] = {{"cancel", signal_cancel}, {NULL, NULL}};
+  luaL_newmetatable(L, TS_SIGNAL_MT);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
 }
 
 static void create_timer_meta(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"cancel", timer_cancel}, {"active", timer_active}, {NULL, NULL}};
-  luaL_newmetatable(L, TS_TIMER_MT);
+  luaL_newmetatable(L, TIMER_MT);
   luaL_newlib(L, methods);
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);
@@ -402,21 +619,12 @@ static void create_timer_meta(lua_State *L) {
 int ts__open_loop(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"spawn", l_spawn},     {"in_task", l_in_task}, {"start", l_start},
-    {"resume", l_resume},
+    {"resume", l_resume},   {"park", l_park},
     {"stop", l_stop},       {"running", l_running}, {"time", l_time},
     {"timer", l_timer},     {"sleep", l_sleep},     {"signal", l_signal},
     {"set_log_handler", l_set_log_handler},     {NULL, NULL}};
   create_timer_meta(L);
+  create_signal_meta(L);
   luaL_setfuncs(L, funcs, 0);
   return 0;
-}
-
-/* Runs the function under `narg` args on L's top in a new task. */
-void ts__spawn(lua_State *L, int narg, void *owner) {
-  lua_State *co = lua_newthread(L);
-  ts__mark_task(co, owner);
-  lua_insert(L, -(narg + 2));
-  lua_xmove(L, co, narg + 1);
-  resume_from(L, co, narg);
-  lua_pop(L, 1);
 }

@@ -1,5 +1,10 @@
 /* luaopen_tcpserver_core: one table holding every part of the core. */
-#include "internal.h"
+#include "client.h"
+#include "netutil.h"
+#include "fork.h"
+#include "server.h"
+#include "subprocess.h"
+#include "tls.h"
 
 int luaopen_tcpserver_core(lua_State *L) {
   lua_State *main_thread;
@@ -13,12 +18,13 @@ int luaopen_tcpserver_core(lua_State *L) {
   *(void **)lua_getextraspace(main_thread) = NULL;
   lua_newtable(L);
   ts__open_loop(L);
-  ts__open_stream(L);
+  ts__open_stream(L); /* before tls: it adds stream methods */
   ts__open_tls(L);
   ts__open_server(L);
   ts__open_netutil(L);
   ts__open_client(L);
-  ts__open_process(L);
+  ts__open_subprocess(L);
+  ts__open_fork(L);
   lua_pushliteral(L, TS_VERSION);
   lua_setfield(L, -2, "version");
   return 1;

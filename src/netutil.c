@@ -1,7 +1,7 @@
 /* Listening sockets, bound before the loop exists so that a process may
  * bind, fork, then serve. */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "netutil.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -104,7 +104,7 @@ static int l_bind_sockets(lua_State *L) {
   int port = (int)luaL_checkinteger(L, 1);
   const char *host = luaL_optstring(L, 2, NULL);
   const char *fam = luaL_optstring(L, 3, NULL);
-  int backlog = (int)luaL_optinteger(L, 4, 128);
+  int backlog = (int)luaL_checkinteger(L, 4); /* netutil.lua's default */
   int reuse_port = lua_toboolean(L, 5);
   struct addrinfo hints, *res = NULL, *ai;
   char service[16];
@@ -154,14 +154,17 @@ static int l_bind_unix_socket(lua_State *L) {
   size_t plen;
   const char *path = luaL_checklstring(L, 1, &plen);
   int mode = (int)luaL_optinteger(L, 2, 0600);
-  int backlog = (int)luaL_optinteger(L, 3, 128);
+  int backlog = (int)luaL_checkinteger(L, 3);
   struct sockaddr_un sun;
   struct stat st;
-  int fd;
+  /* "\0name": Linux's abstract namespace, no file, the length counts */
+  int abstract = plen > 1 && path[0] == '\0', fd;
+  socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen);
 
-  luaL_argcheck(L, plen > 0 && plen < sizeof(sun.sun_path), 1,
-                "path empty or too long");
-  if (lstat(path, &st) == 0) {
+  luaL_argcheck(L, plen > 0 && plen < sizeof(sun.sun_path) &&
+                   (abstract || strlen(path) == plen), 1,
+                "path empty, too long or with a NUL inside");
+  if (!abstract && lstat(path, &st) == 0) {
     if (!S_ISSOCK(st.st_mode))
       return luaL_error(L, "bind_unix_socket: %s exists and is not a socket", path);
     unlink(path); /* a stale socket from an earlier run */
@@ -170,12 +173,13 @@ static int l_bind_unix_socket(lua_State *L) {
   sun.sun_family = AF_UNIX;
   memcpy(sun.sun_path, path, plen);
   fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0 || bind(fd, (struct sockaddr *)&sun, sizeof(sun)) != 0 ||
-      chmod(path, (mode_t)mode) != 0 || listen(fd, backlog) != 0) {
+  if (fd < 0 || bind(fd, (struct sockaddr *)&sun, abstract ? len : sizeof(sun)) != 0 ||
+      (!abstract && chmod(path, (mode_t)mode) != 0) || listen(fd, backlog) != 0) {
     int saved = errno;
     if (fd >= 0)
       close(fd);
-    return luaL_error(L, "bind_unix_socket: %s: %s", path, strerror(saved));
+    return luaL_error(L, "bind_unix_socket: %s%s: %s", abstract ? "@" : "",
+                      path + abstract, strerror(saved));
   }
   push_socket(L, fd, AF_UNIX);
   return 1;
@@ -299,7 +303,11 @@ static int sock_getsockname(lua_State *L) {
     return 2;
   }
   if (ss.ss_family == AF_UNIX) {
-    lua_pushstring(L, ((struct sockaddr_un *)&ss)->sun_path);
+    const char *path = ((struct sockaddr_un *)&ss)->sun_path;
+    size_t n = len - offsetof(struct sockaddr_un, sun_path);
+    if (n > 0 && path[0] != '\0') /* a file: NUL-terminated */
+      n = strnlen(path, n);
+    lua_pushlstring(L, path, n);
     lua_pushinteger(L, 0);
     lua_pushliteral(L, "unix");
     return 3;

@@ -1,9 +1,20 @@
-/* Listening sockets under a uv_poll: accept in batches, hand each stream to
- * a Lua function running in a new task, pause at max_connections and back
- * off when the process runs out of descriptors. */
+/* Listening sockets under a uv_poll, and the accept pipeline. A connection
+ * goes through it top to bottom:
+ *
+ *   accept_cb        accept in batches; back off when out of descriptors
+ *   serve            wrap the fd in a stream; book it (the server's begin:
+ *                    max_connections counts from here)
+ *   header step      with proxy_protocol: a layer that reads the PROXY
+ *                    header and names the client
+ *   attach_tls       with ssl_options: the TLS layer
+ *   spawn_handler    handle_stream(stream, address) in a task of its own
+ *   handler_end      the server's done(stream, address, failed, ...):
+ *                    logs an error, closes, unbooks
+ *
+ * A connection that leaves before its handler runs is unbooked by done too
+ * (header_closed). */
 #define _GNU_SOURCE
-#include "proxy.h"
-#include "stream.h"
+#include "server.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -12,20 +23,19 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "netutil.h"
+#include "proxy.h"
+#include "tls.h"
+
+#define LISTENER_MT "tcpserver.listener"
 #define ACCEPT_BATCH 64
 #define BACKOFF_MS 100
 #define FDS_LOG_MS 60000 /* at most one line a minute while it lasts */
 
-typedef struct ts_listener ts_listener;
-
-/* What a connection in the PROXY header step points at (s->proxy). */
-struct ts_proxy {
-  ts_listener *ls;
-};
-
-struct ts_listener {
+typedef struct ts_listener {
   uv_poll_t poll;
   uv_timer_t backoff;    /* restarts accepting after EMFILE */
+  ts_loop *loop;
   int fd, family;
   int handler_ref, self_ref, sock_ref;
   int ctx_ref;           /* TLS context, or LUA_NOREF */
@@ -35,13 +45,302 @@ struct ts_listener {
   uint64_t fds_logged;   /* when running out of fds was last logged (ms) */
   size_t max_buffer, chunk;
   double timeout;
-  struct ts_proxy proxy;
-  int in_header;         /* connections in the PROXY header step */
-  int handles_closed;    /* the poll and timer closed: release when in_header is 0 */
+  ts_counters *counters; /* over the streams it accepted */
+} ts_listener;
+
+/* ---- the handler's task and its end ---- */
+
+/* handle_stream's error as {err, traceback}: the traceback is taken where
+ * it was raised, before the stack unwinds. */
+static int capture_error(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+
+  lua_createtable(L, 2, 0);
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, -2, 1);
+  luaL_traceback(L, L, msg ? msg : "(error object is not a string)", 1);
+  lua_rawseti(L, -2, 2);
+  return 1;
+}
+
+/* Stack: handler, stream, address, capture_error [, {err, traceback}]. */
+static int handler_end(lua_State *L, int status, lua_KContext ctx) {
+  int failed = status != LUA_OK && status != LUA_YIELD;
+
+  (void)ctx;
+  ts__stream_forget_reader(L, 2); /* this task, about to end */
+  lua_getfield(L, 1, "done");
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, 3);
+  lua_pushboolean(L, failed);
+  if (failed) {
+    lua_rawgeti(L, 5, 1);
+    lua_rawgeti(L, 5, 2);
+  }
+  lua_call(L, failed ? 5 : 3, 0);
+  return 0;
+}
+
+/* The task: handler.server:handle_stream(stream, address), protected, so
+ * that its end (even by an error) reaches handler_end in the same task. */
+static int run_handler(lua_State *L) {
+  lua_pushcfunction(L, capture_error);
+  lua_getfield(L, 1, "server");
+  lua_getfield(L, -1, "handle_stream");
+  lua_insert(L, -2);
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, 3);
+  return handler_end(L, lua_pcallk(L, 3, 0, 4, 0, handler_end), 0);
+}
+
+/* The handler table holds the server, begin(stream), done (see
+ * handler_end) and Address (the metatable of addresses). */
+static void spawn_handler(lua_State *L, int handler_ref, ts_stream *s,
+                          const char *host, int port, int family) {
+  lua_pushcfunction(L, run_handler);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, handler_ref);
+  ts__stream_push(L, s);
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, host);
+  lua_setfield(L, -2, "host");
+  lua_pushinteger(L, port);
+  lua_setfield(L, -2, "port");
+  lua_pushstring(L, ts__addr_family(family));
+  lua_setfield(L, -2, "family");
+  lua_getfield(L, -3, "Address");
+  lua_setmetatable(L, -2);
+  ts__spawn(L, 3);
+}
+
+/* Calls handler.<fn>(stream), unprotected errors logged. */
+static void call_books(ts_loop *loop, int handler_ref, const char *fn, ts_stream *s) {
+  lua_State *L = loop->L;
+
+  lua_rawgeti(L, LUA_REGISTRYINDEX, handler_ref);
+  lua_getfield(L, -1, fn);
+  lua_remove(L, -2);
+  ts__stream_push(L, s);
+  ts__pcall(loop, 1);
+}
+
+/* ---- the TLS layer ---- */
+
+/* The peer as accept (or the PROXY header) saw it names the stream in
+ * logs, as a reset may leave getpeername nothing. */
+static int attach_tls(lua_State *L, int ctx_ref, ts_stream *s, const char *host,
+                      int port, int family, double timeout) {
+  const char *peer = lua_pushfstring(L, family == AF_INET6 ? "[%s]:%d" : "%s:%d",
+                                     host, port);
+  int err;
+
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ctx_ref);
+  err = ts__tls_attach(L, s, lua_gettop(L), 1, peer, timeout);
+  lua_pop(L, 2);
+  return err;
+}
+
+/* ---- the PROXY header step: a layer that takes the first bytes ---- */
+
+typedef struct header_step {
+  uv_timer_t timer;      /* handshake_timeout; its close frees the step */
+  ts_stream *s;
+  ts_loop *loop;
+  int handler_ref, ctx_ref; /* its own: the listener may close meanwhile */
+  double handshake_timeout;
+  ts_buf buf;            /* the header so far, and what came after it */
+} header_step;
+
+static const ts_layer_ops header_ops;
+
+static void header_free(uv_handle_t *h) {
+  header_step *hs = h->data;
+  lua_State *L = hs->loop->L;
+
+  ts_buf_free(&hs->buf);
+  luaL_unref(L, LUA_REGISTRYINDEX, hs->handler_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, hs->ctx_ref);
+  free(hs);
+}
+
+static void log_refusal(header_step *hs, const char *why) {
+  struct sockaddr_storage ss;
+  int len = sizeof(ss);
+  uv_stream_t *h = ts__stream_handle(hs->s);
+  char host[INET6_ADDRSTRLEN] = "?", msg[200];
+
+  if (h->type == UV_TCP &&
+      uv_tcp_getpeername((uv_tcp_t *)h, (struct sockaddr *)&ss, &len) == 0)
+    ts__addr_name((struct sockaddr *)&ss, host, sizeof(host));
+  snprintf(msg, sizeof(msg), "PROXY protocol: %s from %s; closing", why, host);
+  ts__log(hs->loop, "info", msg);
+}
+
+/* Closes the stream; header_closed unbooks it. A probe (why NULL) closes
+ * silently. */
+static void header_refuse(header_step *hs, const char *why) {
+  if (why != NULL)
+    log_refusal(hs, why);
+  ts__stream_close(hs->s, UV_ECONNABORTED);
+}
+
+/* The client as the header names it, or the connection's own peer. */
+static int header_client(header_step *hs, const ts_proxy_addr *a, char *host,
+                         size_t len, int *port) {
+  uv_stream_t *h = ts__stream_handle(hs->s);
+  struct sockaddr_storage ss;
+  int sslen = sizeof(ss);
+
+  host[0] = '\0';
+  *port = 0;
+  if (a->family != 0) {
+    snprintf(host, len, "%s", a->host);
+    *port = a->port;
+    return a->family;
+  }
+  if (h->type != UV_TCP)
+    return AF_UNIX;
+  if (uv_tcp_getpeername((uv_tcp_t *)h, (struct sockaddr *)&ss, &sslen) != 0)
+    return AF_INET;
+  *port = ts__addr_name((struct sockaddr *)&ss, host, len);
+  return ss.ss_family;
+}
+
+/* The header is complete: the step ends, and what came after the header
+ * goes to the next layer (TLS) or to the stream. */
+static void header_done(header_step *hs, const ts_proxy_addr *a, size_t used) {
+  lua_State *L = hs->loop->L;
+  ts_stream *s = hs->s;
+  char host[INET6_ADDRSTRLEN], *rest = ts_buf_head(&hs->buf) + used, *p;
+  size_t left = ts_buf_len(&hs->buf) - used, room;
+  int port, family = header_client(hs, a, host, sizeof(host), &port), err = 0;
+
+  ts__stream_attach(s, NULL, NULL);
+  uv_close((uv_handle_t *)&hs->timer, header_free); /* frees after this */
+  if (hs->ctx_ref != LUA_NOREF)
+    err = attach_tls(L, hs->ctx_ref, s, host, port, family, hs->handshake_timeout);
+  if (err != 0) {
+    ts__stream_close(s, err);
+  } else if (hs->ctx_ref != LUA_NOREF) {
+    if (left > 0)
+      ts__tls_feed(s, rest, left);
+  } else {
+    for (; left > 0 && (p = ts__stream_read_space(s, &room)) != NULL; left -= room) {
+      room = room < left ? room : left;
+      memcpy(p, rest, room);
+      ts__stream_read_commit(s, room);
+      rest += room;
+    }
+    ts__stream_on_data(s);
+  }
+  spawn_handler(L, hs->handler_ref, s, host, port, family);
+}
+
+static void header_on_read(ts_stream *s, void *layer, const char *data, size_t n) {
+  header_step *hs = layer;
+  ts_proxy_addr a;
+  const char *why = NULL;
+  long used;
+
+  (void)s;
+  if (ts_buf_append(&hs->buf, data, n) != 0) {
+    header_refuse(hs, "out of memory");
+    return;
+  }
+  used = ts_proxy_parse(ts_buf_head(&hs->buf), ts_buf_len(&hs->buf), &a, &why);
+  if (used < 0)
+    header_refuse(hs, why);
+  else if (used > 0)
+    header_done(hs, &a, (size_t)used);
+}
+
+static void header_on_eof(ts_stream *s, void *layer) {
+  header_step *hs = layer;
+
+  (void)s;
+  header_refuse(hs, ts_buf_len(&hs->buf) == 0 ? NULL
+                                              : "connection closed inside the header");
+}
+
+static void header_timeout(uv_timer_t *t) {
+  header_refuse(t->data, "header timed out");
+}
+
+/* The stream closed within the step (refused, reset, stopped): unbook. */
+static void header_closed(ts_stream *s, void *layer) {
+  header_step *hs = layer;
+
+  ts__stream_attach(s, NULL, NULL);
+  uv_close((uv_handle_t *)&hs->timer, header_free);
+  call_books(hs->loop, hs->handler_ref, "done", s);
+}
+
+static const ts_layer_ops header_ops = {
+  header_on_read, header_on_eof, NULL, NULL, NULL, NULL, NULL, NULL,
+  header_closed, NULL,
 };
 
-static ts_listener *check_listener(lua_State *L) {
-  return luaL_checkudata(L, 1, TS_LISTENER_MT);
+static int header_begin(ts_listener *ls, ts_stream *s) {
+  lua_State *L = ls->loop->L;
+  header_step *hs = calloc(1, sizeof(*hs));
+  uint64_t ms = ts__timeout_ms(ls->handshake_timeout);
+
+  if (hs == NULL)
+    return UV_ENOMEM;
+  hs->s = s;
+  hs->loop = ls->loop;
+  hs->handshake_timeout = ls->handshake_timeout;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->handler_ref);
+  hs->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  hs->ctx_ref = LUA_NOREF;
+  if (ls->ctx_ref != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ls->ctx_ref);
+    hs->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  uv_timer_init(ls->loop->uv, &hs->timer);
+  hs->timer.data = hs;
+  if (ms > 0)
+    uv_timer_start(&hs->timer, header_timeout, ms, 0);
+  ts__stream_attach(s, &header_ops, hs);
+  return 0;
+}
+
+/* ---- accepting ---- */
+
+/* Wraps an accepted fd in a stream, books it and starts the pipeline. */
+static void serve(ts_listener *ls, int fd, struct sockaddr_storage *ss) {
+  lua_State *L = ls->loop->L;
+  int is_pipe = ls->family == AF_UNIX, err, port = 0;
+  char host[INET6_ADDRSTRLEN] = "";
+  ts_stream *s = ts__stream_new(L, is_pipe);
+  uv_stream_t *h = ts__stream_handle(s);
+
+  lua_pop(L, 1); /* the stream pins itself */
+  err = is_pipe ? uv_pipe_open((uv_pipe_t *)h, fd) : uv_tcp_open((uv_tcp_t *)h, fd);
+  if (err != 0) {
+    close(fd);
+    ts__stream_abort(s);
+    return;
+  }
+  ts__stream_configure(s, ls->max_buffer, ls->chunk, ls->timeout);
+  ts__stream_count_into(s, ls->counters);
+  if (!is_pipe) {
+    /* Writes are coalesced per wake-up, so Nagle only adds latency. */
+    uv_tcp_nodelay((uv_tcp_t *)h, 1);
+    port = ts__addr_name((struct sockaddr *)ss, host, sizeof(host));
+  }
+  if (ls->proxy_protocol)
+    err = header_begin(ls, s);
+  else if (ls->ctx_ref != LUA_NOREF)
+    err = attach_tls(L, ls->ctx_ref, s, host, port, ss->ss_family,
+                     ls->handshake_timeout);
+  if (err != 0) {
+    ts__stream_abort(s);
+    return;
+  }
+  call_books(ls->loop, ls->handler_ref, "begin", s);
+  ts__stream_start(s);
+  if (!ls->proxy_protocol)
+    spawn_handler(L, ls->handler_ref, s, host, port, is_pipe ? AF_UNIX : ss->ss_family);
 }
 
 static void accept_cb(uv_poll_t *h, int status, int events);
@@ -70,253 +369,12 @@ static void out_of_fds(ts_listener *ls, int err) {
   if (ls->fds_logged == 0 || now - ls->fds_logged >= FDS_LOG_MS) {
     snprintf(msg, sizeof(msg), "accept: %s; retrying every %d ms",
              strerror(err), BACKOFF_MS);
-    ts__report(ls->poll.loop->data, msg);
+    ts__report(ls->loop, msg);
     ls->fds_logged = now ? now : 1;
   }
   ls->out_of_fds = 1;
   update_polling(ls);
   uv_timer_start(&ls->backoff, backoff_cb, BACKOFF_MS, 0);
-}
-
-/* ---- the accept pipeline, in the order a connection goes through it:
- * accept_cb -> serve (books the connection with the server's begin) ->
- * the PROXY header, when enabled (header_*) -> the TLS layer, when
- * configured (attach_tls) -> run_handler (handle_stream in a task) -> the
- * handler's end (ts__stream_task_done calls the server's done). A
- * connection that leaves before its handler runs is unbooked by done too. */
-
-/* Books s with the server: handler.begin(stream) counts it, so that
- * max_connections holds from accept on. */
-static void book(lua_State *L, ts_listener *ls, ts_stream *s) {
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->handler_ref);
-  lua_getfield(L, -1, "begin");
-  ts__stream_push(L, s);
-  ts__pcall_on(L, 1);
-  lua_pop(L, 1);
-}
-
-/* Runs the server's handle_stream in a task owned by s. The handler table
- * holds the server, begin(stream) (books the connection), done (see
- * ts__stream_task_done) and Address (the metatable of addresses). */
-static void run_handler(lua_State *L, ts_listener *ls, ts_stream *s,
-                        const char *host, int port, const char *family) {
-  int h;
-
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->handler_ref);
-  h = lua_gettop(L);
-  lua_createtable(L, 0, 3);
-  lua_pushstring(L, host);
-  lua_setfield(L, -2, "host");
-  lua_pushinteger(L, port);
-  lua_setfield(L, -2, "port");
-  lua_pushstring(L, family);
-  lua_setfield(L, -2, "family");
-  lua_getfield(L, h, "Address");
-  lua_setmetatable(L, -2);
-  lua_getfield(L, h, "server");
-  lua_getfield(L, -1, "handle_stream");
-  lua_insert(L, -2);                 /* h, address, fn, server */
-  ts__stream_push(L, s);
-  lua_pushvalue(L, h + 1);
-  lua_pushvalue(L, h + 1);
-  s->addr_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushvalue(L, h);
-  s->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  s->flags |= F_TASK;
-  ts__spawn(L, 3, s);
-  lua_pop(L, 2);
-}
-
-/* The TLS layer: the peer as accept (or the PROXY header) saw it names the
- * stream in logs, as a reset may leave getpeername nothing. */
-static int attach_tls(lua_State *L, ts_listener *ls, ts_stream *s,
-                      const char *host, int port, int family) {
-  const char *peer = lua_pushfstring(L, family == AF_INET6 ? "[%s]:%d" : "%s:%d",
-                                     host, port);
-  int err;
-
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->ctx_ref);
-  err = ts__tls_attach(L, s, lua_gettop(L), 1, peer, ls->handshake_timeout);
-  lua_pop(L, 2);
-  return err;
-}
-
-/* ---- the PROXY header step. While it lasts s->proxy points at its
- * listener's header state and a close callback of ours is set: every way
- * out (header, refusal, reset, EOF, timeout, a shutdown closing it) ends in
- * header_closed or header_done, which unbook or serve it. Nothing is
- * allocated per connection. */
-
-static void listener_release(lua_State *L, ts_listener *ls);
-
-/* The close callback set by header_begin: the stream closed in the header
- * step, so the server's done(stream) unbooks it. */
-static int header_closed(lua_State *L) {
-  ts_stream *s = lua_touserdata(L, lua_upvalueindex(1));
-  ts_listener *ls = s->proxy->ls;
-
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->handler_ref);
-  lua_getfield(L, -1, "done");
-  lua_pushvalue(L, lua_upvalueindex(1));
-  s->proxy = NULL;
-  ls->in_header--;
-  listener_release(L, ls);
-  lua_call(L, 1, 0);
-  return 0;
-}
-
-static void header_begin(lua_State *L, ts_listener *ls, ts_stream *s) {
-  double ms = ls->handshake_timeout * 1000 + 0.5;
-
-  s->proxy = &ls->proxy;
-  ls->in_header++;
-  ts__stream_push(L, s);
-  lua_pushcclosure(L, header_closed, 1);
-  s->close_cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  if (ms < (double)UINT32_MAX * 1000) /* beyond: no timeout, not a cast's UB */
-    ts__stream_start_timer(s, (uint64_t)ms);
-  /* No reader is waiting yet: keep reading until the header can be told
-   * complete or not, whatever the read chunk (header_done restores it). */
-  if (s->read_high_water < TS_PROXY_MAX_HEADER)
-    s->read_high_water = TS_PROXY_MAX_HEADER;
-}
-
-static void log_refusal(ts_stream *s, const char *why) {
-  struct sockaddr_storage ss;
-  int len = sizeof(ss);
-  char host[INET6_ADDRSTRLEN] = "?", msg[200];
-
-  if (!(s->flags & F_PIPE) &&
-      uv_tcp_getpeername(&s->h.tcp, (struct sockaddr *)&ss, &len) == 0) {
-    ts__addr_name((struct sockaddr *)&ss, host, sizeof(host));
-  }
-  snprintf(msg, sizeof(msg), "PROXY protocol: %s from %s; closing", why, host);
-  ts__log(s->h.handle.loop->data, "info", msg);
-}
-
-/* Closes s; its close callback (header_closed) unbooks it. */
-static void header_refuse(ts_stream *s, const char *why) {
-  if (why != NULL)
-    log_refusal(s, why);
-  ts__stream_unborrow(s);
-  ts__stream_close(s, UV_ECONNABORTED);
-}
-
-static const char *family_name(int family) {
-  return family == AF_UNIX ? "unix" : family == AF_INET6 ? "inet6" : "inet";
-}
-
-/* The header is complete: serve the stream as the client it names. With
- * TLS, what came after the header is the first ciphertext. */
-static void header_done(lua_State *L, ts_stream *s, const ts_proxy_addr *a) {
-  ts_listener *ls = s->proxy->ls;
-  struct sockaddr_storage ss;
-  int len = sizeof(ss), err = 0, port = 0, family = AF_INET;
-  char host[INET6_ADDRSTRLEN] = "", *early = NULL;
-  size_t n;
-
-  ts__stream_unborrow(s);
-  ts__stream_configure(s, ls->max_buffer, ls->chunk, ls->timeout);
-  if (s->timer != NULL)
-    uv_timer_stop(s->timer);
-  if (a->family != 0) {
-    snprintf(host, sizeof(host), "%s", a->host);
-    port = a->port;
-    family = a->family;
-  } else if (s->flags & F_PIPE) {
-    family = AF_UNIX;
-  } else if (uv_tcp_getpeername(&s->h.tcp, (struct sockaddr *)&ss, &len) == 0) {
-    port = ts__addr_name((struct sockaddr *)&ss, host, sizeof(host));
-    family = ss.ss_family;
-  }
-  n = ts_buf_len(&s->rbuf);
-  if (ls->ctx_ref != LUA_NOREF) {
-    err = attach_tls(L, ls, s, host, port, family);
-    if (err == 0 && n > 0 && (early = malloc(n)) == NULL)
-      err = UV_ENOMEM;
-  }
-  if (err != 0) { /* still in the header step: header_closed unbooks it */
-    ts__stream_close(s, err);
-    return;
-  }
-  /* Out of the header step before the early bytes reach the stream. */
-  luaL_unref(L, LUA_REGISTRYINDEX, s->close_cb_ref);
-  s->close_cb_ref = LUA_NOREF;
-  s->proxy = NULL;
-  ls->in_header--;
-  if (early != NULL) {
-    memcpy(early, ts_buf_head(&s->rbuf), n);
-    ts_buf_consume(&s->rbuf, n);
-    ts__tls_on_read(s, early, n);
-    free(early);
-  }
-  run_handler(L, ls, s, host, port, family_name(family));
-  listener_release(L, ls);
-}
-
-/* stream.c's hooks while s->proxy is set. */
-void ts__proxy_on_data(ts_stream *s) {
-  ts_proxy_addr a;
-  const char *why = NULL;
-  long n = ts_proxy_parse(ts_buf_head(&s->rbuf), ts_buf_len(&s->rbuf), &a, &why);
-
-  if (n < 0) {
-    header_refuse(s, why);
-  } else if (n == 0) {
-    ts__stream_unborrow(s); /* keep the partial header */
-  } else {
-    ts_buf_consume(&s->rbuf, (size_t)n);
-    header_done(((ts_loop *)s->h.handle.loop->data)->L, s, &a);
-  }
-}
-
-void ts__proxy_on_eof(ts_stream *s) {
-  /* An empty connection is a port probe: it closes silently. */
-  header_refuse(s, ts_buf_len(&s->rbuf) == 0 ? NULL
-                                             : "connection closed inside the header");
-}
-
-void ts__proxy_timeout(ts_stream *s) {
-  header_refuse(s, "header timed out");
-}
-
-/* accept: wraps the fd in a stream, books it, and starts the pipeline. */
-static void serve(ts_listener *ls, int fd, struct sockaddr_storage *ss) {
-  ts_loop *loop = ls->poll.loop->data;
-  lua_State *L = loop->L;
-  int is_pipe = ls->family == AF_UNIX, err;
-  char host[INET6_ADDRSTRLEN] = "";
-  int port = 0;
-  ts_stream *s = ts__stream_new(L, is_pipe);
-
-  lua_pop(L, 1); /* the stream pins itself */
-  err = is_pipe ? uv_pipe_open((uv_pipe_t *)ts__stream_handle(s), fd)
-                : uv_tcp_open((uv_tcp_t *)ts__stream_handle(s), fd);
-  if (err != 0) {
-    close(fd);
-    ts__stream_abort(s);
-    return;
-  }
-  ts__stream_configure(s, ls->max_buffer, ls->chunk, ls->timeout);
-  if (!is_pipe) {
-    /* Writes are coalesced per wake-up, so Nagle only adds latency. */
-    uv_tcp_nodelay((uv_tcp_t *)ts__stream_handle(s), 1);
-    port = ts__addr_name((struct sockaddr *)ss, host, sizeof(host));
-  }
-  if (ls->proxy_protocol) {
-    book(L, ls, s);
-    header_begin(L, ls, s);
-    ts__stream_start(s);
-    return;
-  }
-  if (ls->ctx_ref != LUA_NOREF &&
-      attach_tls(L, ls, s, host, port, ss->ss_family) != 0) {
-    ts__stream_abort(s);
-    return;
-  }
-  book(L, ls, s);
-  ts__stream_start(s);
-  run_handler(L, ls, s, host, port, family_name(is_pipe ? AF_UNIX : ss->ss_family));
 }
 
 static void accept_cb(uv_poll_t *h, int status, int events) {
@@ -342,30 +400,24 @@ static void accept_cb(uv_poll_t *h, int status, int events) {
   }
 }
 
-/* Drops the listener's refs once its handles are closed and no connection
- * in the header step points at it. */
-static void listener_release(lua_State *L, ts_listener *ls) {
-  if (!ls->handles_closed || ls->in_header > 0)
-    return;
-  luaL_unref(L, LUA_REGISTRYINDEX, ls->handler_ref);
-  luaL_unref(L, LUA_REGISTRYINDEX, ls->ctx_ref);
-  luaL_unref(L, LUA_REGISTRYINDEX, ls->self_ref);
-  ls->handler_ref = ls->ctx_ref = ls->self_ref = LUA_NOREF;
+/* ---- the listener object ---- */
+
+static ts_listener *check_listener(lua_State *L) {
+  return luaL_checkudata(L, 1, LISTENER_MT);
 }
 
 static void listener_closed(uv_handle_t *h) {
   ts_listener *ls = h->data;
-  lua_State *L = ((ts_loop *)h->loop->data)->L;
+  lua_State *L = ls->loop->L;
 
   if (--ls->pending_closes > 0)
     return;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->sock_ref);
-  ts__socket_release(L, -1);
-  lua_pop(L, 1);
-  close(ls->fd);
+  luaL_unref(L, LUA_REGISTRYINDEX, ls->handler_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->sock_ref);
-  ls->handles_closed = 1;
-  listener_release(L, ls);
+  luaL_unref(L, LUA_REGISTRYINDEX, ls->ctx_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, ls->self_ref);
+  ts__counters_release(ls->counters);
+  ls->counters = NULL;
 }
 
 static int l_listener_close(lua_State *L) {
@@ -377,7 +429,28 @@ static int l_listener_close(lua_State *L) {
   ls->pending_closes = 2;
   uv_close((uv_handle_t *)&ls->poll, listener_closed);
   uv_close((uv_handle_t *)&ls->backoff, listener_closed);
+  /* The port is free when stop() returns, as in Tornado: uv_close took the
+   * fd out of epoll already. */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->sock_ref);
+  ts__socket_release(L, -1);
+  lua_pop(L, 1);
+  close(ls->fd);
   return 0;
+}
+
+/* stats() -> {bytes_in=, bytes_out=, tls_handshake_failures=} */
+static int l_listener_stats(lua_State *L) {
+  ts_listener *ls = check_listener(L);
+  ts_counters none = {0, 0, 0, 0}, *c = ls->counters ? ls->counters : &none;
+
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, (lua_Integer)c->bytes_in);
+  lua_setfield(L, -2, "bytes_in");
+  lua_pushinteger(L, (lua_Integer)c->bytes_out);
+  lua_setfield(L, -2, "bytes_out");
+  lua_pushinteger(L, (lua_Integer)c->tls_handshake_failures);
+  lua_setfield(L, -2, "tls_handshake_failures");
+  return 1;
 }
 
 static int l_listener_pause(lua_State *L) {
@@ -387,17 +460,24 @@ static int l_listener_pause(lua_State *L) {
   return 0;
 }
 
-static size_t opt_size(lua_State *L, int t, const char *k, size_t def) {
+/* The Lua layer checked the options and filled in the defaults. */
+static size_t get_size(lua_State *L, int t, const char *k) {
   lua_Integer v;
   lua_getfield(L, t, k);
-  v = luaL_optinteger(L, -1, (lua_Integer)def);
+  v = luaL_checkinteger(L, -1);
   lua_pop(L, 1);
-  if (v <= 0)
-    luaL_error(L, "%s must be positive", k);
   return (size_t)v;
 }
 
-/* core.listener(socket, opts, handler): see ts__serve for handler. opts:
+static double get_seconds(lua_State *L, int t, const char *k) {
+  double v;
+  lua_getfield(L, t, k);
+  v = luaL_optnumber(L, -1, 0);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* core.listener(socket, opts, handler): see spawn_handler for handler. opts:
  * max_buffer_size, read_chunk_size, idle_timeout, handshake_timeout,
  * ssl_context, proxy_protocol. */
 static int l_listener(lua_State *L) {
@@ -409,27 +489,27 @@ static int l_listener(lua_State *L) {
   luaL_checktype(L, 3, LUA_TTABLE);
   ls = lua_newuserdatauv(L, sizeof(*ls), 0);
   memset(ls, 0, sizeof(*ls));
-  ls->max_buffer = opt_size(L, 2, "max_buffer_size", 100 * 1024 * 1024);
-  ls->chunk = opt_size(L, 2, "read_chunk_size", 64 * 1024);
-  lua_getfield(L, 2, "idle_timeout");
-  ls->timeout = luaL_optnumber(L, -1, 0);
+  ls->loop = loop;
+  ls->counters = ts__counters_new(); /* NULL: no counts, no harm */
+  ls->max_buffer = get_size(L, 2, "max_buffer_size");
+  ls->chunk = get_size(L, 2, "read_chunk_size");
+  ls->timeout = get_seconds(L, 2, "idle_timeout");
+  ls->handshake_timeout = get_seconds(L, 2, "handshake_timeout");
   lua_getfield(L, 2, "proxy_protocol");
   ls->proxy_protocol = lua_toboolean(L, -1);
   lua_pop(L, 1);
-  lua_getfield(L, 2, "handshake_timeout");
-  ls->handshake_timeout = luaL_optnumber(L, -1, 10);
   if (lua_getfield(L, 2, "ssl_context") != LUA_TNIL)
     luaL_checkudata(L, -1, "tcpserver.ssl_context");
   ls->ctx_ref = lua_isnil(L, -1) ? LUA_NOREF : luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pop(L, ls->ctx_ref == LUA_NOREF ? 3 : 2);
+  if (ls->ctx_ref == LUA_NOREF)
+    lua_pop(L, 1);
   fd = ts__socket_take(L, 1, &family);
-  luaL_setmetatable(L, TS_LISTENER_MT);
+  luaL_setmetatable(L, LISTENER_MT);
   ls->fd = fd;
   ls->family = family;
   uv_poll_init_socket(loop->uv, &ls->poll, fd);
   uv_timer_init(loop->uv, &ls->backoff);
   ls->poll.data = ls->backoff.data = ls;
-  ls->proxy.ls = ls;
   lua_pushvalue(L, 3);
   ls->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushvalue(L, 1);
@@ -442,10 +522,11 @@ static int l_listener(lua_State *L) {
 
 int ts__open_server(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"close", l_listener_close}, {"pause", l_listener_pause}, {NULL, NULL}};
+    {"close", l_listener_close}, {"pause", l_listener_pause},
+    {"stats", l_listener_stats}, {NULL, NULL}};
   static const luaL_Reg funcs[] = {{"listener", l_listener}, {NULL, NULL}};
 
-  luaL_newmetatable(L, TS_LISTENER_MT);
+  luaL_newmetatable(L, LISTENER_MT);
   luaL_newlib(L, methods);
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);

@@ -1,5 +1,6 @@
 /* IOStream over uv_tcp_t / uv_pipe_t: read requests served from one
  * buffer, a write buffer flushed once per wake-up, and an explicit close.
+ * Bytes pass through a layer (ts_layer_ops) when one is attached.
  *
  * Reads: while a stream has nothing buffered, libuv reads into the loop's
  * shared buffer; a request that the new bytes satisfy is answered straight
@@ -12,8 +13,98 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The shared read buffer that idle streams borrow. */
+#define SHARED_READ_SIZE (64 * 1024)
+#define WRITE_HIGH_WATER (1024 * 1024)
+#define DIRECT_WRITE_MIN (16 * 1024) /* see write_direct */
+#define LINGER_MS 10000
+/* Reading pauses past this many read_chunk_size of unread bytes. */
+#define READ_HIGH_WATER_CHUNKS 4
+
+/* What the streams of one loop share. */
+typedef struct stream_ctx {
+  ts_loop *loop;
+  ts_stream *dirty;      /* streams with unflushed writes */
+  ts_stream *borrower;   /* the stream whose rbuf is `shared` right now */
+  ts_buf_pool wpool;     /* drained write buffers */
+  size_t rbuf_bytes;     /* held by streams' own read buffers */
+  size_t rbuf_count;     /* streams holding one */
+  size_t rbuf_budget;    /* the most rbuf_bytes should reach */
+  char shared[SHARED_READ_SIZE];
+} stream_ctx;
+
+/* A write the kernel did not take at once: the request and its bytes. */
+typedef struct write_req {
+  uv_write_t req;
+  ts_buf buf;
+} write_req;
+
+/* Tasks waiting in write() or flush(), in the order they wrote: each wakes
+ * once the bytes up to `until` (a count since the stream opened) are sent. */
+typedef struct write_waiter {
+  ts_waiter w;
+  uint64_t until;
+} write_waiter;
+
+typedef struct write_queue {
+  int n, cap;
+  write_waiter *w;
+  uint64_t sent_at_close; /* bytes_sent when the stream closed */
+} write_queue;
+
+enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE, RD_FILL };
+
+enum {
+  F_PIPE = 1 << 0,
+  F_READING = 1 << 1,   /* uv_read_start is active */
+  F_EOF = 1 << 2,       /* the peer finished sending */
+  F_CLOSED = 1 << 3,    /* close() was called or an error ended it */
+  F_HCLOSING = 1 << 4,  /* uv_close was called */
+  F_DONE = 1 << 5,      /* the close callback ran */
+  F_DIRTY = 1 << 6,     /* on the dirty list */
+  F_BORROWED = 1 << 7,  /* rbuf points into the shared buffer */
+  F_OVERBUDGET = 1 << 8 /* the read budget refused its buffer */
+};
+
+struct ts_stream {
+  const char *tag;        /* identifies a live stream userdata cheaply */
+  stream_ctx *ctx;
+  ts_buf rbuf;
+  ts_buf wbuf;            /* filled by write() */
+  write_req *inflight;    /* the uv_write under way, with its bytes */
+  uv_timer_t *timer;      /* wait timeouts and close linger; lazy */
+  ts_stream *next_dirty;
+  ts_waiter reader;       /* anchored in the user value */
+  write_queue *wq;        /* tasks waiting for the write buffer; lazy */
+  uint64_t wtotal;        /* bytes ever passed to write() */
+  const ts_layer_ops *ops; /* the layer, or NULL */
+  ts_counters *counters;  /* its listener's, or NULL */
+  void *layer;
+  int self_ref, close_cb_ref;
+  int err;                /* the libuv error that ended the stream */
+  uint16_t flags;
+  uint8_t rmode;
+  size_t rn;              /* read_bytes count or read_until max_bytes */
+  const char *delim;      /* lives on the waiting task's stack */
+  size_t dlen, scan;
+  uint32_t max_buffer, chunk, read_high_water; /* < 4 GiB: see init.lua */
+  float timeout;          /* seconds; 0 means none */
+  /* Last, so that a TCP stream is allocated without a pipe's extra bytes
+   * (see STREAM_SIZE): idle connections are counted in bytes. */
+  union {
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;
+  } h;
+};
+
+#define STREAM_SIZE(is_pipe) \
+  (offsetof(ts_stream, h) + ((is_pipe) ? sizeof(uv_pipe_t) : sizeof(uv_tcp_t)))
+
 static void stream_close(ts_stream *s, int err);
 static void update_reading(ts_stream *s);
+static void check_writers(ts_stream *s);
 
 /* The address every stream carries in `tag`. */
 static const char stream_tag[] = TS_STREAM_MT;
@@ -21,100 +112,92 @@ static const char stream_tag[] = TS_STREAM_MT;
 /* Runs on every read and write: a userdata of our size that carries our
  * tag is a stream (luaL_checkudata's lookup of the metatable by name cost
  * a third of the echo path). Anything else gets luaL_checkudata's error. */
-static ts_stream *check_stream(lua_State *L) {
-  ts_stream *s = lua_touserdata(L, 1);
+ts_stream *ts__check_stream(lua_State *L, int idx) {
+  ts_stream *s = lua_touserdata(L, idx);
+  size_t size = s != NULL ? lua_rawlen(L, idx) : 0;
 
-  size_t size = s != NULL ? lua_rawlen(L, 1) : 0;
-
-  if ((size != TS_STREAM_SIZE(0) && size != TS_STREAM_SIZE(1)) ||
-      s->tag != stream_tag)
-    return luaL_checkudata(L, 1, TS_STREAM_MT);
+  if ((size != STREAM_SIZE(0) && size != STREAM_SIZE(1)) || s->tag != stream_tag)
+    return luaL_checkudata(L, idx, TS_STREAM_MT);
   return s;
 }
+
+#define check_self(L) ts__check_stream(L, 1)
 
 uv_stream_t *ts__stream_handle(ts_stream *s) {
   return &s->h.stream;
 }
 
+ts_loop *ts__stream_loop(ts_stream *s) {
+  return s->ctx->loop;
+}
+
+int ts__stream_closed(ts_stream *s) {
+  return (s->flags & F_CLOSED) != 0;
+}
+
+static ts_buf *layer_output(ts_stream *s) {
+  return s->ops != NULL && s->ops->output != NULL ? s->ops->output(s->layer) : NULL;
+}
+
 static size_t pending_writes(ts_stream *s) {
-  return ts_buf_len(&s->wbuf) +
-         (s->inflight != NULL ? ts_buf_len(&s->inflight->buf) : 0) +
-         (s->tls != NULL ? ts_buf_len(ts__tls_out(s)) : 0);
+  ts_buf *out = layer_output(s);
+
+  return ts_buf_len(&s->wbuf) + (out != NULL ? ts_buf_len(out) : 0) +
+         (s->inflight != NULL ? ts_buf_len(&s->inflight->buf) : 0);
 }
 
-static int quiet_error(int err) {
-  return err == 0 || err == UV_ECONNRESET || err == UV_EPIPE ||
-         err == UV_ECONNABORTED || err == UV_ETIMEDOUT || err == UV_EOF;
-}
-
-const char *ts__errname(int err) {
-  switch (err) {
-  case UV_ECONNREFUSED: return "connection refused";
-  case UV_ETIMEDOUT: return "timeout";
-  case UV_ECANCELED: return "closed";
-  default: return quiet_error(err) ? "closed" : uv_strerror(err);
-  }
-}
-
-/* Writes the IP of sa into host; returns its port. */
-int ts__addr_name(const struct sockaddr *sa, char *host, size_t len) {
-  if (sa->sa_family == AF_INET6) {
-    uv_ip6_name((const struct sockaddr_in6 *)sa, host, len);
-    return ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
-  }
-  if (sa->sa_family == AF_INET) {
-    uv_ip4_name((const struct sockaddr_in *)sa, host, len);
-    return ntohs(((const struct sockaddr_in *)sa)->sin_port);
-  }
-  if (len > 0)
-    host[0] = '\0';
-  return 0;
-}
-
-int ts__push_addr(lua_State *L, const struct sockaddr *sa) {
-  char host[INET6_ADDRSTRLEN];
-  int port = ts__addr_name(sa, host, sizeof(host));
-  const char *family = sa->sa_family == AF_INET6 ? "inet6"
-                       : sa->sa_family == AF_INET ? "inet" : "unix";
-
-  lua_pushstring(L, host);
-  lua_pushinteger(L, port);
-  lua_pushstring(L, family);
-  return 3;
-}
-
-/* The error a failed read or write reports. */
 const char *ts__stream_error(ts_stream *s) {
-  const char *tls = s->tls ? ts__tls_error(s) : NULL;
-  return tls ? tls : ts__errname(s->err);
+  const char *why = s->ops != NULL && s->ops->error != NULL ? s->ops->error(s->layer)
+                                                             : NULL;
+  return why != NULL ? why : ts__errname(s->err);
 }
 
-/* ---- waking tasks ---- */
-
-static void stop_timer(ts_stream *s) {
-  if (s->timer != NULL && s->rco == NULL && s->wco == NULL &&
-      !(s->flags & F_CLOSED))
-    uv_timer_stop(s->timer);
+static int push_error(lua_State *L, const char *err) {
+  lua_pushnil(L);
+  lua_pushstring(L, err);
+  return 2;
 }
 
-/* A woken reader stays in the user value after the wake: it is running
- * then, and the next wait overwrites it. The rarer waiters hold a registry
- * ref, dropped after the resume (which may have taken a new one). */
-static void wake(ts_stream *s, lua_State **cop, int slot, int nres) {
-  lua_State *co = *cop;
-  int ref = LUA_NOREF;
+/* ---- counters ---- */
 
-  *cop = NULL;
-  if (slot != SLOT_READER) {
-    ref = s->anchor[slot - SLOT_WRITER];
-    s->anchor[slot - SLOT_WRITER] = LUA_NOREF;
-  }
-  stop_timer(s);
-  ts__resume(co, nres);
-  luaL_unref(co, LUA_REGISTRYINDEX, ref);
+ts_counters *ts__counters_new(void) {
+  ts_counters *c = calloc(1, sizeof(*c));
+  if (c != NULL)
+    c->refs = 1;
+  return c;
 }
 
-static void timer_cb(uv_timer_t *t);
+void ts__counters_release(ts_counters *c) {
+  if (c != NULL && --c->refs == 0)
+    free(c);
+}
+
+void ts__stream_count_into(ts_stream *s, ts_counters *c) {
+  if (c == NULL)
+    return;
+  c->refs++;
+  ts__counters_release(s->counters);
+  s->counters = c;
+}
+
+ts_counters *ts__stream_counters(ts_stream *s) {
+  return s->counters;
+}
+
+static void count_in(ts_stream *s, size_t n) {
+  if (s->counters != NULL)
+    s->counters->bytes_in += n;
+}
+
+static void count_out(ts_stream *s, size_t n) {
+  s->wtotal += n;
+  if (s->counters != NULL)
+    s->counters->bytes_out += n;
+}
+
+/* ---- the wait timer ---- */
+
+static void wait_timer_cb(uv_timer_t *t);
 
 static void start_timer(ts_stream *s, uint64_t ms) {
   if (s->timer == NULL) {
@@ -124,34 +207,132 @@ static void start_timer(ts_stream *s, uint64_t ms) {
     uv_timer_init(s->h.handle.loop, s->timer);
     s->timer->data = s;
   }
-  uv_timer_start(s->timer, timer_cb, ms, 0);
+  uv_timer_start(s->timer, wait_timer_cb, ms, 0);
 }
 
-void ts__stream_start_timer(ts_stream *s, uint64_t ms) {
-  start_timer(s, ms);
-}
-
-/* Suspends the task L, which called a method of s (at index 1), until a
- * callback wakes it. A reader, the common case, is anchored in the stream's
- * user value (a registry ref per read cost more than the rest of it). */
-static int wait_on(lua_State *L, ts_stream *s, lua_State **cop, int slot) {
-  *cop = L;
-  lua_pushthread(L);
-  if (slot == SLOT_READER)
-    lua_setiuservalue(L, 1, 1);
-  else
-    s->anchor[slot - SLOT_WRITER] = luaL_ref(L, LUA_REGISTRYINDEX);
+static void start_wait_timer(ts_stream *s) {
   if (s->timeout > 0)
-    start_timer(s, (uint64_t)(s->timeout * 1000 + 0.5));
-  return lua_yield(L, 0);
+    start_timer(s, ts__timeout_ms(s->timeout));
 }
 
-void ts__stream_wake(ts_stream *s, lua_State **cop, int slot, int nres) {
-  wake(s, cop, slot, nres);
+static int writing(ts_stream *s) {
+  return s->wq != NULL && s->wq->n > 0;
 }
 
-int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int slot) {
-  return wait_on(L, s, cop, slot);
+static void stop_timer(ts_stream *s) {
+  if (s->timer != NULL && !ts_waiter_waiting(&s->reader) && !writing(s) &&
+      !(s->flags & F_CLOSED))
+    uv_timer_stop(s->timer);
+}
+
+/* ---- the read budget: the loop's private read buffers together ---- */
+
+static void account(stream_ctx *ctx, size_t before, size_t after) {
+  ctx->rbuf_bytes += after - before; /* wraps back when after < before */
+  ctx->rbuf_count += (before == 0 && after > 0) - (before > 0 && after == 0);
+}
+
+/* Past the budget, a buffer may still grow while it holds less than its
+ * share, so the largest buffers are the ones refused and the total stays
+ * under about twice the budget (buffers grow by doubling). */
+static int over_budget(stream_ctx *ctx, ts_stream *s, size_t room) {
+  size_t cap = s->rbuf.cap, growth = room > cap ? room : cap, share;
+
+  if (ctx->rbuf_bytes + growth <= ctx->rbuf_budget)
+    return 0;
+  share = ctx->rbuf_budget / (ctx->rbuf_count + (cap == 0));
+  return cap + room > share;
+}
+
+/* ts_buf_reserve on s's own read buffer, within the budget: 0, UV_E2BIG
+ * (the stream must end: "too large") or UV_ENOMEM. */
+static int reserve(ts_stream *s, size_t room) {
+  size_t before = s->rbuf.cap;
+
+  if (ts_buf_room(&s->rbuf) >= room)
+    return 0;
+  if (s->rbuf.cap - ts_buf_len(&s->rbuf) >= room) /* compacting will do */
+    return ts_buf_reserve(&s->rbuf, room, s->max_buffer) ? UV_ENOMEM : 0;
+  if (over_budget(s->ctx, s, room))
+    return UV_E2BIG;
+  if (ts_buf_reserve(&s->rbuf, room, s->max_buffer) != 0)
+    return UV_ENOMEM;
+  account(s->ctx, before, s->rbuf.cap);
+  return 0;
+}
+
+static void free_rbuf(ts_stream *s) {
+  account(s->ctx, s->rbuf.cap, 0);
+  ts_buf_free(&s->rbuf);
+}
+
+/* Ends a stream whose buffer the budget refused; its reader, if any, gets
+ * "too large" with what was read so far. */
+static void refuse_growth(ts_stream *s) {
+  stream_ctx *ctx = s->ctx;
+  char msg[160];
+
+  snprintf(msg, sizeof(msg), "read buffers over the budget (%zu of %zu bytes): "
+           "closing a connection holding %zu", ctx->rbuf_bytes,
+           ctx->rbuf_budget, ts_buf_len(&s->rbuf));
+  ts__log(ctx->loop, "warning", msg);
+  stream_close(s, UV_E2BIG);
+}
+
+static void reserve_failed(ts_stream *s, int err) {
+  if (err == UV_E2BIG)
+    refuse_growth(s);
+  else
+    stream_close(s, err);
+}
+
+/* A quarter of the memory this process may use (its cgroup's limit, if
+ * lower than the machine's). */
+static size_t default_read_budget(void) {
+  uint64_t total = uv_get_total_memory(), limit = uv_get_constrained_memory();
+
+  if (limit > 0 && limit < total)
+    total = limit;
+  if (total == 0)
+    total = (uint64_t)4 << 30;
+  total /= 4;
+  return total < SIZE_MAX ? (size_t)total : SIZE_MAX;
+}
+
+/* ---- the shared read buffer ---- */
+
+/* Copies what is left of a borrowed shared buffer into the stream's own. */
+static void unborrow(ts_stream *s) {
+  ts_buf shared = s->rbuf;
+  int err;
+
+  if (!(s->flags & F_BORROWED))
+    return;
+  s->flags &= ~F_BORROWED;
+  s->ctx->borrower = NULL;
+  ts_buf_init(&s->rbuf);
+  if (ts_buf_len(&shared) == 0)
+    return;
+  err = reserve(s, ts_buf_len(&shared));
+  if (err != 0)
+    reserve_failed(s, err);
+  else
+    ts_buf_append(&s->rbuf, ts_buf_head(&shared), ts_buf_len(&shared));
+}
+
+/* Lends the shared buffer as s's empty read buffer, unless another stream
+ * holds it (its task may be running and reading it). */
+static int borrow(ts_stream *s) {
+  stream_ctx *ctx = s->ctx;
+
+  if (ctx->borrower != NULL)
+    return ctx->borrower == s;
+  free_rbuf(s);
+  s->rbuf.data = ctx->shared;
+  s->rbuf.cap = SHARED_READ_SIZE;
+  s->flags |= F_BORROWED;
+  ctx->borrower = s;
+  return 1;
 }
 
 /* ---- reading ---- */
@@ -164,23 +345,21 @@ static int push_consume(ts_stream *s, lua_State *L, size_t n) {
   return 1;
 }
 
-static int fail(ts_stream *s, lua_State *L, const char *err) {
+static int read_failed(ts_stream *s, lua_State *L, const char *err) {
   s->rmode = RD_NONE;
   s->scan = 0;
-  lua_pushnil(L);
-  lua_pushstring(L, err);
-  return 2;
+  return push_error(L, err);
 }
 
 static int fail_too_large(ts_stream *s, lua_State *L) {
-  fail(s, L, "too large");
+  read_failed(s, L, "too large");
   stream_close(s, 0);
   return 2;
 }
 
 /* The peer is gone: hand over what is left as the partial result. */
 static int fail_closed(ts_stream *s, lua_State *L) {
-  fail(s, L, ts__stream_error(s));
+  read_failed(s, L, ts__stream_error(s));
   lua_pushlstring(L, ts_buf_head(&s->rbuf), ts_buf_len(&s->rbuf));
   ts_buf_consume(&s->rbuf, ts_buf_len(&s->rbuf));
   stream_close(s, 0);
@@ -214,6 +393,15 @@ static int try_read(ts_stream *s, lua_State *L) {
     if (len >= s->max_buffer)
       return fail_too_large(s, L);
     break;
+  case RD_FILL: /* more than rn bytes buffered; nothing consumed */
+    if (len > s->rn) {
+      s->rmode = RD_NONE;
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+    if (len >= s->max_buffer)
+      return fail_too_large(s, L);
+    break;
   case RD_CLOSE:
     if (ended) {
       push_consume(s, L, len);
@@ -227,55 +415,25 @@ static int try_read(ts_stream *s, lua_State *L) {
   return ended ? fail_closed(s, L) : 0;
 }
 
-/* Copies what is left of a borrowed shared buffer into the stream's own. */
-static void unborrow(ts_stream *s) {
-  ts_buf shared = s->rbuf;
-
-  if (!(s->flags & F_BORROWED))
-    return;
-  s->flags &= ~F_BORROWED;
-  ((ts_loop *)s->h.handle.loop->data)->borrower = NULL;
-  ts_buf_init(&s->rbuf);
-  if (ts_buf_len(&shared) > 0 &&
-      (ts_buf_reserve(&s->rbuf, ts_buf_len(&shared), s->max_buffer) != 0 ||
-       ts_buf_append(&s->rbuf, ts_buf_head(&shared), ts_buf_len(&shared))))
-    stream_close(s, UV_ENOMEM);
-}
-
-/* Lends the loop's shared buffer as s's empty read buffer, unless another
- * stream holds it (its task may be running and reading it). */
-int ts__stream_borrow(ts_stream *s) {
-  ts_loop *loop = s->h.handle.loop->data;
-
-  if (loop->borrower != NULL)
-    return loop->borrower == s;
-  ts_buf_free(&s->rbuf);
-  s->rbuf.data = loop->shared;
-  s->rbuf.cap = TS_SHARED_READ_SIZE;
-  s->flags |= F_BORROWED;
-  loop->borrower = s;
-  return 1;
-}
-
-void ts__stream_unborrow(ts_stream *s) {
-  unborrow(s);
+static void wake_reader(ts_stream *s, int nres) {
+  stop_timer(s);
+  ts_waiter_wake(&s->reader, nres);
 }
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   ts_stream *s = h->data;
-  ts_loop *loop = h->loop->data;
+  stream_ctx *ctx = s->ctx;
   size_t len = ts_buf_len(&s->rbuf), want = s->chunk, room;
 
   (void)suggested;
-  if (s->tls != NULL) { /* ciphertext: fed to OpenSSL at once */
-    *buf = uv_buf_init(loop->shared, TS_SHARED_READ_SIZE);
+  if (s->ops != NULL) { /* raw bytes: the layer takes them at once */
+    *buf = uv_buf_init(ctx->shared, SHARED_READ_SIZE);
     return;
   }
-  if (len == 0 && loop->borrower == NULL) {
-    ts_buf_free(&s->rbuf);
+  if (len == 0 && ctx->borrower == NULL) {
+    free_rbuf(s);
     want = want < s->max_buffer ? want : s->max_buffer;
-    *buf = uv_buf_init(loop->shared, want < TS_SHARED_READ_SIZE ? want
-                                                                : TS_SHARED_READ_SIZE);
+    *buf = uv_buf_init(ctx->shared, want < SHARED_READ_SIZE ? want : SHARED_READ_SIZE);
     return;
   }
   /* A large read_bytes reads straight into a buffer of its size. */
@@ -283,7 +441,9 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     want = s->rn - len;
   room = s->max_buffer > len ? s->max_buffer - len : 0;
   want = want < room ? want : room;
-  if (want == 0 || ts_buf_reserve(&s->rbuf, want, s->max_buffer) != 0) {
+  if (want == 0 || reserve(s, want) != 0) {
+    if (want > 0 && over_budget(ctx, s, want))
+      s->flags |= F_OVERBUDGET; /* read_cb ends it (UV_ENOBUFS) */
     *buf = uv_buf_init(NULL, 0);
     return;
   }
@@ -291,72 +451,79 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   *buf = uv_buf_init(ts_buf_tail(&s->rbuf), (unsigned)room);
 }
 
+/* The woken task reads what else it wants straight from the borrowed
+ * buffer; only what it leaves there is copied. */
 static void on_data(ts_stream *s) {
   int n;
 
-  if (s->proxy != NULL) {
-    ts__proxy_on_data(s);
-    update_reading(s);
-    return;
-  }
-  /* The woken task reads what else it wants straight from the borrowed
-   * buffer; only what it leaves there is copied. */
-  if (s->rco != NULL && (n = try_read(s, s->rco)) > 0)
-    wake(s, &s->rco, SLOT_READER, n);
+  if (ts_waiter_waiting(&s->reader) && (n = try_read(s, s->reader.co)) > 0)
+    wake_reader(s, n);
   unborrow(s);
   update_reading(s);
 }
 
 static void on_eof(ts_stream *s) {
   s->flags |= F_EOF;
-  if (s->proxy != NULL) {
-    ts__proxy_on_eof(s);
-    return;
-  }
-  if (s->rco != NULL)
-    wake(s, &s->rco, SLOT_READER, try_read(s, s->rco));
-  else if (ts_buf_len(&s->rbuf) == 0)
+  if (ts_waiter_waiting(&s->reader))
+    wake_reader(s, try_read(s, s->reader.co));
+  /* Nothing left to read: closed now, not at the next read (a TLS record
+   * brings data and close_notify together). */
+  if (!ts_waiter_waiting(&s->reader) && ts_buf_len(&s->rbuf) == 0)
     stream_close(s, 0);
+  /* What nobody read yet must leave the shared buffer: the next read of
+   * any stream overwrites it. */
+  unborrow(s);
   update_reading(s);
 }
 
+/* A layer's bytes in: it may also have flushed what a writer waits for
+ * (a TLS handshake releases what was written before it). */
 void ts__stream_on_data(ts_stream *s) {
   on_data(s);
+  check_writers(s);
 }
 
 void ts__stream_on_eof(ts_stream *s) {
   on_eof(s);
+  check_writers(s);
 }
 
 static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
   ts_stream *s = h->data;
+  const ts_layer_ops *ops = s->ops;
 
-  if (s->tls != NULL && nread > 0) {
-    ts__tls_on_read(s, buf->base, (size_t)nread);
-  } else if (s->tls != NULL && nread == UV_EOF) {
-    ts__tls_on_eof(s);
+  if (nread > 0 && ops != NULL) {
+    ops->on_read(s, s->layer, buf->base, (size_t)nread);
   } else if (nread > 0) {
-    if (buf->base == ((ts_loop *)h->loop->data)->shared) {
-      ts__stream_borrow(s);
+    count_in(s, (size_t)nread);
+    if (buf->base == s->ctx->shared) {
+      borrow(s);
       s->rbuf.end = (size_t)nread;
     } else {
       s->rbuf.end += (size_t)nread;
     }
     on_data(s);
+  } else if (nread == UV_EOF && ops != NULL && ops->on_eof != NULL) {
+    ops->on_eof(s, s->layer);
   } else if (nread == UV_EOF) {
     on_eof(s);
+  } else if (nread == UV_ENOBUFS && (s->flags & F_OVERBUDGET)) {
+    refuse_growth(s);
   } else if (nread == UV_ENOBUFS) {
     update_reading(s);
   } else if (nread < 0) {
-    if (s->tls != NULL)
-      ts__tls_on_error(s, (int)nread);
+    if (ops != NULL && ops->on_error != NULL)
+      ops->on_error(s, s->layer, (int)nread);
     stream_close(s, (int)nread);
   }
+  unborrow(s); /* the shared buffer is free between callbacks */
 }
 
 static void update_reading(ts_stream *s) {
+  /* A layer (a PROXY header, TLS records) reads for itself. */
   int want = !(s->flags & (F_EOF | F_CLOSED)) &&
-             (s->rco != NULL || ts_buf_len(&s->rbuf) < s->read_high_water);
+             (ts_waiter_waiting(&s->reader) || s->ops != NULL ||
+              ts_buf_len(&s->rbuf) < s->read_high_water);
   int err;
 
   if (want && !(s->flags & F_READING)) {
@@ -376,13 +543,13 @@ static void update_reading(ts_stream *s) {
 static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
   int r, lent;
 
-  if (s->rco != NULL)
+  if (ts_waiter_waiting(&s->reader))
     return luaL_error(L, "already reading");
   s->rmode = mode;
   s->rn = n;
   lent = (s->flags & F_BORROWED) != 0; /* by on_data, which wakes us */
-  if (s->tls != NULL) /* plaintext OpenSSL holds back past max_buffer_size */
-    ts__tls_pump(s);
+  if (s->ops != NULL && s->ops->pump != NULL) /* what it held back */
+    s->ops->pump(s, s->layer);
   r = try_read(s, L);
   if (!lent)
     unborrow(s);
@@ -394,21 +561,34 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
     s->rmode = RD_NONE;
     ts__check_task(L, "read");
   }
+  s->reader.co = L; /* a reader reads past the high-water mark */
   update_reading(s);
+  s->reader.co = NULL;
   if (s->flags & F_CLOSED) /* update_reading failed */
     return try_read(s, L);
-  return wait_on(L, s, &s->rco, SLOT_READER);
+  /* A reader, the common wait, is anchored in the stream's user value: a
+   * registry ref per read cost more than the rest of it. A woken reader
+   * stays there: it is running then, and the next wait overwrites it. */
+  lua_pushthread(L);
+  lua_setiuservalue(L, 1, 1);
+  start_wait_timer(s);
+  return ts_waiter_park_anchored(&s->reader, L);
+}
+
+void ts__stream_forget_reader(lua_State *L, int idx) {
+  lua_pushnil(L);
+  lua_setiuservalue(L, idx, 1);
 }
 
 static int l_read_until(lua_State *L) {
-  ts_stream *s = check_stream(L);
+  ts_stream *s = check_self(L);
   size_t dlen;
   const char *delim = luaL_checklstring(L, 2, &dlen);
   lua_Integer max = luaL_optinteger(L, 3, 0);
 
   luaL_argcheck(L, dlen > 0, 2, "empty delimiter");
   luaL_argcheck(L, max >= 0, 3, "max_bytes must not be negative");
-  if (s->rco == NULL) {
+  if (!ts_waiter_waiting(&s->reader)) {
     s->delim = delim;
     s->dlen = dlen;
     s->scan = 0;
@@ -417,12 +597,12 @@ static int l_read_until(lua_State *L) {
 }
 
 static int l_read_bytes(lua_State *L) {
-  ts_stream *s = check_stream(L);
+  ts_stream *s = check_self(L);
   lua_Integer n = luaL_checkinteger(L, 2);
   int partial = lua_toboolean(L, 3);
 
   luaL_argcheck(L, n >= 0, 2, "byte count must not be negative");
-  if (n == 0 && s->rco == NULL) {
+  if (n == 0 && !ts_waiter_waiting(&s->reader)) {
     lua_pushliteral(L, "");
     return 1;
   }
@@ -430,31 +610,101 @@ static int l_read_bytes(lua_State *L) {
 }
 
 static int l_read_until_close(lua_State *L) {
-  return read_request(L, check_stream(L), RD_CLOSE, 0);
+  return read_request(L, check_self(L), RD_CLOSE, 0);
+}
+
+/* _buffered() -> the unread bytes, left in place (read_until_pattern) */
+static int l_buffered(lua_State *L) {
+  ts_stream *s = check_self(L);
+  lua_pushlstring(L, ts_buf_head(&s->rbuf), ts_buf_len(&s->rbuf));
+  return 1;
+}
+
+/* _fill(n) -> true once more than n bytes are buffered, or nil, err,
+ * partial (the stream ended, or max_buffer_size) */
+static int l_fill(lua_State *L) {
+  ts_stream *s = check_self(L);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, n >= 0, 2, "byte count must not be negative");
+  return read_request(L, s, RD_FILL, (size_t)n);
+}
+
+/* ---- for layers ---- */
+
+void ts__stream_attach(ts_stream *s, const ts_layer_ops *ops, void *layer) {
+  s->ops = ops;
+  s->layer = layer;
+}
+
+void *ts__stream_layer(ts_stream *s, const ts_layer_ops *ops) {
+  return s->ops == ops ? s->layer : NULL;
+}
+
+const char *ts__stream_busy(ts_stream *s) {
+  if (ts_waiter_waiting(&s->reader) || writing(s))
+    return "a read or write is pending";
+  if (ts_buf_len(&s->rbuf) > 0 || ts_buf_len(&s->wbuf) > 0 || s->inflight != NULL)
+    return "plain data is buffered";
+  return NULL;
+}
+
+char *ts__stream_read_space(ts_stream *s, size_t *room) {
+  size_t len = ts_buf_len(&s->rbuf), r;
+  int err;
+
+  if ((s->flags & F_CLOSED) || len >= s->max_buffer)
+    return NULL;
+  if (len == 0 && !(s->flags & F_BORROWED))
+    borrow(s);
+  else if ((s->flags & F_BORROWED) && ts_buf_room(&s->rbuf) == 0)
+    unborrow(s);
+  if (!(s->flags & F_BORROWED) && (err = reserve(s, s->chunk)) != 0) {
+    reserve_failed(s, err);
+    return NULL;
+  }
+  r = ts_buf_room(&s->rbuf);
+  *room = r < s->max_buffer - len ? r : s->max_buffer - len;
+  return ts_buf_tail(&s->rbuf);
+}
+
+void ts__stream_read_commit(ts_stream *s, size_t n) {
+  count_in(s, n);
+  s->rbuf.end += n;
+}
+
+ts_buf *ts__stream_plain(ts_stream *s) {
+  return &s->wbuf;
 }
 
 /* ---- writing ---- */
 
 static void write_cb(uv_write_t *req, int status);
 
-/* Hands the write buffer to the kernel: try_write first, then one uv_write
- * for what is left. Returns 0 or a libuv error (the stream is closed). */
+/* Hands the write buffer (or the layer's output) to the kernel: try_write
+ * first, then one uv_write for what is left. Returns 0 or a libuv error
+ * (the stream is closed). */
 int ts__stream_flush(ts_stream *s) {
-  ts_buf *src = s->tls != NULL ? ts__tls_out(s) : &s->wbuf;
+  ts_buf *src = layer_output(s);
   write_req *w;
   uv_buf_t b;
   int n;
 
   if (s->flags & F_HCLOSING)
     return 0;
-  if (s->tls != NULL && (n = ts__tls_encrypt(s)) != 0)
-    goto fail;
+  if (s->ops != NULL && s->ops->encode != NULL) {
+    if ((n = s->ops->encode(s, s->layer)) != 0)
+      goto fail;
+    if (ts_buf_len(&s->wbuf) == 0) /* idle streams hold no buffer */
+      ts_buf_release(&s->wbuf, &s->ctx->wpool);
+  }
+  if (src == NULL)
+    src = &s->wbuf;
   if (s->inflight != NULL || ts_buf_len(src) == 0)
     return 0;
   b = uv_buf_init(ts_buf_head(src), (unsigned)ts_buf_len(src));
   n = uv_try_write(&s->h.stream, &b, 1);
   if (n == (int)b.len) {
-    ts_buf_release(src, &((ts_loop *)s->h.handle.loop->data)->wpool);
+    ts_buf_release(src, &s->ctx->wpool);
     return 0;
   }
   if (n < 0 && n != UV_EAGAIN)
@@ -481,20 +731,77 @@ fail:
   return n;
 }
 
-static void check_writer(ts_stream *s) {
+/* Bytes of write() handed to the kernel so far. With a layer the pending
+ * bytes are partly its output, so this may lag: never early. */
+static uint64_t bytes_sent(ts_stream *s) {
   size_t left = pending_writes(s);
 
-  if (s->wco == NULL)
-    return;
-  if (s->flags & F_CLOSED) {
-    lua_pushnil(s->wco);
-    lua_pushstring(s->wco, ts__stream_error(s));
-    wake(s, &s->wco, SLOT_WRITER, 2);
-  } else if (left == 0 || (!(s->flags & F_FLUSHWAIT) &&
-                           left <= WRITE_HIGH_WATER / 2)) {
-    lua_pushboolean(s->wco, 1);
-    wake(s, &s->wco, SLOT_WRITER, 1);
+  if ((s->flags & F_CLOSED) && s->wq != NULL)
+    return s->wq->sent_at_close; /* the buffers go before close_cb */
+  return left < s->wtotal ? s->wtotal - left : 0;
+}
+
+/* Queues the task L to wake once `until` bytes are sent. */
+static int wait_written(lua_State *L, ts_stream *s, uint64_t until) {
+  write_queue *q = s->wq;
+  write_waiter *w;
+
+  if (q == NULL && (q = s->wq = calloc(1, sizeof(*q))) == NULL)
+    return luaL_error(L, "write: out of memory");
+  if (q->n == q->cap) {
+    int cap = q->cap ? 2 * q->cap : 4;
+    w = realloc(q->w, (size_t)cap * sizeof(*w));
+    if (w == NULL)
+      return luaL_error(L, "write: out of memory");
+    q->w = w;
+    q->cap = cap;
   }
+  w = &q->w[q->n++];
+  w->until = until;
+  ts_waiter_init(&w->w);
+  start_wait_timer(s);
+  return ts_waiter_park(&w->w, L);
+}
+
+/* Removes writer i and resumes it with `err` (NULL: success). */
+static void wake_writer(ts_stream *s, int i, const char *err) {
+  write_queue *q = s->wq;
+  ts_waiter w = q->w[i].w;
+
+  memmove(&q->w[i], &q->w[i + 1], (size_t)(q->n - i - 1) * sizeof(q->w[0]));
+  q->n--;
+  stop_timer(s);
+  if (err != NULL) {
+    ts_waiter_wake_error(&w, err);
+    return;
+  }
+  lua_pushboolean(w.co, 1);
+  ts_waiter_wake(&w, 1);
+}
+
+/* Wakes, in order, the writers whose bytes are sent, or all of them with
+ * `err`. A woken task may write and wait again: rescan from the start. */
+static void wake_writers(ts_stream *s, const char *err) {
+  int i = 0;
+
+  while (s->wq != NULL && i < s->wq->n) {
+    if (err != NULL || bytes_sent(s) >= s->wq->w[i].until) {
+      wake_writer(s, i, err);
+      i = 0;
+    } else {
+      i++;
+    }
+  }
+}
+
+/* Once closed, writers whose bytes were not sent by then fail, as in
+ * Tornado: a close does not wait for a peer that stopped reading. */
+static void check_writers(ts_stream *s) {
+  if (!writing(s))
+    return;
+  wake_writers(s, NULL);
+  if (s->flags & F_CLOSED)
+    wake_writers(s, ts__stream_error(s));
 }
 
 static void handle_close(ts_stream *s);
@@ -503,41 +810,42 @@ static void write_cb(uv_write_t *req, int status) {
   ts_stream *s = req->data;
   write_req *w = (write_req *)req;
 
-  ts_buf_release(&w->buf, &((ts_loop *)s->h.handle.loop->data)->wpool);
+  if (status < 0 && status != UV_ECANCELED)
+    stream_close(s, status); /* with these bytes still counted unsent */
+  ts_buf_release(&w->buf, &s->ctx->wpool);
   free(w);
   s->inflight = NULL;
-  if (status == UV_ECANCELED)
+  if (status < 0)
     return;
-  if (status < 0) {
-    stream_close(s, status);
-    return;
-  }
   if (ts__stream_flush(s) != 0)
     return;
   if ((s->flags & F_CLOSED) && pending_writes(s) == 0)
     handle_close(s);
   else
-    check_writer(s);
+    check_writers(s);
 }
 
 static void mark_dirty(ts_stream *s) {
-  ts_loop *loop;
+  stream_ctx *ctx = s->ctx;
 
   if (s->flags & F_DIRTY)
     return;
-  loop = s->h.handle.loop->data;
   s->flags |= F_DIRTY;
-  s->next_dirty = loop->dirty;
-  loop->dirty = s;
+  s->next_dirty = ctx->dirty;
+  ctx->dirty = s;
 }
 
-void ts__flush_dirty(ts_loop *loop) {
+/* The loop's settle hook: one flush per stream per wake-up. */
+static void flush_dirty(ts_loop *loop) {
+  stream_ctx *ctx = loop->streams;
   ts_stream *s;
 
-  while ((s = loop->dirty) != NULL) {
-    loop->dirty = s->next_dirty;
+  while ((s = ctx->dirty) != NULL) {
+    ctx->dirty = s->next_dirty;
     s->flags &= ~F_DIRTY;
     ts__stream_flush(s);
+    if (s->flags & F_CLOSED) /* writers closed on (see stream_close) */
+      check_writers(s);
   }
 }
 
@@ -556,15 +864,10 @@ static int append_array(lua_State *L, ts_stream *s) {
     p = lua_tolstring(L, -1, &len);
     if (ts_buf_append(&s->wbuf, p, len) != 0)
       return UV_ENOMEM;
+    count_out(s, len);
     lua_pop(L, 1);
   }
   return 0;
-}
-
-static int push_error(lua_State *L, const char *err) {
-  lua_pushnil(L);
-  lua_pushstring(L, err);
-  return 2;
 }
 
 /* A large string with nothing queued before it goes to the kernel at once,
@@ -575,7 +878,7 @@ static int write_direct(ts_stream *s, const char *p, size_t len) {
   uv_buf_t b;
   int n;
 
-  if (len < DIRECT_WRITE_MIN || len > INT_MAX || s->tls != NULL ||
+  if (len < DIRECT_WRITE_MIN || len > INT_MAX || s->ops != NULL ||
       pending_writes(s) > 0)
     return 1;
   b = uv_buf_init((char *)p, (unsigned)len);
@@ -596,24 +899,25 @@ static int append_arg(lua_State *L, ts_stream *s) {
   int rc;
 
   if (lua_type(L, 2) != LUA_TSTRING) {
-    ts_buf_adopt(&s->wbuf, &((ts_loop *)s->h.handle.loop->data)->wpool);
+    ts_buf_adopt(&s->wbuf, &s->ctx->wpool);
     return append_array(L, s);
   }
   p = lua_tolstring(L, 2, &len);
+  count_out(s, len);
   rc = write_direct(s, p, len);
   if (rc != 1)
     return rc;
-  ts_buf_adopt(&s->wbuf, &((ts_loop *)s->h.handle.loop->data)->wpool);
+  ts_buf_adopt(&s->wbuf, &s->ctx->wpool);
   return ts_buf_append(&s->wbuf, p, len) ? UV_ENOMEM : 0;
 }
 
 static int l_write(lua_State *L) {
-  ts_stream *s = check_stream(L);
+  ts_stream *s = check_self(L);
   int rc;
 
   if (s->flags & F_CLOSED) {
     luaL_checkany(L, 2);
-    return push_error(L, "closed");
+    return push_error(L, ts__stream_error(s));
   }
   rc = append_arg(L, s);
   if (rc == UV_ENOMEM)
@@ -625,19 +929,15 @@ static int l_write(lua_State *L) {
   if (pending_writes(s) > WRITE_HIGH_WATER && ts__in_task(L)) {
     if (ts__stream_flush(s) != 0)
       return push_error(L, ts__stream_error(s));
-    if (pending_writes(s) > WRITE_HIGH_WATER) {
-      if (s->wco != NULL)
-        return luaL_error(L, "already writing");
-      s->flags &= ~F_FLUSHWAIT;
-      return wait_on(L, s, &s->wco, SLOT_WRITER);
-    }
+    if (pending_writes(s) > WRITE_HIGH_WATER)
+      return wait_written(L, s, s->wtotal - WRITE_HIGH_WATER / 2);
   }
   lua_pushboolean(L, 1);
   return 1;
 }
 
 static int l_flush(lua_State *L) {
-  ts_stream *s = check_stream(L);
+  ts_stream *s = check_self(L);
 
   if (s->flags & F_CLOSED)
     return push_error(L, ts__stream_error(s));
@@ -648,10 +948,7 @@ static int l_flush(lua_State *L) {
     return 1;
   }
   ts__check_task(L, "flush");
-  if (s->wco != NULL)
-    return luaL_error(L, "already writing");
-  s->flags |= F_FLUSHWAIT;
-  return wait_on(L, s, &s->wco, SLOT_WRITER);
+  return wait_written(L, s, s->wtotal);
 }
 
 /* ---- closing ---- */
@@ -661,10 +958,9 @@ static void timer_free(uv_handle_t *h) {
 }
 
 static void unlink_dirty(ts_stream *s) {
-  ts_loop *loop = s->h.handle.loop->data;
   ts_stream **p;
 
-  for (p = &loop->dirty; *p != NULL; p = &(*p)->next_dirty) {
+  for (p = &s->ctx->dirty; *p != NULL; p = &(*p)->next_dirty) {
     if (*p == s) {
       *p = s->next_dirty;
       break;
@@ -673,60 +969,37 @@ static void unlink_dirty(ts_stream *s) {
   s->flags &= ~F_DIRTY;
 }
 
+/* libuv is done with the handle: wake every waiter, run the close
+ * callback, and unpin (a task still running on the stream keeps it). */
 static void close_cb(uv_handle_t *h) {
   ts_stream *s = h->data;
-  ts_loop *loop = h->loop->data;
-  lua_State *L = loop->L;
+  stream_ctx *ctx = s->ctx;
+  lua_State *L = ctx->loop->L;
 
   if (s->flags & F_DIRTY)
     unlink_dirty(s);
-  ts_buf_release(&s->wbuf, &loop->wpool);
+  ts_buf_release(&s->wbuf, &ctx->wpool);
   s->flags |= F_DONE;
-  if (s->tls != NULL)
-    ts__tls_closed(s);
-  if (s->rco != NULL)
-    wake(s, &s->rco, SLOT_READER, try_read(s, s->rco));
-  check_writer(s);
+  if (s->ops != NULL && s->ops->closed != NULL)
+    s->ops->closed(s, s->layer);
+  if (ts_waiter_waiting(&s->reader))
+    wake_reader(s, try_read(s, s->reader.co));
+  check_writers(s);
+  if (s->wq != NULL) { /* woken writers cannot wait again: closed */
+    free(s->wq->w);
+    free(s->wq);
+    s->wq = NULL;
+  }
   if (s->close_cb_ref != LUA_NOREF) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->close_cb_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, s->close_cb_ref);
-    s->close_cb_ref = s->anchor[0] = s->anchor[1] = LUA_NOREF;
-    ts__pcall(loop, 0);
+    s->close_cb_ref = LUA_NOREF;
+    ts__pcall(ctx->loop, 0);
   }
-  if (!(s->flags & F_TASK)) { /* else the task's end unpins it */
-    luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
-    s->self_ref = LUA_NOREF;
-  }
-}
-
-/* The handler's task ended: the server's done(stream, address, failed,
- * err, traceback) closes the stream and keeps the books. */
-void ts__stream_task_done(lua_State *L, ts_stream *s, lua_State *co, int status) {
-  int failed = status != LUA_OK;
-
-  s->flags &= ~F_TASK;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_ref);
-  lua_getfield(L, -1, "done");
-  lua_remove(L, -2);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, s->self_ref);
-  lua_pushnil(L);
-  lua_setiuservalue(L, -2, 1); /* the ended task, if it was a reader */
-  lua_rawgeti(L, LUA_REGISTRYINDEX, s->addr_ref);
-  lua_pushboolean(L, failed);
-  if (failed) {
-    const char *msg = lua_tostring(co, -1);
-    lua_pushvalue(co, -1);
-    lua_xmove(co, L, 1);
-    luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
-  }
-  luaL_unref(L, LUA_REGISTRYINDEX, s->handler_ref);
-  luaL_unref(L, LUA_REGISTRYINDEX, s->addr_ref);
-  s->handler_ref = s->addr_ref = LUA_NOREF;
-  ts__pcall_on(L, failed ? 5 : 3);
-  if (s->flags & F_DONE) {
-    luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
-    s->self_ref = LUA_NOREF;
-  }
+  ts__counters_release(s->counters);
+  s->counters = NULL;
+  luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
+  s->self_ref = LUA_NOREF;
 }
 
 static void handle_close(ts_stream *s) {
@@ -748,21 +1021,27 @@ static void stream_close(ts_stream *s, int err) {
       handle_close(s);
     return;
   }
+  if (writing(s)) {
+    /* Their fate is told after the current task or callback (the dirty
+     * list): close() may run inside a task, which must not resume others. */
+    s->wq->sent_at_close = bytes_sent(s);
+    mark_dirty(s);
+  }
   s->flags |= F_CLOSED;
   if (err != 0) {
     s->err = err;
-    if (!quiet_error(err) && err != UV_ECANCELED) {
+    if (!ts__quiet_error(err) && err != UV_ECANCELED && err != UV_E2BIG) {
       char msg[128];
       snprintf(msg, sizeof(msg), "stream error: %s", uv_strerror(err));
-      ts__report(s->h.handle.loop->data, msg);
+      ts__report(s->ctx->loop, msg);
     }
   }
   if (s->flags & F_READING) {
     uv_read_stop(&s->h.stream);
     s->flags &= ~F_READING;
   }
-  if (err == 0 && s->tls != NULL)
-    ts__tls_shutdown(s);
+  if (err == 0 && s->ops != NULL && s->ops->shutdown != NULL)
+    s->ops->shutdown(s, s->layer);
   if (err == 0 && ts__stream_flush(s) != 0)
     return;
   if (err != 0 || pending_writes(s) == 0)
@@ -775,32 +1054,31 @@ void ts__stream_close(ts_stream *s, int err) {
   stream_close(s, err);
 }
 
+void ts__stream_fail(ts_stream *s, int err) {
+  if (s->flags & F_CLOSED)
+    return;
+  s->err = err;
+  stream_close(s, 0); /* sends what the layer queued (an alert), then closes */
+}
+
 /* Closes at once, dropping unwritten data (used when a server stops). */
 void ts__stream_abort(ts_stream *s) {
   stream_close(s, UV_ECANCELED);
 }
 
-static void timer_cb(uv_timer_t *t) {
+static void wait_timer_cb(uv_timer_t *t) {
   ts_stream *s = t->data;
 
   if (s->flags & F_CLOSED) { /* the linger ran out */
     handle_close(s);
     return;
   }
-  if (s->proxy != NULL) {
-    ts__proxy_timeout(s);
-    return;
+  wake_writers(s, "timeout");
+  if (ts_waiter_waiting(&s->reader)) {
+    read_failed(s, s->reader.co, "timeout");
+    wake_reader(s, 2);
+    update_reading(s); /* not for a write-only pipe: it cannot read */
   }
-  if (s->rco != NULL) {
-    fail(s, s->rco, "timeout");
-    wake(s, &s->rco, SLOT_READER, 2);
-  }
-  if (s->wco != NULL) {
-    lua_pushnil(s->wco);
-    lua_pushliteral(s->wco, "timeout");
-    wake(s, &s->wco, SLOT_WRITER, 2);
-  }
-  update_reading(s);
 }
 
 static int l_close(lua_State *L) {
@@ -814,19 +1092,20 @@ static int l_gc(lua_State *L) {
   ts_stream *s = luaL_checkudata(L, 1, TS_STREAM_MT);
   /* A stream is pinned until its close callback, so here libuv is done. */
   if (!(s->flags & F_BORROWED))
-    ts_buf_free(&s->rbuf);
-  if (s->tls != NULL)
-    ts__tls_free(L, s);
+    free_rbuf(s);
+  if (s->ops != NULL && s->ops->free != NULL)
+    s->ops->free(L, s->layer);
+  s->ops = NULL;
   return 0;
 }
 
 static int l_closed(lua_State *L) {
-  lua_pushboolean(L, (check_stream(L)->flags & F_CLOSED) != 0);
+  lua_pushboolean(L, (check_self(L)->flags & F_CLOSED) != 0);
   return 1;
 }
 
 static int l_set_close_callback(lua_State *L) {
-  ts_stream *s = check_stream(L);
+  ts_stream *s = check_self(L);
 
   if (!lua_isnoneornil(L, 2))
     luaL_checktype(L, 2, LUA_TFUNCTION);
@@ -845,23 +1124,23 @@ static int l_set_close_callback(lua_State *L) {
 /* ---- options and addresses ---- */
 
 static int l_settimeout(lua_State *L) {
-  ts_stream *s = check_stream(L);
+  ts_stream *s = check_self(L);
   lua_Number t = luaL_optnumber(L, 2, 0);
   luaL_argcheck(L, t >= 0, 2, "timeout must not be negative");
-  s->timeout = t;
+  s->timeout = ts__timeout_ms(t) > 0 ? (float)t : 0;
   return 0;
 }
 
 static int l_set_nodelay(lua_State *L) {
-  ts_stream *s = check_stream(L);
+  ts_stream *s = check_self(L);
   int on = lua_isnone(L, 2) || lua_toboolean(L, 2);
   if (!(s->flags & (F_PIPE | F_HCLOSING)))
     uv_tcp_nodelay(&s->h.tcp, on);
   return 0;
 }
 
-static int push_name(lua_State *L, int peer) {
-  ts_stream *s = check_stream(L);
+static int push_endpoint(lua_State *L, int peer) {
+  ts_stream *s = check_self(L);
   struct sockaddr_storage ss;
   int len = sizeof(ss), err;
 
@@ -886,51 +1165,89 @@ static int push_name(lua_State *L, int peer) {
   return ts__push_addr(L, (struct sockaddr *)&ss);
 }
 
-static int l_getpeername(lua_State *L) { return push_name(L, 1); }
-static int l_getsockname(lua_State *L) { return push_name(L, 0); }
+static int l_getpeername(lua_State *L) { return push_endpoint(L, 1); }
+static int l_getsockname(lua_State *L) { return push_endpoint(L, 0); }
 
 /* buffer_sizes() -> bytes read but not consumed, bytes not yet written */
 static int l_buffer_sizes(lua_State *L) {
-  ts_stream *s = check_stream(L);
+  ts_stream *s = check_self(L);
   lua_pushinteger(L, (lua_Integer)ts_buf_len(&s->rbuf));
   lua_pushinteger(L, (lua_Integer)pending_writes(s));
   return 2;
 }
 
 static int l_tostring(lua_State *L) {
-  ts_stream *s = check_stream(L);
+  ts_stream *s = check_self(L);
   lua_pushfstring(L, "tcpserver.stream (%p)%s", (void *)s,
                   (s->flags & F_CLOSED) ? " closed" : "");
   return 1;
 }
 
+/* core.read_budget([bytes]) -> budget, bytes held, streams holding them */
+static stream_ctx *ctx_of(lua_State *L);
+
+static int l_read_budget(lua_State *L) {
+  stream_ctx *ctx = ctx_of(L);
+
+  if (!lua_isnoneornil(L, 1)) {
+    lua_Integer n = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, n > 0, 1, "budget must be a positive number of bytes");
+    ctx->rbuf_budget = (size_t)n;
+  }
+  lua_pushinteger(L, (lua_Integer)ctx->rbuf_budget);
+  lua_pushinteger(L, (lua_Integer)ctx->rbuf_bytes);
+  lua_pushinteger(L, (lua_Integer)ctx->rbuf_count);
+  return 3;
+}
+
 /* ---- creation ---- */
+
+/* The streams' share of L's loop, made with the first stream. */
+static stream_ctx *ctx_of(lua_State *L) {
+  ts_loop *loop = ts__loop(L);
+  stream_ctx *ctx = loop->streams;
+
+  if (ctx != NULL)
+    return ctx;
+  ctx = calloc(1, sizeof(*ctx));
+  if (ctx == NULL)
+    luaL_error(L, "tcpserver: out of memory");
+  ctx->loop = loop;
+  ctx->rbuf_budget = default_read_budget();
+  loop->streams = ctx;
+  ts__loop_on_settle(loop, flush_dirty);
+  return ctx;
+}
 
 void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk,
                           double timeout) {
   s->max_buffer = (uint32_t)(max_buffer < UINT32_MAX ? max_buffer : UINT32_MAX);
   s->chunk = (uint32_t)(chunk < s->max_buffer ? chunk : s->max_buffer);
-  s->read_high_water = 4 * (size_t)s->chunk < s->max_buffer ? 4 * s->chunk : s->max_buffer;
-  s->timeout = (float)timeout;
+  s->read_high_water = READ_HIGH_WATER_CHUNKS * (size_t)s->chunk < s->max_buffer
+                           ? READ_HIGH_WATER_CHUNKS * s->chunk
+                           : s->max_buffer;
+  s->timeout = ts__timeout_ms(timeout) > 0 ? (float)timeout : 0;
 }
 
 ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
-  ts_loop *loop = ts__loop(L);
-  size_t size = TS_STREAM_SIZE(is_pipe);
+  stream_ctx *ctx = ctx_of(L);
+  size_t size = STREAM_SIZE(is_pipe);
   ts_stream *s = lua_newuserdatauv(L, size, 1);
 
   memset(s, 0, size);
   s->tag = stream_tag;
+  s->ctx = ctx;
   luaL_setmetatable(L, TS_STREAM_MT);
   if (is_pipe) {
-    uv_pipe_init(loop->uv, &s->h.pipe, 0);
+    uv_pipe_init(ctx->loop->uv, &s->h.pipe, 0);
     s->flags |= F_PIPE;
   } else {
-    uv_tcp_init(loop->uv, &s->h.tcp);
+    uv_tcp_init(ctx->loop->uv, &s->h.tcp);
   }
   s->h.handle.data = s;
+  ts_waiter_init(&s->reader);
   s->close_cb_ref = LUA_NOREF;
-  s->handler_ref = s->addr_ref = LUA_NOREF;
+  /* The Lua layer passes its defaults; these only make a bare stream work. */
   ts__stream_configure(s, 100 * 1024 * 1024, 64 * 1024, 0);
   /* Pinned until the close callback: libuv owns the handle until then. */
   lua_pushvalue(L, -1);
@@ -943,17 +1260,24 @@ int ts__stream_start(ts_stream *s) {
   return (s->flags & F_CLOSED) ? s->err : 0;
 }
 
+void ts__stream_push(lua_State *L, ts_stream *s) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->self_ref);
+}
+
 int ts__open_stream(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"read_until", l_read_until},
     {"read_bytes", l_read_bytes},
     {"read_until_close", l_read_until_close},
+    {"_buffered", l_buffered},
+    {"_fill", l_fill},
     {"write", l_write},
     {"flush", l_flush},
     {"close", l_close},
     {"closed", l_closed},
     {"set_close_callback", l_set_close_callback},
-    {"settimeout", l_settimeout},
+    {"set_timeout", l_settimeout},
+    {"settimeout", l_settimeout}, /* LuaSocket's and OpenResty's name */
     {"set_nodelay", l_set_nodelay},
     {"getpeername", l_getpeername},
     {"getsockname", l_getsockname},
@@ -962,15 +1286,13 @@ int ts__open_stream(lua_State *L) {
   static const luaL_Reg metamethods[] = {
     {"__gc", l_gc}, {"__close", l_close}, {"__tostring", l_tostring},
     {"__index", NULL}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"read_budget", l_read_budget}, {NULL, NULL}};
 
   luaL_newmetatable(L, TS_STREAM_MT);
   luaL_setfuncs(L, metamethods, 0);
   luaL_newlib(L, methods);
   lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
+  lua_setfield(L, -2, "stream_mt"); /* exported: the Lua layer adds methods */
+  luaL_setfuncs(L, funcs, 0);
   return 0;
-}
-
-void ts__stream_push(lua_State *L, ts_stream *s) {
-  lua_rawgeti(L, LUA_REGISTRYINDEX, s->self_ref);
 }

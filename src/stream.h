@@ -1,104 +1,87 @@
-/* The stream struct, shared by stream.c and tls.c. */
+/* The stream (stream.c): an IOStream over a uv_tcp_t or uv_pipe_t. Other
+ * files see it only through these functions. A layer (TLS, or the server's
+ * PROXY header step) plugs in through ts_layer_ops, so that the I/O path
+ * never asks what the layer is. */
 #ifndef TS_STREAM_H
 #define TS_STREAM_H
 
-#include "internal.h"
+#include "loop.h"
 
 #include <stddef.h>
 
-typedef struct ts_tls ts_tls;
-typedef struct ts_proxy ts_proxy;
+#define TS_STREAM_MT "tcpserver.stream"
 
-/* A write the kernel did not take at once: the request and its bytes. */
-typedef struct write_req {
-  uv_write_t req;
-  ts_buf buf;
-} write_req;
+typedef struct ts_stream ts_stream;
 
-enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE };
+/* What a layer does with the bytes that pass (in the spirit of Redis's
+ * ConnectionType). `layer` is the pointer given to ts__stream_attach. Any
+ * entry but on_read may be NULL. */
+typedef struct ts_layer_ops {
+  /* Bytes from the socket, valid for this call only. The layer hands on
+   * what they decode (ts__stream_read_space / _read_commit), then calls
+   * ts__stream_on_data or ts__stream_on_eof. */
+  void (*on_read)(ts_stream *s, void *layer, const char *data, size_t n);
+  void (*on_eof)(ts_stream *s, void *layer);          /* the peer closed */
+  void (*on_error)(ts_stream *s, void *layer, int err); /* the read failed */
+  /* A read request came: deliver what was held back at max_buffer_size. */
+  void (*pump)(ts_stream *s, void *layer);
+  /* Moves what write() queued (ts__stream_plain) into the output. Returns
+   * 0 or a libuv error. */
+  int (*encode)(ts_stream *s, void *layer);
+  ts_buf *(*output)(void *layer);  /* bytes for the socket (NULL: plain) */
+  void (*shutdown)(ts_stream *s, void *layer); /* a clean close begins */
+  const char *(*error)(void *layer); /* why the stream failed, or NULL */
+  /* The handle closed: wake what waits on the layer, free native state. */
+  void (*closed)(ts_stream *s, void *layer);
+  void (*free)(lua_State *L, void *layer); /* the stream is collected */
+} ts_layer_ops;
 
-enum {
-  F_PIPE = 1 << 0,
-  F_READING = 1 << 1,   /* uv_read_start is active */
-  F_EOF = 1 << 2,       /* the peer finished sending */
-  F_CLOSED = 1 << 3,    /* close() was called or an error ended it */
-  F_HCLOSING = 1 << 4,  /* uv_close was called */
-  F_DONE = 1 << 5,      /* the close callback ran */
-  F_DIRTY = 1 << 7,     /* on the loop's dirty list */
-  F_BORROWED = 1 << 8,  /* rbuf points into the loop's shared buffer */
-  F_FLUSHWAIT = 1 << 9, /* wco waits for everything, not just the mark */
-  F_TASK = 1 << 10      /* a server's handler runs on it: stay pinned */
-};
+/* What a listener counts over the streams it accepted, closed ones too.
+ * Shared: the listener and each stream hold a reference. */
+typedef struct ts_counters {
+  int refs;
+  uint64_t bytes_in, bytes_out;   /* application bytes: after TLS */
+  uint64_t tls_handshake_failures;
+} ts_counters;
 
-/* What a task waits for on a stream (see wait_on). */
-enum { SLOT_READER = 1, SLOT_WRITER, SLOT_HANDSHAKE };
+ts_counters *ts__counters_new(void);
+void ts__counters_release(ts_counters *c);
+void ts__stream_count_into(ts_stream *s, ts_counters *c); /* takes a ref */
+ts_counters *ts__stream_counters(ts_stream *s);           /* or NULL */
 
-#define WRITE_HIGH_WATER (1024 * 1024)
-#define DIRECT_WRITE_MIN (16 * 1024) /* see write_direct */
-#define LINGER_MS 10000
+/* Creating and running (client.c, subprocess.c, server.c) */
+ts_stream *ts__stream_new(lua_State *L, int is_pipe); /* pushed, pinned */
+uv_stream_t *ts__stream_handle(ts_stream *s);
+ts_loop *ts__stream_loop(ts_stream *s);
+void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk,
+                          double timeout);
+int ts__stream_start(ts_stream *s); /* starts reading: 0 or a libuv error */
+void ts__stream_push(lua_State *L, ts_stream *s);
+ts_stream *ts__check_stream(lua_State *L, int idx);
+/* Forgets the task anchored as s's reader: at idx is s (a handler's end). */
+void ts__stream_forget_reader(lua_State *L, int idx);
 
-struct ts_stream {
-  const char *tag;        /* identifies a live stream userdata cheaply */
-  ts_buf rbuf;
-  ts_buf wbuf;            /* filled by write() */
-  struct write_req *inflight; /* the uv_write under way, with its bytes */
-  uv_timer_t *timer;      /* wait timeouts and close linger; lazy */
-  ts_stream *next_dirty;
-  lua_State *rco, *wco;   /* tasks waiting to read / for the write buffer */
-  int self_ref, close_cb_ref;
-  int anchor[2];          /* refs to the writer and handshake waiters */
-  int handler_ref, addr_ref; /* while a server's handler runs on it */
-  int err;                /* the libuv error that ended the stream */
-  uint16_t flags;
-  uint8_t rmode;
-  size_t rn;              /* read_bytes count or read_until max_bytes */
-  const char *delim;      /* lives on the waiting task's stack */
-  size_t dlen, scan;
-  uint32_t max_buffer, chunk, read_high_water; /* < 4 GiB: see init.lua */
-  float timeout;          /* seconds; <= 0 means none */
-  ts_tls *tls;            /* NULL on a plain stream */
-  ts_proxy *proxy;        /* waiting for a PROXY header, or NULL */
-  /* Last, so that a TCP stream is allocated without a pipe's extra bytes
-   * (see TS_STREAM_SIZE): idle connections are counted in bytes. */
-  union {
-    uv_handle_t handle;
-    uv_stream_t stream;
-    uv_tcp_t tcp;
-    uv_pipe_t pipe;
-  } h;
-};
+/* Closing */
+void ts__stream_close(ts_stream *s, int err); /* 0: flush first; else drop */
+void ts__stream_fail(ts_stream *s, int err); /* err is the reason; flushes */
+void ts__stream_abort(ts_stream *s);         /* at once, dropping writes */
+int ts__stream_closed(ts_stream *s);
+const char *ts__stream_error(ts_stream *s);  /* "closed", "timeout", ... */
 
-#define TS_STREAM_SIZE(is_pipe) \
-  (offsetof(ts_stream, h) + ((is_pipe) ? sizeof(uv_pipe_t) : sizeof(uv_tcp_t)))
-
-/* stream.c, for tls.c */
-void ts__stream_close(ts_stream *s, int err);
+/* Layers */
+void ts__stream_attach(ts_stream *s, const ts_layer_ops *ops, void *layer);
+void *ts__stream_layer(ts_stream *s, const ts_layer_ops *ops); /* or NULL */
+/* Why a layer cannot be attached now (STARTTLS), or NULL. */
+const char *ts__stream_busy(ts_stream *s);
+/* Where decoded bytes go: at least one byte of room, or NULL when the
+ * buffer is full (max_buffer_size) or the stream ended. */
+char *ts__stream_read_space(ts_stream *s, size_t *room);
+void ts__stream_read_commit(ts_stream *s, size_t n);
 void ts__stream_on_data(ts_stream *s);
 void ts__stream_on_eof(ts_stream *s);
-void ts__stream_unborrow(ts_stream *s);
-int ts__stream_borrow(ts_stream *s);
-int ts__stream_wait(lua_State *L, ts_stream *s, lua_State **cop, int slot);
-void ts__stream_wake(ts_stream *s, lua_State **cop, int slot, int nres);
-const char *ts__stream_error(ts_stream *s);
-void ts__stream_start_timer(ts_stream *s, uint64_t ms);
+ts_buf *ts__stream_plain(ts_stream *s); /* what write() queued */
+int ts__stream_flush(ts_stream *s);     /* 0 or a libuv error (closed) */
 
-/* server.c: the PROXY header step (see s->proxy) */
-void ts__proxy_on_data(ts_stream *s);
-void ts__proxy_on_eof(ts_stream *s);
-void ts__proxy_timeout(ts_stream *s);
-
-/* tls.c, for stream.c */
-void ts__tls_on_read(ts_stream *s, const char *data, size_t n);
-void ts__tls_on_eof(ts_stream *s);
-void ts__tls_on_error(ts_stream *s, int err);
-int ts__tls_encrypt(ts_stream *s);
-void ts__tls_pump(ts_stream *s);
-void ts__tls_shutdown(ts_stream *s);
-void ts__tls_closed(ts_stream *s);
-void ts__tls_free(lua_State *L, ts_stream *s);
-ts_buf *ts__tls_out(ts_stream *s); /* ciphertext waiting to be written */
-int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
-                   const char *host, double timeout);
-const char *ts__tls_error(ts_stream *s);
+int ts__open_stream(lua_State *L);
 
 #endif

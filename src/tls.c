@@ -1,9 +1,9 @@
-/* TLS under a stream: OpenSSL over memory BIOs. Ciphertext read from the
- * socket is fed to the SSL object and the plaintext lands in the stream's
- * read buffer; plaintext written is encrypted when the stream is flushed
- * and the ciphertext goes out through the stream's normal write path. */
+/* TLS as a stream layer: OpenSSL over memory BIOs. Ciphertext read from
+ * the socket is fed to the SSL object and the plaintext goes to the
+ * stream's read buffer; what write() queued is encrypted when the stream
+ * flushes, and the ciphertext leaves through the stream's write path. */
 #define _DEFAULT_SOURCE /* timegm */
-#include "stream.h"
+#include "tls.h"
 
 #include <arpa/inet.h>
 #include <openssl/err.h>
@@ -25,20 +25,42 @@ typedef struct ts_ctx {
   int nsni;
   char **sni_names;
   SSL_CTX **sni_ctx;
+  int default_paths;     /* the system CAs, loaded when first needed */
+  int sni_cb_ref;        /* sni_callback(server_name), or LUA_NOREF */
 } ts_ctx;
 
-struct ts_tls {
-  SSL *ssl;
+typedef struct ts_tls {
+  SSL *ssl;                /* freed at close */
   BIO *rbio, *wbio;        /* owned by ssl */
+  ts_stream *s;
   uv_timer_t *hs_timer;    /* handshake_timeout, until the handshake ends */
-  lua_State *hco;          /* task in wait_for_handshake */
+  ts_waiter hs;            /* the task in wait_for_handshake */
   int ctx_ref;
+  int sni_ref;             /* the context sni_callback chose, or LUA_NOREF */
   int server, done, failed, shutdown_sent, close_notify;
   char peer[INET6_ADDRSTRLEN + 8]; /* server side: the client, for logs */
   size_t rx;               /* ciphertext bytes received */
   ts_buf xbuf;             /* ciphertext waiting to be written */
   char err[160];           /* "tls: <reason>" once failed */
-};
+} ts_tls;
+
+static const ts_layer_ops tls_ops;
+
+/* SSL objects alive in this process: freed at close, not at collection,
+ * which cannot see their memory (core.tls_live() reports it). */
+static long live_ssl;
+
+static void free_ssl(ts_tls *t) {
+  if (t->ssl == NULL)
+    return;
+  SSL_free(t->ssl);
+  t->ssl = NULL;
+  live_ssl--;
+}
+
+static ts_loop *loop_of(ts_tls *t) {
+  return ts__stream_loop(t->s);
+}
 
 /* ---- errors ---- */
 
@@ -52,95 +74,81 @@ static const char *ssl_reason(char *buf, size_t len) {
   return buf;
 }
 
-static void settle_handshake(ts_stream *s);
-
 /* Ends the connection after a TLS failure, with one info line unless the
  * peer sent nothing at all (a port probe). */
-static void tls_fail(ts_stream *s, const char *reason) {
-  ts_tls *t = s->tls;
+static void tls_fail(ts_tls *t, const char *reason) {
   char msg[256];
 
-  if (t->failed || (s->flags & F_CLOSED))
+  if (t->failed || ts__stream_closed(t->s))
     return;
   t->failed = 1;
   snprintf(t->err, sizeof(t->err), "tls: %s", reason);
+  if (t->server && !t->done && ts__stream_counters(t->s) != NULL)
+    ts__stream_counters(t->s)->tls_handshake_failures++;
   if (t->server && t->rx > 0) {
     snprintf(msg, sizeof(msg), "TLS %s with %s: %s",
              t->done ? "error" : "handshake failed", t->peer, reason);
-    ts__log(s->h.handle.loop->data, "info", msg);
+    ts__log(loop_of(t), "info", msg);
   }
-  s->err = UV_EPROTO;
-  ts__stream_close(s, 0); /* sends the alert OpenSSL queued, then closes */
+  ts__stream_fail(t->s, UV_EPROTO); /* sends the alert OpenSSL queued */
 }
 
-const char *ts__tls_error(ts_stream *s) {
-  return s->tls->failed ? s->tls->err : NULL;
+static const char *tls_error(void *layer) {
+  ts_tls *t = layer;
+  return t->failed ? t->err : NULL;
 }
 
 /* ---- moving bytes ---- */
 
-/* Moves the ciphertext OpenSSL produced into the stream's xbuf. */
-static int move_out(ts_stream *s) {
-  BIO *wbio = s->tls->wbio;
-  size_t pending = BIO_ctrl_pending(wbio);
+/* Moves the ciphertext OpenSSL produced into xbuf. */
+static int move_out(ts_tls *t) {
+  size_t pending = BIO_ctrl_pending(t->wbio);
   int n;
 
   if (pending == 0)
     return 0;
-  if (ts_buf_reserve(&s->tls->xbuf, pending, (size_t)-1) != 0)
+  if (ts_buf_reserve(&t->xbuf, pending, (size_t)-1) != 0)
     return UV_ENOMEM;
-  n = BIO_read(wbio, ts_buf_tail(&s->tls->xbuf), (int)pending);
+  n = BIO_read(t->wbio, ts_buf_tail(&t->xbuf), (int)pending);
   if (n > 0)
-    s->tls->xbuf.end += (size_t)n;
+    t->xbuf.end += (size_t)n;
   return 0;
 }
 
-int ts__tls_encrypt(ts_stream *s) {
-  ts_tls *t = s->tls;
+/* Before the handshake ends, written bytes wait in the stream's buffer. */
+static int tls_encode(ts_stream *s, void *layer) {
+  ts_tls *t = layer;
+  ts_buf *plain = ts__stream_plain(s);
   size_t len;
   int n;
 
-  while (t->done && !t->failed && !t->shutdown_sent &&
-         (len = ts_buf_len(&s->wbuf)) > 0) {
-    n = SSL_write(t->ssl, ts_buf_head(&s->wbuf), len > 1 << 30 ? 1 << 30 : (int)len);
+  while (t->done && !t->failed && !t->shutdown_sent && t->ssl != NULL &&
+         (len = ts_buf_len(plain)) > 0) {
+    n = SSL_write(t->ssl, ts_buf_head(plain), len > 1 << 30 ? 1 << 30 : (int)len);
     if (n <= 0) {
       ERR_clear_error();
       return UV_EPROTO;
     }
-    ts_buf_consume(&s->wbuf, (size_t)n);
+    ts_buf_consume(plain, (size_t)n);
   }
-  if (ts_buf_len(&s->wbuf) == 0)
-    ts_buf_release(&s->wbuf, &((ts_loop *)s->h.handle.loop->data)->wpool);
-  return move_out(s);
+  return t->ssl != NULL ? move_out(t) : 0;
+}
+
+static ts_buf *tls_output(void *layer) {
+  return &((ts_tls *)layer)->xbuf;
 }
 
 /* Decrypts what OpenSSL holds into the read buffer, up to max_buffer_size
  * (the rest waits inside OpenSSL: backpressure). */
-static void read_plain(ts_stream *s) {
-  ts_tls *t = s->tls;
-  char reason[120];
-  size_t len, room;
+static void read_plain(ts_tls *t) {
+  char reason[120], *p;
+  size_t room;
   int n;
 
-  for (;;) {
-    len = ts_buf_len(&s->rbuf);
-    if (len >= s->max_buffer)
-      return;
-    if (len == 0 && !(s->flags & F_BORROWED))
-      ts__stream_borrow(s);
-    else if ((s->flags & F_BORROWED) && ts_buf_room(&s->rbuf) == 0)
-      ts__stream_unborrow(s);
-    if (!(s->flags & F_BORROWED) &&
-        ts_buf_reserve(&s->rbuf, s->chunk, s->max_buffer) != 0) {
-      ts__stream_close(s, UV_ENOMEM);
-      return;
-    }
-    room = ts_buf_room(&s->rbuf);
-    if (room > s->max_buffer - len)
-      room = s->max_buffer - len;
-    n = SSL_read(t->ssl, ts_buf_tail(&s->rbuf), room > 1 << 30 ? 1 << 30 : (int)room);
+  while ((p = ts__stream_read_space(t->s, &room)) != NULL) {
+    n = SSL_read(t->ssl, p, room > 1 << 30 ? 1 << 30 : (int)room);
     if (n > 0) {
-      s->rbuf.end += (size_t)n;
+      ts__stream_read_commit(t->s, (size_t)n);
       continue;
     }
     switch (SSL_get_error(t->ssl, n)) {
@@ -151,29 +159,26 @@ static void read_plain(ts_stream *s) {
       t->close_notify = 1;
       return;
     default:
-      tls_fail(s, ssl_reason(reason, sizeof(reason)));
+      tls_fail(t, ssl_reason(reason, sizeof(reason)));
       return;
     }
   }
 }
 
-static void handshake_done(ts_stream *s) {
-  ts_tls *t = s->tls;
-
+static void handshake_done(ts_tls *t) {
   t->done = 1;
   if (t->hs_timer != NULL)
     uv_timer_stop(t->hs_timer);
 }
 
 /* Advances the handshake; returns 0, or -1 once it failed. */
-static int handshake(ts_stream *s) {
-  ts_tls *t = s->tls;
+static int handshake(ts_tls *t) {
   char reason[200];
   long verify;
   int r = SSL_do_handshake(t->ssl);
 
   if (r == 1) {
-    handshake_done(s);
+    handshake_done(t);
     return 0;
   }
   switch (SSL_get_error(t->ssl, r)) {
@@ -189,12 +194,25 @@ static int handshake(ts_stream *s) {
   } else {
     ssl_reason(reason, sizeof(reason));
   }
-  tls_fail(s, reason);
+  tls_fail(t, reason);
   return -1;
 }
 
-void ts__tls_on_read(ts_stream *s, const char *data, size_t n) {
-  ts_tls *t = s->tls;
+/* Wakes wait_for_handshake once the handshake is settled either way. A
+ * finished handshake is a success even if the peer has closed since. */
+static void settle_handshake(ts_tls *t) {
+  if (!ts_waiter_waiting(&t->hs))
+    return;
+  if (t->done && !t->failed) {
+    lua_pushboolean(t->hs.co, 1);
+    ts_waiter_wake(&t->hs, 1);
+  } else if (t->failed || ts__stream_closed(t->s)) {
+    ts_waiter_wake_error(&t->hs, ts__stream_error(t->s));
+  }
+}
+
+static void tls_on_read(ts_stream *s, void *layer, const char *data, size_t n) {
+  ts_tls *t = layer;
   int was_done = t->done;
 
   t->rx += n;
@@ -203,123 +221,115 @@ void ts__tls_on_read(ts_stream *s, const char *data, size_t n) {
     return;
   }
   if (!t->done)
-    handshake(s);
+    handshake(t);
   if (t->done && !t->failed)
-    read_plain(s);
-  if (!(s->flags & F_HCLOSING))
-    ts__stream_flush(s); /* handshake messages, alerts, buffered writes */
+    read_plain(t);
+  ts__stream_flush(s); /* handshake messages, alerts, buffered writes */
   if (t->close_notify)
     ts__stream_on_eof(s);
   else
     ts__stream_on_data(s);
   if (t->done != was_done || t->failed)
-    settle_handshake(s);
+    settle_handshake(t);
 }
 
-void ts__tls_on_eof(ts_stream *s) {
-  ts_tls *t = s->tls;
+static void tls_on_eof(ts_stream *s, void *layer) {
+  ts_tls *t = layer;
 
-  if (!t->done) {
-    if (t->rx == 0) { /* a port probe: no log */
-      t->failed = 1;
-      snprintf(t->err, sizeof(t->err), "closed");
-      ts__stream_close(s, UV_EOF);
-    } else {
-      tls_fail(s, "connection closed during handshake");
-    }
-    settle_handshake(s);
+  if (t->done) { /* EOF without close_notify: the end of data all the same */
+    ts__stream_on_eof(s);
     return;
   }
-  ts__stream_on_eof(s); /* EOF without close_notify: end of data all the same */
+  if (t->rx == 0) { /* a port probe: no log */
+    t->failed = 1;
+    snprintf(t->err, sizeof(t->err), "closed");
+    ts__stream_close(s, UV_EOF);
+  } else {
+    tls_fail(t, "connection closed during handshake");
+  }
+  settle_handshake(t);
 }
 
 /* A reset during the handshake is worth a line too (not a probe's). */
-void ts__tls_on_error(ts_stream *s, int err) {
-  ts_tls *t = s->tls;
+static void tls_on_error(ts_stream *s, void *layer, int err) {
+  ts_tls *t = layer;
   char msg[200];
 
+  (void)s;
   if (!t->server || t->done || t->failed || t->rx == 0)
     return;
   snprintf(msg, sizeof(msg), "TLS handshake failed with %s: %s", t->peer,
            uv_strerror(err));
-  ts__log(s->h.handle.loop->data, "info", msg);
+  ts__log(loop_of(t), "info", msg);
 }
 
-void ts__tls_pump(ts_stream *s) {
-  ts_tls *t = s->tls;
+static void tls_pump(ts_stream *s, void *layer) {
+  ts_tls *t = layer;
 
-  if (t->done && !t->failed &&
+  (void)s;
+  if (t->done && !t->failed && t->ssl != NULL &&
       (SSL_pending(t->ssl) > 0 || BIO_ctrl_pending(t->rbio) > 0))
-    read_plain(s);
+    read_plain(t);
 }
 
-void ts__tls_shutdown(ts_stream *s) {
-  ts_tls *t = s->tls;
+static void tls_shutdown(ts_stream *s, void *layer) {
+  ts_tls *t = layer;
 
-  if (!t->done || t->failed || t->shutdown_sent)
+  if (!t->done || t->failed || t->shutdown_sent || t->ssl == NULL)
     return;
-  if (ts__tls_encrypt(s) != 0)
+  if (tls_encode(s, t) != 0)
     return;
   t->shutdown_sent = 1;
   SSL_shutdown(t->ssl); /* queues close_notify; we do not wait for the peer's */
   ERR_clear_error();
 }
 
-/* ---- handshake waits and timer ---- */
-
-static void settle_handshake(ts_stream *s) {
-  ts_tls *t = s->tls;
-  lua_State *co = t->hco;
-
-  if (co == NULL)
-    return;
-  if (t->done && !t->failed && !(s->flags & F_CLOSED)) {
-    lua_pushboolean(co, 1);
-    ts__stream_wake(s, &t->hco, SLOT_HANDSHAKE, 1);
-  } else if (t->failed || (s->flags & F_CLOSED)) {
-    lua_pushnil(co);
-    lua_pushstring(co, ts__stream_error(s));
-    ts__stream_wake(s, &t->hco, SLOT_HANDSHAKE, 2);
-  }
-}
+/* ---- handshake timer, close and free ---- */
 
 static void hs_timer_free(uv_handle_t *h) {
   free(h);
 }
 
 static void hs_timeout(uv_timer_t *timer) {
-  ts_stream *s = timer->data;
+  ts_tls *t = timer->data;
 
-  if (s->tls->done || (s->flags & F_CLOSED))
+  if (t->done || ts__stream_closed(t->s))
     return;
-  s->tls->rx += 1; /* a stalled handshake is worth its log line */
-  tls_fail(s, "handshake timed out");
-  settle_handshake(s);
+  t->rx += 1; /* a stalled handshake is worth its log line */
+  tls_fail(t, "handshake timed out");
+  settle_handshake(t);
 }
 
-ts_buf *ts__tls_out(ts_stream *s) {
-  return &s->tls->xbuf;
-}
+/* Native state goes at close: a collection cannot see its memory. */
+static void tls_closed(ts_stream *s, void *layer) {
+  ts_tls *t = layer;
 
-void ts__tls_closed(ts_stream *s) {
-  ts_tls *t = s->tls;
-
+  (void)s;
   ts_buf_free(&t->xbuf);
+  free_ssl(t);
+  luaL_unref(loop_of(t)->L, LUA_REGISTRYINDEX, t->ctx_ref);
+  luaL_unref(loop_of(t)->L, LUA_REGISTRYINDEX, t->sni_ref);
+  t->ctx_ref = t->sni_ref = LUA_NOREF;
   if (t->hs_timer != NULL) {
     uv_close((uv_handle_t *)t->hs_timer, hs_timer_free);
     t->hs_timer = NULL;
   }
-  settle_handshake(s);
+  settle_handshake(t);
 }
 
-void ts__tls_free(lua_State *L, ts_stream *s) {
-  ts_tls *t = s->tls;
+static void tls_free(lua_State *L, void *layer) {
+  ts_tls *t = layer;
 
-  SSL_free(t->ssl);
+  free_ssl(t);
   luaL_unref(L, LUA_REGISTRYINDEX, t->ctx_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, t->sni_ref);
   free(t);
-  s->tls = NULL;
 }
+
+static const ts_layer_ops tls_ops = {
+  tls_on_read, tls_on_eof, tls_on_error, tls_pump, tls_encode, tls_output,
+  tls_shutdown, tls_error, tls_closed, tls_free,
+};
 
 /* ---- contexts ---- */
 
@@ -342,6 +352,8 @@ static int ctx_gc(lua_State *L) {
   c->sni_names = NULL;
   SSL_CTX_free(c->ctx); /* connections hold their own reference */
   c->ctx = NULL;
+  luaL_unref(L, LUA_REGISTRYINDEX, c->sni_cb_ref);
+  c->sni_cb_ref = LUA_NOREF;
   return 0;
 }
 
@@ -406,18 +418,52 @@ static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outle
   return SSL_TLSEXT_ERR_NOACK;
 }
 
+/* sni_callback(name) -> context or nil, called inside the handshake. The
+ * chosen context brings its own certificate and verify settings; the
+ * connection anchors it until it closes. */
+static int sni_call(SSL *ssl, ts_ctx *c, const char *name, int *alert) {
+  ts_tls *t = SSL_get_app_data(ssl);
+  lua_State *L = loop_of(t)->L;
+  int top = lua_gettop(L), ok = 1;
+  ts_ctx *sub;
+
+  lua_rawgeti(L, LUA_REGISTRYINDEX, c->sni_cb_ref);
+  lua_pushstring(L, name);
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    char msg[300];
+    snprintf(msg, sizeof(msg), "sni_callback(%s) failed: %s", name,
+             lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object)");
+    ts__report(loop_of(t), msg);
+    ok = 0;
+  } else if ((sub = luaL_testudata(L, -1, TS_CTX_MT)) != NULL && sub->ctx != NULL) {
+    SSL_set_SSL_CTX(ssl, sub->ctx);
+    SSL_set_verify(ssl, sub->verify >= 0 ? sub->verify : SSL_VERIFY_NONE, NULL);
+    luaL_unref(L, LUA_REGISTRYINDEX, t->sni_ref);
+    t->sni_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  } else if (!lua_isnil(L, -1)) {
+    ts__report(loop_of(t), "sni_callback must return an ssl context, ssl_options or nil");
+    ok = 0;
+  }
+  lua_settop(L, top);
+  if (ok)
+    return SSL_TLSEXT_ERR_OK;
+  *alert = SSL_AD_INTERNAL_ERROR;
+  return SSL_TLSEXT_ERR_ALERT_FATAL;
+}
+
 static int sni_select(SSL *ssl, int *alert, void *arg) {
   ts_ctx *c = arg;
   const char *name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
   int i;
 
-  (void)alert;
   for (i = 0; name != NULL && i < c->nsni; i++) {
     if (strcasecmp(name, c->sni_names[i]) == 0) {
       SSL_set_SSL_CTX(ssl, c->sni_ctx[i]);
-      break;
+      return SSL_TLSEXT_ERR_OK;
     }
   }
+  if (name != NULL && c->sni_cb_ref != LUA_NOREF)
+    return sni_call(ssl, c, name, alert);
   return SSL_TLSEXT_ERR_OK;
 }
 
@@ -448,6 +494,18 @@ static void set_alpn(lua_State *L, ts_ctx *c, int t) {
   SSL_CTX_set_alpn_select_cb(c->ctx, alpn_select, c);
 }
 
+/* A connection switched to a per-name context verifies client certificates
+ * with that context's store: give it the main context's CAs. */
+static void share_verify(SSL_CTX *main, SSL_CTX *sub) {
+  X509_STORE *store = SSL_CTX_get_cert_store(main);
+  STACK_OF(X509_NAME) *names = SSL_CTX_get_client_CA_list(main);
+
+  X509_STORE_up_ref(store);
+  SSL_CTX_set_cert_store(sub, store);
+  if (names != NULL)
+    SSL_CTX_set_client_CA_list(sub, SSL_dup_CA_list(names));
+}
+
 /* sni = {["host"] = {certfile=, keyfile=}, ...} */
 static void set_sni(lua_State *L, ts_ctx *c, int t) {
   int n = 0;
@@ -469,6 +527,7 @@ static void set_sni(lua_State *L, ts_ctx *c, int t) {
     c->sni_ctx[c->nsni] = sub;
     c->sni_names[c->nsni++] = strdup(name);
     load_pair(L, sub, opt_string(L, -1, "certfile"), opt_string(L, -1, "keyfile"));
+    share_verify(c->ctx, sub);
     if (c->alpn_len > 0)
       SSL_CTX_set_alpn_select_cb(sub, alpn_select, c);
   }
@@ -492,7 +551,8 @@ static void set_verify(lua_State *L, ts_ctx *c, int t) {
       raise_ssl(L, "ssl_options: cannot load cafile %s: %s", cafile);
     SSL_CTX_set_client_CA_list(c->ctx, names);
   } else {
-    SSL_CTX_set_default_verify_paths(c->ctx);
+    /* Reading the system store takes ~45 ms: only a verifying side pays. */
+    c->default_paths = 1;
   }
 }
 
@@ -524,6 +584,7 @@ static int l_ssl_context(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   c = lua_newuserdatauv(L, sizeof(*c), 0);
   memset(c, 0, sizeof(*c));
+  c->sni_cb_ref = LUA_NOREF;
   luaL_setmetatable(L, TS_CTX_MT);
   c->ctx = new_ssl_ctx(L);
   cert = opt_string(L, 1, "certfile");
@@ -538,6 +599,18 @@ static int l_ssl_context(lua_State *L) {
   set_verify(L, c, 1);
   set_alpn(L, c, 1);
   set_sni(L, c, 1);
+  if (lua_getfield(L, 1, "sni_callback") == LUA_TFUNCTION) {
+    c->sni_cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    SSL_CTX_set_tlsext_servername_callback(c->ctx, sni_select);
+    SSL_CTX_set_tlsext_servername_arg(c->ctx, c);
+  } else {
+    lua_pop(L, 1);
+  }
+  return 1;
+}
+
+static int l_tls_live(lua_State *L) {
+  lua_pushinteger(L, live_ssl);
   return 1;
 }
 
@@ -571,16 +644,17 @@ static void set_peer_name(ts_tls *t, const char *host, int verify) {
     SSL_set1_host(t->ssl, host);
 }
 
-/* Puts TLS under stream s with the context at ctx_idx. A client starts its
- * handshake at once. */
-int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
-                   const char *host, double timeout) {
-  ts_ctx *c = check_ctx(L, ctx_idx);
+/* Without verify, a side checks no certificate: a server by default. */
+static int verify_mode(ts_ctx *c, int server) {
+  return c->verify >= 0 ? c->verify : server ? SSL_VERIFY_NONE : SSL_VERIFY_PEER;
+}
+
+static ts_tls *new_tls(ts_ctx *c, int server, int verify) {
   ts_tls *t = calloc(1, sizeof(*t));
-  int verify = c->verify >= 0 ? c->verify : server ? SSL_VERIFY_NONE : SSL_VERIFY_PEER;
 
   if (t == NULL || (t->ssl = SSL_new(c->ctx)) == NULL)
     goto fail;
+  live_ssl++;
   t->rbio = BIO_new(BIO_s_mem());
   t->wbio = BIO_new(BIO_s_mem());
   if (t->rbio == NULL || t->wbio == NULL) {
@@ -591,7 +665,33 @@ int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
   BIO_set_mem_eof_return(t->rbio, -1); /* empty means "want more" */
   SSL_set_bio(t->ssl, t->rbio, t->wbio);
   SSL_set_verify(t->ssl, verify, NULL);
+  SSL_set_app_data(t->ssl, t);
   t->server = server;
+  t->ctx_ref = t->sni_ref = LUA_NOREF;
+  ts_waiter_init(&t->hs);
+  return t;
+fail:
+  if (t != NULL)
+    free_ssl(t);
+  free(t);
+  return NULL;
+}
+
+int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
+                   const char *host, double timeout) {
+  ts_ctx *c = check_ctx(L, ctx_idx);
+  int verify = verify_mode(c, server);
+  ts_tls *t;
+
+  if ((verify & SSL_VERIFY_PEER) && c->default_paths) {
+    SSL_CTX_set_default_verify_paths(c->ctx);
+    c->default_paths = 0;
+  }
+  t = new_tls(c, server, verify);
+
+  if (t == NULL)
+    return UV_ENOMEM;
+  t->s = s;
   if (server) {
     snprintf(t->peer, sizeof(t->peer), "%s", host ? host : "?");
     SSL_set_accept_state(t->ssl);
@@ -601,82 +701,104 @@ int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
   }
   lua_pushvalue(L, ctx_idx);
   t->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  s->tls = t;
-  if (timeout > 0 && (t->hs_timer = malloc(sizeof(*t->hs_timer))) != NULL) {
-    uv_timer_init(s->h.handle.loop, t->hs_timer);
-    t->hs_timer->data = s;
-    uv_timer_start(t->hs_timer, hs_timeout, (uint64_t)(timeout * 1000 + 0.5), 0);
+  ts__stream_attach(s, &tls_ops, t);
+  if (ts__timeout_ms(timeout) > 0 && (t->hs_timer = malloc(sizeof(*t->hs_timer))) != NULL) {
+    uv_timer_init(loop_of(t)->uv, t->hs_timer);
+    t->hs_timer->data = t;
+    uv_timer_start(t->hs_timer, hs_timeout, ts__timeout_ms(timeout), 0);
   }
   if (!server) {
-    handshake(s);
+    handshake(t);
     ts__stream_flush(s);
   }
   return 0;
-fail:
-  if (t != NULL)
-    SSL_free(t->ssl);
-  free(t);
-  return UV_ENOMEM;
+}
+
+void ts__tls_feed(ts_stream *s, const char *data, size_t n) {
+  tls_on_read(s, ts__stream_layer(s, &tls_ops), data, n);
 }
 
 /* ---- stream methods ---- */
 
-static ts_stream *check_stream(lua_State *L) {
-  return luaL_checkudata(L, 1, TS_STREAM_MT);
+/* The stream at 1 and its TLS layer (NULL on a plain stream). */
+static ts_tls *check_tls(lua_State *L, ts_stream **s) {
+  *s = ts__check_stream(L, 1);
+  return ts__stream_layer(*s, &tls_ops);
 }
 
 static int l_wait_for_handshake(lua_State *L) {
-  ts_stream *s = check_stream(L);
-  ts_tls *t = s->tls;
+  ts_stream *s;
+  ts_tls *t = check_tls(L, &s);
 
   if (t != NULL && t->failed) {
     lua_pushnil(L);
     lua_pushstring(L, t->err);
     return 2;
   }
-  if (s->flags & F_CLOSED) {
+  if (t == NULL || t->done) { /* done: even if the peer has closed since */
+    if (t == NULL && ts__stream_closed(s)) {
+      lua_pushnil(L);
+      lua_pushstring(L, ts__stream_error(s));
+      return 2;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (ts__stream_closed(s)) {
     lua_pushnil(L);
     lua_pushstring(L, ts__stream_error(s));
     return 2;
   }
-  if (t == NULL || t->done) {
-    lua_pushboolean(L, 1);
-    return 1;
-  }
-  if (t->hco != NULL)
+  if (ts_waiter_waiting(&t->hs))
     return luaL_error(L, "wait_for_handshake: already waiting");
   ts__check_task(L, "wait_for_handshake");
-  return ts__stream_wait(L, s, &t->hco, SLOT_HANDSHAKE);
+  return ts_waiter_park(&t->hs, L);
+}
+
+/* "host:port" of the peer (pushed on L), or NULL. */
+static const char *peer_name(lua_State *L, ts_stream *s) {
+  uv_stream_t *h = ts__stream_handle(s);
+  struct sockaddr_storage ss;
+  char host[INET6_ADDRSTRLEN];
+  int len = sizeof(ss), port;
+
+  if (h->type != UV_TCP || uv_tcp_getpeername((uv_tcp_t *)h, (struct sockaddr *)&ss, &len) != 0)
+    return NULL;
+  port = ts__addr_name((struct sockaddr *)&ss, host, sizeof(host));
+  return lua_pushfstring(L, ss.ss_family == AF_INET6 ? "[%s]:%d" : "%s:%d", host, port);
 }
 
 /* _start_tls(server_side, ctx, hostname, timeout): the Lua wrapper checks
  * the arguments and waits for the handshake. */
 static int l_start_tls(lua_State *L) {
-  ts_stream *s = check_stream(L);
+  ts_stream *s;
+  ts_tls *t = check_tls(L, &s);
   int server = lua_toboolean(L, 2);
-  const char *host = luaL_optstring(L, 4, NULL);
+  const char *host = luaL_optstring(L, 4, NULL), *busy;
   double timeout = luaL_optnumber(L, 5, 0);
 
-  check_ctx(L, 3);
-  if (s->tls != NULL)
+  /* A verified certificate proves nothing without a name to match. */
+  if (!server && host == NULL && (verify_mode(check_ctx(L, 3), 0) & SSL_VERIFY_PEER))
+    return luaL_error(L, "start_tls: a client needs server_hostname to check the "
+                         "certificate against (or verify = \"none\")");
+  if (t != NULL)
     return luaL_error(L, "start_tls: the stream already uses TLS");
-  if (s->flags & F_CLOSED) {
+  if (ts__stream_closed(s)) {
     lua_pushnil(L);
     lua_pushstring(L, ts__stream_error(s));
     return 2;
   }
-  if (s->rco != NULL || s->wco != NULL)
-    return luaL_error(L, "start_tls: a read or write is pending");
-  if (ts_buf_len(&s->rbuf) > 0 || ts_buf_len(&s->wbuf) > 0 ||
-      s->inflight != NULL)
-    return luaL_error(L, "start_tls: plain data is buffered");
+  if ((busy = ts__stream_busy(s)) != NULL)
+    return luaL_error(L, "start_tls: %s", busy);
+  if (server && host == NULL) /* the peer, for the logs */
+    host = peer_name(L, s);
   if (ts__tls_attach(L, s, 3, server, host, timeout) != 0)
     return luaL_error(L, "start_tls: out of memory");
   lua_pushboolean(L, 1);
   return 1;
 }
 
-static int push_name(lua_State *L, X509_NAME *name) {
+static int push_x509_name(lua_State *L, X509_NAME *name) {
   BIO *b = BIO_new(BIO_s_mem());
   char *p;
   long n;
@@ -697,7 +819,8 @@ static void push_time(lua_State *L, const ASN1_TIME *at) {
 }
 
 static int l_peer_certificate(lua_State *L) {
-  ts_stream *s = check_stream(L);
+  ts_stream *s;
+  ts_tls *t = check_tls(L, &s);
   X509 *x;
   BIO *b;
   char *p;
@@ -705,12 +828,12 @@ static int l_peer_certificate(lua_State *L) {
   BIGNUM *bn;
   char *hex;
 
-  if (s->tls == NULL || (x = SSL_get1_peer_certificate(s->tls->ssl)) == NULL)
+  if (t == NULL || t->ssl == NULL || (x = SSL_get1_peer_certificate(t->ssl)) == NULL)
     return 0;
   lua_createtable(L, 0, 7);
-  push_name(L, X509_get_subject_name(x));
+  push_x509_name(L, X509_get_subject_name(x));
   lua_setfield(L, -2, "subject");
-  push_name(L, X509_get_issuer_name(x));
+  push_x509_name(L, X509_get_issuer_name(x));
   lua_setfield(L, -2, "issuer");
   bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(x), NULL);
   hex = bn ? BN_bn2hex(bn) : NULL;
@@ -728,20 +851,21 @@ static int l_peer_certificate(lua_State *L) {
   lua_pushlstring(L, p, (size_t)n);
   lua_setfield(L, -2, "pem");
   BIO_free(b);
-  lua_pushboolean(L, SSL_get_verify_result(s->tls->ssl) == X509_V_OK &&
-                     (SSL_get_verify_mode(s->tls->ssl) & SSL_VERIFY_PEER));
+  lua_pushboolean(L, SSL_get_verify_result(t->ssl) == X509_V_OK &&
+                     (SSL_get_verify_mode(t->ssl) & SSL_VERIFY_PEER));
   lua_setfield(L, -2, "verified");
   X509_free(x);
   return 1;
 }
 
 static int l_alpn_protocol(lua_State *L) {
-  ts_stream *s = check_stream(L);
+  ts_stream *s;
+  ts_tls *t = check_tls(L, &s);
   const unsigned char *p = NULL;
   unsigned n = 0;
 
-  if (s->tls != NULL)
-    SSL_get0_alpn_selected(s->tls->ssl, &p, &n);
+  if (t != NULL && t->ssl != NULL)
+    SSL_get0_alpn_selected(t->ssl, &p, &n);
   if (n == 0)
     return 0;
   lua_pushlstring(L, (const char *)p, n);
@@ -749,18 +873,34 @@ static int l_alpn_protocol(lua_State *L) {
 }
 
 static int l_tls_version(lua_State *L) {
-  ts_stream *s = check_stream(L);
-  if (s->tls == NULL || !s->tls->done)
+  ts_stream *s;
+  ts_tls *t = check_tls(L, &s);
+  if (t == NULL || !t->done || t->ssl == NULL)
     return 0;
-  lua_pushstring(L, SSL_get_version(s->tls->ssl));
+  lua_pushstring(L, SSL_get_version(t->ssl));
+  return 1;
+}
+
+/* server_name() -> the name the client asked for with SNI (a client: the
+ * name it sent), or nil */
+static int l_server_name(lua_State *L) {
+  ts_stream *s;
+  ts_tls *t = check_tls(L, &s);
+  const char *name;
+
+  if (t == NULL || t->ssl == NULL ||
+      (name = SSL_get_servername(t->ssl, TLSEXT_NAMETYPE_host_name)) == NULL)
+    return 0;
+  lua_pushstring(L, name);
   return 1;
 }
 
 static int l_cipher(lua_State *L) {
-  ts_stream *s = check_stream(L);
-  if (s->tls == NULL || !s->tls->done)
+  ts_stream *s;
+  ts_tls *t = check_tls(L, &s);
+  if (t == NULL || !t->done || t->ssl == NULL)
     return 0;
-  lua_pushstring(L, SSL_get_cipher_name(s->tls->ssl));
+  lua_pushstring(L, SSL_get_cipher_name(t->ssl));
   return 1;
 }
 
@@ -772,20 +912,22 @@ int ts__open_tls(lua_State *L) {
     {"alpn_protocol", l_alpn_protocol},
     {"tls_version", l_tls_version},
     {"cipher", l_cipher},
+    {"server_name", l_server_name},
     {NULL, NULL}};
   static const luaL_Reg ctx_methods[] = {
     {"has_certificate", ctx_has_certificate}, {NULL, NULL}};
   static const luaL_Reg ctx_meta[] = {
     {"__gc", ctx_gc}, {"__tostring", ctx_tostring}, {"__index", NULL},
     {NULL, NULL}};
-  static const luaL_Reg funcs[] = {{"ssl_context", l_ssl_context}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {
+    {"ssl_context", l_ssl_context}, {"tls_live", l_tls_live}, {NULL, NULL}};
 
   luaL_newmetatable(L, TS_CTX_MT);
   luaL_setfuncs(L, ctx_meta, 0);
   luaL_newlib(L, ctx_methods);
   lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
-  luaL_getmetatable(L, TS_STREAM_MT);
+  lua_setfield(L, -2, "ssl_context_mt"); /* exported for ssl.lua */
+  lua_getfield(L, -1, "stream_mt"); /* ts__open_stream ran first */
   lua_getfield(L, -1, "__index");
   luaL_setfuncs(L, stream_methods, 0);
   lua_pop(L, 2);

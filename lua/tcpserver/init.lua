@@ -30,9 +30,43 @@ local CHECKS = {
   on_error = "function",
 }
 
-local function check_option(k, v)
+-- Levenshtein distance, bounded: enough to tell a typo from a new name.
+local function distance(a, b)
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = {[0] = i}
+    for j = 1, #b do
+      local cost = a:byte(i) == b:byte(j) and 0 or 1
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+
+-- The TCPServer option that `k` is a near miss of (two edits at most), if any.
+local function near_miss(k)
+  if type(k) ~= "string" then return nil end
+  for name in pairs(CHECKS) do
+    if distance(k, name) <= 2 then return name end
+  end
+end
+
+-- Checks a TCPServer option. A key TCPServer does not know is left to the
+-- subclass when it defines initialize (returns false), unless it is a
+-- near miss of one of TCPServer's own names: that is a typo.
+local function check_option(k, v, subclass_takes_unknown)
   local kind = CHECKS[k]
-  if not kind then error("TCPServer: unknown option '" .. tostring(k) .. "'", 4) end
+  if not kind then
+    local near = near_miss(k)
+    if near then
+      error(("TCPServer: unknown option '%s' (did you mean '%s'?)"):format(k, near), 4)
+    end
+    if subclass_takes_unknown then return false end
+    error("TCPServer: unknown option '" .. tostring(k)
+          .. "' (a subclass takes options of its own in initialize(opts))", 4)
+  end
   local ok
   if kind == "size" then ok = math.type(v) == "integer" and v > 0 and v < 1 << 32
   elseif kind == "seconds" then ok = type(v) == "number" and v > 0
@@ -44,6 +78,7 @@ local function check_option(k, v)
       or kind == "ssl" and "a table or an ssl context" or "a " .. kind
     error(("TCPServer: option '%s' must be %s, got %s"):format(k, want, tostring(v)), 4)
   end
+  return true
 end
 
 local servers = setmetatable({}, {__mode = "k"})
@@ -54,9 +89,9 @@ local function init(self, opts)
   end
   local options = {}
   for k, v in pairs(DEFAULTS) do options[k] = v end
+  local subclass_takes_unknown = self.initialize ~= nil
   for k, v in pairs(opts or {}) do
-    check_option(k, v)
-    options[k] = v
+    if check_option(k, v, subclass_takes_unknown) then options[k] = v end
   end
   if options.ssl_options then
     options.ssl_context = require("tcpserver.ssl").server_context(options.ssl_options)
@@ -64,6 +99,7 @@ local function init(self, opts)
   local state = {
     options = options, listeners = {}, pending = {}, streams = {},
     nstreams = 0, paused = false, drained = {},
+    connections_total = 0, handler_errors = 0, closed_counts = {},
   }
   rawset(self, "_tcpserver", state)
   servers[self] = true
@@ -138,11 +174,15 @@ local function make_handler(self, state)
   function handler.begin(stream)
     state.streams[stream] = true
     state.nstreams = state.nstreams + 1
+    state.connections_total = state.connections_total + 1
     if max and state.nstreams >= max then set_paused(state, true) end
   end
 
   function handler.done(stream, address, failed, err, traceback)
-    if failed then self:_report(err, traceback, address) end
+    if failed then
+      state.handler_errors = state.handler_errors + 1
+      self:_report(err, traceback, address)
+    end
     stream:close()
     state.streams[stream] = nil
     state.nstreams = state.nstreams - 1
@@ -200,11 +240,29 @@ function TCPServer:start(num_processes, max_restarts)
   self:add_sockets(pending)
 end
 
+-- The C core counts bytes and failed handshakes per listener (for the
+-- streams it accepted); a stopped listener's counts are kept here.
+local C_COUNTS = {"bytes_in", "bytes_out", "tls_handshake_failures"}
+
+local function listener_counts(listener)
+  return listener.stats and listener:stats() or {}
+end
+
+local function keep_counts(state, listener)
+  local counts = listener_counts(listener)
+  for _, k in ipairs(C_COUNTS) do
+    state.closed_counts[k] = (state.closed_counts[k] or 0) + (counts[k] or 0)
+  end
+end
+
 --- Stops accepting; open streams live on. Safe to call twice.
 function TCPServer:stop()
   local state = state_of(self)
   state.stopped = true
-  for _, listener in ipairs(state.listeners) do listener:close() end
+  for _, listener in ipairs(state.listeners) do
+    keep_counts(state, listener)
+    listener:close()
+  end
   state.listeners = {}
   for _, sock in ipairs(state.pending) do sock:close() end
   state.pending = {}
@@ -213,6 +271,26 @@ end
 --- Number of connections whose handler is running.
 function TCPServer:connection_count()
   return state_of(self).nstreams
+end
+
+--- Counters of this server since it was made: `connections_open`,
+-- `connections_total` (accepted), `handler_errors` (handle_stream raised),
+-- `bytes_in`, `bytes_out` (over the streams it accepted, after TLS:
+-- application bytes) and `tls_handshake_failures`.
+-- @treturn table
+function TCPServer:stats()
+  local state = state_of(self)
+  local t = {
+    connections_open = state.nstreams,
+    connections_total = state.connections_total,
+    handler_errors = state.handler_errors,
+  }
+  for _, k in ipairs(C_COUNTS) do t[k] = state.closed_counts[k] or 0 end
+  for _, listener in ipairs(state.listeners) do
+    local counts = listener_counts(listener)
+    for _, k in ipairs(C_COUNTS) do t[k] = t[k] + (counts[k] or 0) end
+  end
+  return t
 end
 
 --- Graceful stop: stop accepting, give handlers `timeout` seconds (the
@@ -227,6 +305,8 @@ function TCPServer:shutdown(timeout, done)
     return
   end
   local timer = ioloop.current():call_later(timeout, function()
+    log.info("shutdown_timeout (%g s) expired: closing %d connection%s", timeout,
+             state.nstreams, state.nstreams == 1 and "" or "s")
     for stream in pairs(state.streams) do stream:close() end
   end)
   state.drained[#state.drained + 1] = function()
@@ -235,18 +315,49 @@ function TCPServer:shutdown(timeout, done)
   end
 end
 
+--- The sum of every server's @{TCPServer:stats} in this process (luahost's
+-- own stats endpoint is left out).
+function M.stats()
+  local total = {connections_open = 0, connections_total = 0, handler_errors = 0}
+  for _, k in ipairs(C_COUNTS) do total[k] = 0 end
+  for server in pairs(servers) do
+    if not rawget(server, "_tcpserver").internal then
+      for k, v in pairs(server:stats()) do total[k] = total[k] + v end
+    end
+  end
+  return total
+end
+
 --- Graceful stop of every server in this process; `done()` when all are.
+-- Logs what it waits for and when that is over. Returns the longest
+-- shutdown_timeout it applies.
 function M.shutdown_all(timeout, done)
-  local left = 1
+  local open, longest, left, started = 0, 0, 1, ioloop.current():time()
+  for server in pairs(servers) do
+    open = open + server:connection_count()
+    longest = math.max(longest, timeout or server._tcpserver.options.shutdown_timeout)
+  end
+  if open == 0 then
+    log.info("Shutting down: no connections open")
+  else
+    log.info("Shutting down: waiting for %d connection%s (shutdown_timeout %g s)",
+             open, open == 1 and "" or "s", longest)
+  end
   local function one()
     left = left - 1
-    if left == 0 and done then done() end
+    if left > 0 then return end
+    if open > 0 then
+      log.info("Shut down: the last connection closed after %.1f s",
+               ioloop.current():time() - started)
+    end
+    if done then done() end
   end
   for server in pairs(servers) do
     left = left + 1
     server:shutdown(timeout, one)
   end
   one()
+  return longest
 end
 
 M.TCPServer = TCPServer

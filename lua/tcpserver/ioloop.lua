@@ -33,8 +33,36 @@ local function check_seconds(s, where)
   end
 end
 
+-- Signals the script handles itself (add_signal_handler): luahost does,
+-- for SIGINT and SIGTERM.
+local handled = {}
+local stopping = false
+
+-- Runs the loop. Meanwhile, SIGINT and SIGTERM stop it gracefully unless
+-- the script handles them: without this, plain lua5.4's SIGINT handler
+-- would only raise "interrupted!" in whatever Lua code runs next, and
+-- SIGTERM would kill a forked worker in the middle of its requests.
+local function run()
+  if core.running() or core.in_task() then
+    error("ioloop: the loop is already running", 3)
+  end
+  local defaults = {}
+  for _, name in ipairs {"SIGINT", "SIGTERM"} do
+    if not handled[name] then
+      defaults[#defaults + 1] = core.signal(name, function()
+        -- a handler added while the loop runs wins too
+        if not handled[name] then M.current():stop_gracefully() end
+      end)
+    end
+  end
+  local ok, err = pcall(core.start)
+  for _, handle in ipairs(defaults) do handle:cancel() end
+  stopping = false
+  if not ok then error(err, 0) end
+end
+
 --- Runs the loop until stop() or until nothing is left to do.
-function IOLoop:start() core.start() end
+function IOLoop:start() run() end
 
 function IOLoop:stop()
   if core.running() then core.stop() end
@@ -100,7 +128,7 @@ function IOLoop:run_sync(fn, timeout)
   end)
   if not result then
     local timer = timeout and core.timer(timeout, 0, core.stop)
-    core.start()
+    run()
     if timer then timer:cancel() end
   end
   if not result then
@@ -114,10 +142,50 @@ function IOLoop:run_sync(fn, timeout)
   return unpack(result, 2, result.n)
 end
 
---- Calls fn(signal_number) when the process gets `name` ("SIGTERM", ...).
+--- The read budget: what all streams' read buffers together may hold in
+-- this process (a quarter of its memory by default). Past it, the largest
+-- buffers are refused: their reads fail with "too large" and they close.
+-- With `bytes`, sets it. Returns the budget, the bytes held now and the
+-- number of streams holding them.
+function IOLoop:read_budget(bytes)
+  if bytes ~= nil and (math.type(bytes) ~= "integer" or bytes <= 0) then
+    error("read_budget: bytes must be a positive integer", 2)
+  end
+  return core.read_budget(bytes)
+end
+
+--- Calls fn(signal_number) when the process gets `name` ("SIGTERM", ...),
+-- for as long as the process lives. For SIGINT and SIGTERM it replaces
+-- the loop's default: stop_gracefully() while the loop runs.
 function IOLoop:add_signal_handler(name, fn)
   check_function(fn, "add_signal_handler")
   core.signal(name, fn)
+  handled[name] = true
+end
+
+--- What SIGINT and SIGTERM do by default while the loop runs: every
+-- server in this process stops accepting and drains (TCPServer:shutdown,
+-- within its shutdown_timeout), then the loop stops; it stops anyway one
+-- second after the longest shutdown_timeout, should a handler outlive the
+-- close of its streams. Calls after the first do nothing.
+function IOLoop:stop_gracefully()
+  if stopping or not core.running() then return end
+  stopping = true
+  local tcpserver = package.loaded.tcpserver
+  if not tcpserver then return self:stop() end
+  local drained, deadline = false, nil
+  local longest = tcpserver.shutdown_all(nil, function()
+    drained = true
+    if deadline then deadline:cancel() end
+    self:stop()
+  end)
+  if not drained then
+    deadline = core.timer(longest + 1, 0, function()
+      log.warning("Handlers still running %g s after the shutdown began: stopping the loop",
+                  longest + 1)
+      self:stop()
+    end)
+  end
 end
 
 --- Suspends the calling task for `seconds`.

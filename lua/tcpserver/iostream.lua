@@ -4,7 +4,7 @@ local core = require "tcpserver.core"
 
 local M = {}
 
-local methods = debug.getregistry()["tcpserver.stream"].__index
+local methods = core.stream_mt.__index
 
 --- start_tls(server_side, ssl_options [, server_hostname]): upgrades the
 -- stream in place (STARTTLS) and waits for the handshake: true or nil, err.
@@ -17,6 +17,32 @@ function methods.start_tls(stream, server_side, ssl_options, server_hostname, ti
   ok, err = stream:_start_tls(server_side, ctx, server_hostname, timeout)
   if not ok then return nil, err end
   return stream:wait_for_handshake()
+end
+
+--- read_until_pattern(pattern [, max_bytes]): reads up to and including
+-- the first match of the Lua pattern `pattern` (as Tornado's
+-- read_until_regex). Returns the data, or nil, err, partial: "too large"
+-- (closing the stream) when no match ends within max_bytes (or the
+-- buffer's limit). The pattern is tried again over everything buffered
+-- as more arrives, so keep max_bytes small for patterns on slow peers.
+function methods.read_until_pattern(stream, pattern, max_bytes)
+  if type(pattern) ~= "string" or pattern == "" then
+    error("bad argument #1 to 'read_until_pattern' (non-empty string expected)", 2)
+  end
+  if max_bytes ~= nil and (math.type(max_bytes) ~= "integer" or max_bytes < 1) then
+    error("bad argument #2 to 'read_until_pattern' (positive integer expected)", 2)
+  end
+  while true do
+    local buf = stream:_buffered()
+    local _, stop = buf:find(pattern)
+    if stop and max_bytes and stop > max_bytes or not stop and max_bytes and #buf >= max_bytes then
+      stream:close()
+      return nil, "too large"
+    end
+    if stop then return stream:read_bytes(stop) end
+    local ok, err, partial = stream:_fill(#buf)
+    if not ok then return nil, err, partial end
+  end
 end
 
 M.IOStream = methods

@@ -52,7 +52,7 @@ function Event:wait(timeout)
       end
     end)
   end
-  local ok, err = coroutine.yield()
+  local ok, err = core.park()
   if timer then timer:cancel() end
   return ok, err
 end

@@ -4,6 +4,8 @@ local core = require "tcpserver.core"
 local M = {}
 
 local FAMILIES = {inet = true, inet6 = true}
+local DEFAULT_BACKLOG = 128
+local DEFAULT_UNIX_MODE = tonumber("600", 8)
 
 --- Binds listening sockets for every address `address` resolves to (all
 -- interfaces for nil or ""). opts: family ("inet", "inet6" or nil for both),
@@ -25,7 +27,7 @@ function M.bind_sockets(port, address, opts)
   if opts.family ~= nil and not FAMILIES[opts.family] then
     error("bind_sockets: family must be \"inet\", \"inet6\" or nil", 2)
   end
-  local backlog = opts.backlog or 128
+  local backlog = opts.backlog or DEFAULT_BACKLOG
   if math.type(backlog) ~= "integer" or backlog < 1 then
     error("bind_sockets: backlog must be a positive integer", 2)
   end
@@ -45,7 +47,7 @@ M.default_reuse_port = false
 --- Binds a unix stream socket at `path` (a stale socket file is replaced).
 function M.bind_unix_socket(path, mode, backlog)
   if type(path) ~= "string" then error("bind_unix_socket: path must be a string", 2) end
-  return core.bind_unix_socket(path, mode or tonumber("600", 8), backlog or 128)
+  return core.bind_unix_socket(path, mode or DEFAULT_UNIX_MODE, backlog or DEFAULT_BACKLOG)
 end
 
 local inherited

@@ -62,15 +62,21 @@ end
 --- fork_processes(n [, max_restarts]): forks n workers (nil, 0 or a
 -- negative n: one per CPU) and returns the task id (0..n-1) in each. The
 -- parent never returns: it supervises. A worker that exits non-zero or dies
--- from a signal is restarted with the same id (at most max_restarts times
--- in all, 100 by default; after that the parent stops the others and
--- raises), one that exits 0 is not. SIGTERM and SIGINT are forwarded to
--- the workers; SIGHUP replaces them one by one: the new worker first, and
--- once it is ready (its loop runs for the first time: ioloop start or
--- run_sync, so listen before that) the old one gets SIGTERM and drains; a
--- new worker that exits before it is ready stops the reload. The parent
--- exits 0 when every worker is gone. Bind sockets before, start the loop
--- after.
+-- from a signal is restarted with the same id, after a back-off (0.1 s,
+-- doubling with each crash of that task in a row, at most 10 s; a worker
+-- that served 10 s starts it over), at most max_restarts times in all (100
+-- by default; after that the parent stops the others and raises). One that
+-- exits 0 is not restarted. A worker is ready once its loop runs (ioloop
+-- start or run_sync, so listen before that): if one fails before that and
+-- no worker of its task ever was, the start failed (a port in use, a bug)
+-- and restarting would fail again: the parent stops the others and raises
+-- one error, with the worker's own message when it gave it to
+-- start_failed. Workers whose loop runs stop gracefully on SIGTERM and
+-- SIGINT (see IOLoop:stop_gracefully), which the parent forwards to them;
+-- SIGHUP replaces them one by one: the new worker first, and once it is
+-- ready the old one gets SIGTERM and drains; a new worker that exits before
+-- it is ready stops the reload. The parent exits 0 when every worker is
+-- gone. Bind sockets before, start the loop after.
 function M.fork_processes(n, max_restarts)
   if n ~= nil and math.type(n) ~= "integer" then
     error("fork_processes: number of processes must be an integer or nil", 2)
@@ -88,6 +94,14 @@ function M.fork_processes(n, max_restarts)
   log.info("Starting %d processes", n)
   return core.fork_processes(n, max_restarts or 100, supervisor_log)
 end
+
+--- start_failed(message): in a worker of fork_processes whose loop has not
+-- run yet, hands the first line of `message` to the supervisor, which
+-- stops the start and raises it as fork_processes' error (once, however
+-- many workers fail), and returns true: the caller exits without printing
+-- it. Returns false elsewhere. luahost calls it when a worker's script
+-- raises.
+M.start_failed = core.start_failed
 
 --- Raises the soft RLIMIT_NOFILE to the hard limit; returns the limit.
 M.raise_fd_limit = core.raise_fd_limit

@@ -6,11 +6,17 @@ local M = {}
 
 local OPTIONS = {timeout = true, source_ip = true, ssl_options = true, server_hostname = true}
 
---- connect(host, port [, {timeout=, source_ip=}]) -> stream or nil, err.
--- Must run in a task; resolution and connection never block the loop.
+--- connect(host, port [, opts]) -> stream or nil, err. opts: timeout
+-- (covers resolving, connecting and the TLS handshake), source_ip,
+-- ssl_options, server_hostname. `host` "unix:/path" connects to a unix
+-- socket; then port is nil. Must run in a task; resolution and connection
+-- never block the loop.
 function M.connect(host, port, opts)
   if type(host) ~= "string" or host == "" then error("connect: host must be a non-empty string", 2) end
-  if math.type(port) ~= "integer" or port < 1 or port > 65535 then
+  local path = host:match("^unix:(.+)$")
+  if path and port ~= nil then
+    error("connect: a unix socket (" .. host .. ") takes no port", 2)
+  elseif not path and (math.type(port) ~= "integer" or port < 1 or port > 65535) then
     error("connect: port must be an integer from 1 to 65535", 2)
   end
   opts = opts or {}
@@ -20,6 +26,7 @@ function M.connect(host, port, opts)
   if opts.timeout ~= nil and (type(opts.timeout) ~= "number" or opts.timeout <= 0) then
     error("connect: timeout must be a positive number of seconds", 2)
   end
+  if path and opts.source_ip ~= nil then error("connect: source_ip is for TCP", 2) end
   local ctx
   if opts.ssl_options ~= nil then
     ctx = require("tcpserver.ssl").wrap(opts.ssl_options)
@@ -27,11 +34,16 @@ function M.connect(host, port, opts)
     error("connect: server_hostname needs ssl_options", 2)
   end
   local started = core.time()
-  local stream, err = core.connect(host, port, opts.timeout, opts.source_ip)
+  local stream, err
+  if path then
+    stream, err = core.connect_unix(path, opts.timeout)
+  else
+    stream, err = core.connect(host, port, opts.timeout, opts.source_ip)
+  end
   if not stream or not ctx then return stream, err end
   local left = opts.timeout and math.max(opts.timeout - (core.time() - started), 0.001)
   local ok
-  ok, err = stream:_start_tls(false, ctx, opts.server_hostname or host, left)
+  ok, err = stream:_start_tls(false, ctx, opts.server_hostname or not path and host or nil, left)
   if ok then ok, err = stream:wait_for_handshake() end
   if not ok then
     stream:close()

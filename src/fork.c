@@ -1,8 +1,8 @@
-/* Child processes: Subprocess (uv_spawn with our streams on its pipes),
- * fork_processes (prefork workers under a blocking supervisor) and the CPU
- * count. */
+/* fork_processes (prefork workers under a blocking supervisor), the task
+ * id, and what a process knows of itself: pid, CPU count, descriptor
+ * limit. */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "fork.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -16,173 +16,8 @@
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
-
-#define TS_PROCESS_MT "tcpserver.subprocess"
-
-typedef struct ts_process {
-  uv_process_t h;
-  lua_State *co;
-  int co_ref, self_ref;
-  int exited, closed;
-  int64_t status;
-  int term_signal;
-} ts_process;
-
-static void process_closed(uv_handle_t *h) {
-  ts_process *p = h->data;
-  luaL_unref(((ts_loop *)h->loop->data)->L, LUA_REGISTRYINDEX, p->self_ref);
-}
-
-static void exit_cb(uv_process_t *h, int64_t status, int term_signal) {
-  ts_process *p = h->data;
-  lua_State *co = p->co;
-  int ref = p->co_ref;
-
-  p->exited = 1;
-  p->status = status;
-  p->term_signal = term_signal;
-  p->closed = 1;
-  uv_close((uv_handle_t *)h, process_closed);
-  if (co != NULL) {
-    p->co = NULL;
-    p->co_ref = LUA_NOREF;
-    lua_pushinteger(co, status);
-    lua_pushinteger(co, term_signal);
-    ts__resume(co, 2);
-    luaL_unref(co, LUA_REGISTRYINDEX, ref);
-  }
-}
-
-/* Builds a NULL-terminated array of the strings in table `idx` on a
- * userdata left on the stack (freed by the GC). */
-static char **string_array(lua_State *L, int idx, const char *what) {
-  lua_Integer n = luaL_len(L, idx), i;
-  char **v = lua_newuserdatauv(L, sizeof(char *) * (size_t)(n + 1), 1);
-  lua_pushvalue(L, idx); /* keeps the strings alive with the array */
-  lua_setiuservalue(L, -2, 1);
-  for (i = 1; i <= n; i++) {
-    if (lua_geti(L, idx, i) != LUA_TSTRING)
-      luaL_error(L, "Subprocess: %s[%d] is not a string", what, (int)i);
-    v[i - 1] = (char *)lua_tostring(L, -1);
-    lua_pop(L, 1);
-  }
-  v[n] = NULL;
-  return v;
-}
-
-/* Sets up stdio slot `fd`: "pipe" gives a stream, nil inherits, "null"
- * leaves it closed. Pushes the stream or nil. */
-static void setup_stdio(lua_State *L, uv_stdio_container_t *c, int fd,
-                        const char *mode, int child_reads) {
-  ts_stream *s;
-
-  if (mode == NULL) {
-    c->flags = UV_INHERIT_FD;
-    c->data.fd = fd;
-    lua_pushnil(L);
-  } else if (strcmp(mode, "pipe") == 0) {
-    s = ts__stream_new(L, 1);
-    c->flags = UV_CREATE_PIPE | (child_reads ? UV_READABLE_PIPE : UV_WRITABLE_PIPE);
-    c->data.stream = ts__stream_handle(s);
-  } else if (strcmp(mode, "null") == 0) {
-    c->flags = UV_IGNORE;
-    lua_pushnil(L);
-  } else {
-    luaL_error(L, "Subprocess: stdio mode must be \"pipe\", \"null\" or nil");
-  }
-}
-
-static void close_stream_at(lua_State *L, int idx) {
-  if (lua_isnil(L, idx))
-    return;
-  lua_getfield(L, idx, "close");
-  lua_pushvalue(L, idx);
-  lua_call(L, 1, 0);
-}
-
-/* core.spawn_process(argv, stdin, stdout, stderr [, env]) ->
- *   process, stdin_stream, stdout_stream, stderr_stream */
-static int l_spawn_process(lua_State *L) {
-  ts_loop *loop = ts__loop(L);
-  uv_process_options_t opts;
-  uv_stdio_container_t stdio[3];
-  const char *modes[3];
-  ts_process *p;
-  int i, err, base;
-
-  luaL_checktype(L, 1, LUA_TTABLE);
-  for (i = 0; i < 3; i++)
-    modes[i] = luaL_optstring(L, 2 + i, NULL);
-  memset(&opts, 0, sizeof(opts));
-  opts.args = string_array(L, 1, "argv");
-  luaL_argcheck(L, opts.args[0] != NULL, 1, "empty argv");
-  opts.file = opts.args[0];
-  if (lua_istable(L, 5))
-    opts.env = string_array(L, 5, "env");
-  p = lua_newuserdatauv(L, sizeof(*p), 0);
-  memset(p, 0, sizeof(*p));
-  luaL_setmetatable(L, TS_PROCESS_MT);
-  base = lua_gettop(L);
-  for (i = 0; i < 3; i++)
-    setup_stdio(L, &stdio[i], i, modes[i], i == 0);
-  opts.stdio = stdio;
-  opts.stdio_count = 3;
-  opts.exit_cb = exit_cb;
-  p->co_ref = LUA_NOREF;
-  p->h.data = p;
-  lua_pushvalue(L, base);
-  p->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  err = uv_spawn(loop->uv, &p->h, &opts);
-  if (err != 0) {
-    /* The handle is initialized even when the spawn fails. */
-    p->closed = p->exited = 1;
-    uv_close((uv_handle_t *)&p->h, process_closed);
-    for (i = 1; i <= 3; i++)
-      close_stream_at(L, base + i);
-    return luaL_error(L, "Subprocess: cannot run %s: %s", opts.file,
-                      uv_strerror(err));
-  }
-  for (i = 2; i <= 3; i++) /* the child's stdout and stderr */
-    if (!lua_isnil(L, base + i))
-      ts__stream_start(luaL_checkudata(L, base + i, TS_STREAM_MT));
-  return 4;
-}
-
-static ts_process *check_process(lua_State *L) {
-  return luaL_checkudata(L, 1, TS_PROCESS_MT);
-}
-
-static int proc_pid(lua_State *L) {
-  lua_pushinteger(L, check_process(L)->h.pid);
-  return 1;
-}
-
-static int proc_kill(lua_State *L) {
-  ts_process *p = check_process(L);
-  int sig = (int)luaL_optinteger(L, 2, 15);
-  int err = p->closed ? UV_ESRCH : uv_process_kill(&p->h, sig);
-  lua_pushboolean(L, err == 0);
-  return 1;
-}
-
-/* wait_for_exit() -> exit status, terminating signal (0 if none) */
-static int proc_wait(lua_State *L) {
-  ts_process *p = check_process(L);
-
-  if (p->exited) {
-    lua_pushinteger(L, p->status);
-    lua_pushinteger(L, p->term_signal);
-    return 2;
-  }
-  if (p->co != NULL)
-    return luaL_error(L, "wait_for_exit: already waiting");
-  ts__check_task(L, "wait_for_exit");
-  p->co = L;
-  lua_pushthread(L);
-  p->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  return lua_yield(L, 0);
-}
 
 /* Raises the soft descriptor limit to the hard one; returns the limit. */
 static int l_raise_fd_limit(lua_State *L) {
@@ -224,11 +59,33 @@ static int l_cpu_count(lua_State *L) {
 
 enum { SUP_CONTINUE = -1, SUP_DONE = -2, SUP_FAILED = -3 };
 
+/* Restarts back off: the first after 0.1 s, doubling with each crash of
+ * the same task up to 10 s; a worker that served 10 s starts it over. */
+#define BACKOFF_FIRST 0.1
+#define BACKOFF_MAX 10.0
+#define BACKOFF_RESET 10.0
+
 typedef struct worker {
   pid_t pid;
   int id;
   int retired; /* replaced by a reload: it drains, and is not restarted */
+  int ready;   /* its loop has run */
+  double born;
 } worker;
+
+typedef struct task {
+  int crashes;  /* in a row, for the back-off */
+  int was_ready; /* some worker of it got its loop running */
+  double due;    /* when its restart is due; 0: none pending */
+} task;
+
+/* What a worker tells the supervisor on the pipe: its loop runs, or it
+ * failed before and why. One write each, under PIPE_BUF: never split. */
+typedef struct note {
+  pid_t pid;
+  int failed;
+  char why[248];
+} note;
 
 typedef struct supervisor {
   lua_State *L;
@@ -236,6 +93,8 @@ typedef struct supervisor {
   int n, max_restarts, restarts;
   worker *w;             /* live workers, in no order */
   int nw, cap;
+  task *t;               /* by task id */
+  int pending;           /* restarts waiting for their back-off */
   int sfd;               /* signalfd for the blocked signals */
   int ready_rd, ready_wr;
   sigset_t saved_mask;
@@ -245,7 +104,7 @@ typedef struct supervisor {
   int reload_id;         /* task id a reload is replacing, -1 if none */
   pid_t reload_pid;      /* the new worker for it, until it is ready */
   int reload_again;      /* a SIGHUP came while a reload ran */
-  char err[200];         /* why the supervisor gives up */
+  char err[400];         /* why the supervisor gives up */
 } supervisor;
 
 /* What a forked worker knows about itself. */
@@ -274,19 +133,33 @@ static void sup_log(supervisor *s, const char *level, const char *fmt, ...) {
     fprintf(stderr, "tcpserver: %s\n", msg);
 }
 
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 static int sup_fail(supervisor *s, const char *what) {
   snprintf(s->err, sizeof(s->err), "fork_processes: %s: %s", what,
            strerror(errno));
   return SUP_FAILED;
 }
 
+static void free_tables(supervisor *s) {
+  free(s->w);
+  free(s->t);
+  s->w = NULL;
+  s->t = NULL;
+}
+
 /* Runs in a new worker: drop the supervisor's descriptors and signal mask,
  * and make sure the worker dies with the supervisor. */
+static void worker_ready(ts_loop *loop);
+
 static void become_worker(supervisor *s, int id) {
   close(s->sfd);
   close(s->ready_rd);
-  free(s->w);
-  s->w = NULL;
+  free_tables(s);
   the_task_id = id;
   ready_fd = s->ready_wr;
   the_supervisor = s->self;
@@ -298,7 +171,8 @@ static void become_worker(supervisor *s, int id) {
   sigaction(SIGCHLD, &s->saved_chld, NULL);
   /* The loop first: a signal unblocked before it has its own signal pipe
    * would be written to the supervisor's. */
-  if (ts__loop_fork() != 0)
+  ts__loop_on_start(ts__loop(s->L), worker_ready);
+  if (ts__loop_fork(s->L) != 0)
     fprintf(stderr, "tcpserver: worker %d: cannot reinitialize the loop\n", id);
   sigprocmask(SIG_SETMASK, &s->saved_mask, NULL);
 }
@@ -327,6 +201,8 @@ static int spawn(supervisor *s, int id, pid_t *pidp) {
   s->w[s->nw].pid = pid;
   s->w[s->nw].id = id;
   s->w[s->nw].retired = 0;
+  s->w[s->nw].ready = 0;
+  s->w[s->nw].born = now();
   s->nw++;
   if (pidp != NULL)
     *pidp = pid;
@@ -351,21 +227,74 @@ static int has_worker(supervisor *s, int id) {
   return 0;
 }
 
-static int restart(supervisor *s, int id) {
-  if (++s->restarts > s->max_restarts) {
-    snprintf(s->err, sizeof(s->err),
-             "fork_processes: too many child restarts (%d), giving up",
-             s->max_restarts);
-    return SUP_FAILED;
-  }
-  return spawn_step(s, id, NULL);
-}
-
 static void describe_status(char *buf, size_t size, int status) {
   if (WIFSIGNALED(status))
     snprintf(buf, size, "killed by signal %d", WTERMSIG(status));
   else
     snprintf(buf, size, "exited with status %d", WEXITSTATUS(status));
+}
+
+/* Schedules a new worker for task `id`, whose worker `pid` died (`how`)
+ * after `lived` seconds; gives up past max_restarts. */
+static int restart(supervisor *s, int id, pid_t pid, const char *how,
+                   double lived) {
+  task *t = &s->t[id];
+  double delay = BACKOFF_FIRST;
+  int i;
+
+  if (++s->restarts > s->max_restarts) {
+    snprintf(s->err, sizeof(s->err), "fork_processes: too many child "
+             "restarts (%d), giving up: child %d (pid %d) %s",
+             s->max_restarts, id, (int)pid, how);
+    return SUP_FAILED;
+  }
+  t->crashes = lived >= BACKOFF_RESET ? 1 : t->crashes + 1;
+  for (i = 1; i < t->crashes && delay < BACKOFF_MAX; i++)
+    delay *= 2;
+  if (delay > BACKOFF_MAX)
+    delay = BACKOFF_MAX;
+  sup_log(s, "warning", "child %d (pid %d) %s, restarting in %g s "
+          "(restart %d of %d)", id, (int)pid, how, delay, s->restarts,
+          s->max_restarts);
+  if (t->due == 0)
+    s->pending++;
+  t->due = now() + delay;
+  return SUP_CONTINUE;
+}
+
+/* Starts the restarts that are due: the task id in a new worker. */
+static int start_due(supervisor *s) {
+  double t = now();
+  int id, r = SUP_CONTINUE;
+
+  for (id = 0; id < s->n && r == SUP_CONTINUE; id++) {
+    if (s->t[id].due == 0 || s->t[id].due > t)
+      continue;
+    s->t[id].due = 0;
+    s->pending--;
+    r = spawn_step(s, id, NULL);
+  }
+  return r;
+}
+
+/* Milliseconds until the next restart is due, -1 if none is. */
+static int next_due_ms(supervisor *s) {
+  double first = 0, t = now();
+  int id;
+
+  for (id = 0; id < s->n; id++)
+    if (s->t[id].due != 0 && (first == 0 || s->t[id].due < first))
+      first = s->t[id].due;
+  if (first == 0)
+    return -1;
+  return first <= t ? 0 : (int)((first - t) * 1000) + 1;
+}
+
+static void cancel_restarts(supervisor *s) {
+  int id;
+  for (id = 0; id < s->n; id++)
+    s->t[id].due = 0;
+  s->pending = 0;
 }
 
 static int start_reload(supervisor *s);
@@ -392,11 +321,25 @@ static int start_reload(supervisor *s) {
   return reload_step(s);
 }
 
-/* The new worker of a reload is ready: the old one drains and exits. */
+static worker *find_worker(supervisor *s, pid_t pid) {
+  int i;
+  for (i = 0; i < s->nw; i++)
+    if (s->w[i].pid == pid)
+      return &s->w[i];
+  return NULL;
+}
+
+/* A worker's loop runs. If it is the new worker of a reload, the old one
+ * drains and exits. */
 static int on_ready(supervisor *s, pid_t pid) {
+  worker *w = find_worker(s, pid);
   int i;
 
-  if (pid <= 0 || pid != s->reload_pid)
+  if (w == NULL)
+    return SUP_CONTINUE;
+  w->ready = 1;
+  s->t[w->id].was_ready = 1;
+  if (pid != s->reload_pid)
     return SUP_CONTINUE;
   for (i = 0; i < s->nw; i++) {
     if (s->w[i].id == s->reload_id && s->w[i].pid != pid && !s->w[i].retired) {
@@ -409,44 +352,73 @@ static int on_ready(supervisor *s, pid_t pid) {
   return reload_step(s);
 }
 
+/* A task none of whose workers ever got its loop running failed: the start
+ * failed (a port in use, a bug in the script), and restarting would only
+ * fail again. `why` is the worker's message, or how it exited. */
+static int start_failed(supervisor *s, int id, pid_t pid, const char *why) {
+  snprintf(s->err, sizeof(s->err), "fork_processes: worker %d (pid %d) %s",
+           id, (int)pid, why);
+  return SUP_FAILED;
+}
+
+/* A worker reports that it fails before its loop runs, and why: it exits
+ * next. */
+static int on_failed(supervisor *s, pid_t pid, const char *why) {
+  worker *w = find_worker(s, pid);
+  char msg[300];
+
+  if (w == NULL || w->retired || s->stopping)
+    return SUP_CONTINUE;
+  snprintf(msg, sizeof(msg), "failed before its loop ran: %s", why);
+  if (pid == s->reload_pid)
+    sup_log(s, "error", "reload: the new worker for task %d (pid %d) %s",
+            w->id, (int)pid, msg);
+  else if (!s->t[w->id].was_ready)
+    return start_failed(s, w->id, pid, msg);
+  else
+    sup_log(s, "error", "child %d (pid %d) %s", w->id, (int)pid, msg);
+  return SUP_CONTINUE;
+}
+
 /* The new worker of a reload died before it was ready (bad new code, say):
  * the old one keeps serving and the reload stops there. */
-static int reload_failed(supervisor *s, int id, pid_t pid, int status) {
+static int reload_failed(supervisor *s, worker *w, int status) {
   char how[64];
 
   describe_status(how, sizeof(how), status);
   sup_log(s, "error", "reload: the new worker for task %d (pid %d) %s before "
-          "it was ready; keeping the old workers", id, (int)pid, how);
+          "it was ready; keeping the old workers", w->id, (int)w->pid, how);
   s->reload_id = -1;
   s->reload_pid = 0;
   s->reload_again = 0;
-  return has_worker(s, id) ? SUP_CONTINUE : restart(s, id);
+  return has_worker(s, w->id) ? SUP_CONTINUE
+                              : restart(s, w->id, w->pid, how, now() - w->born);
 }
 
 static int on_worker_exit(supervisor *s, pid_t pid, int status) {
-  char how[64];
-  int i, id;
+  worker *found = find_worker(s, pid), w;
+  char how[64], why[100];
 
-  for (i = 0; i < s->nw && s->w[i].pid != pid; i++)
-    ;
-  if (i == s->nw) /* not a worker: a Subprocess started before the fork */
+  if (found == NULL) /* not a worker: a Subprocess started before the fork */
     return SUP_CONTINUE;
-  id = s->w[i].id;
-  if (s->w[i].retired || s->stopping) {
-    s->w[i] = s->w[--s->nw];
+  w = *found;
+  *found = s->w[--s->nw];
+  if (w.retired || s->stopping)
     return SUP_CONTINUE;
-  }
-  s->w[i] = s->w[--s->nw];
   if (pid == s->reload_pid)
-    return reload_failed(s, id, pid, status);
+    return reload_failed(s, &w, status);
   if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
-    sup_log(s, "info", "child %d (pid %d) exited normally", id, (int)pid);
+    sup_log(s, "info", "child %d (pid %d) exited normally", w.id, (int)pid);
     return SUP_CONTINUE;
   }
   describe_status(how, sizeof(how), status);
-  sup_log(s, "warning", "child %d (pid %d) %s, restarting", id, (int)pid, how);
+  if (!w.ready && !s->t[w.id].was_ready) {
+    snprintf(why, sizeof(why), "%s before its loop ran", how);
+    return start_failed(s, w.id, pid, why);
+  }
   /* During a reload of this task, its new worker takes over. */
-  return has_worker(s, id) ? SUP_CONTINUE : restart(s, id);
+  return has_worker(s, w.id) ? SUP_CONTINUE
+                             : restart(s, w.id, pid, how, now() - w.born);
 }
 
 static void forward(supervisor *s, int signo) {
@@ -457,16 +429,39 @@ static void forward(supervisor *s, int signo) {
   s->stopping = 1;
   s->reload_id = -1;
   s->reload_pid = 0;
+  cancel_restarts(s);
   for (i = 0; i < s->nw; i++)
     kill(s->w[i].pid, signo);
+}
+
+/* Reads the notes that wait on the pipe, all of them. */
+static int read_notes(supervisor *s) {
+  note notes[16];
+  ssize_t n = sizeof(notes);
+  int i, r = SUP_CONTINUE;
+
+  while (r == SUP_CONTINUE && n == (ssize_t)sizeof(notes)) {
+    n = read(s->ready_rd, notes, sizeof(notes));
+    for (i = 0; r == SUP_CONTINUE && i < (int)(n / (ssize_t)sizeof(note)); i++) {
+      notes[i].why[sizeof(notes[i].why) - 1] = '\0';
+      r = notes[i].failed ? on_failed(s, notes[i].pid, notes[i].why)
+                          : on_ready(s, notes[i].pid);
+    }
+  }
+  return r;
 }
 
 static int reap(supervisor *s) {
   int status, r = SUP_CONTINUE;
   pid_t pid;
 
-  while (r == SUP_CONTINUE && (pid = waitpid(-1, &status, WNOHANG)) > 0)
-    r = on_worker_exit(s, pid, status);
+  while (r == SUP_CONTINUE && (pid = waitpid(-1, &status, WNOHANG)) > 0) {
+    /* What it wrote before it exited may have come after the last read
+     * (it exited since): whether it was ready depends on it. */
+    r = read_notes(s);
+    if (r == SUP_CONTINUE)
+      r = on_worker_exit(s, pid, status);
+  }
   return r;
 }
 
@@ -487,37 +482,28 @@ static int read_signals(supervisor *s) {
   return r;
 }
 
-static int read_ready(supervisor *s) {
-  pid_t pids[64];
-  ssize_t n;
-  int i, r = SUP_CONTINUE;
-
-  n = read(s->ready_rd, pids, sizeof(pids));
-  for (i = 0; r == SUP_CONTINUE && i < (int)(n / (ssize_t)sizeof(pid_t)); i++)
-    r = on_ready(s, pids[i]);
-  return r;
-}
-
 /* The supervision loop: returns a task id in a new worker, SUP_DONE once
  * every worker is gone, SUP_FAILED when it gives up. */
 static int supervise(supervisor *s) {
   struct pollfd fds[2];
   int r = SUP_CONTINUE;
 
-  while (r == SUP_CONTINUE && s->nw > 0) {
+  while (r == SUP_CONTINUE && (s->nw > 0 || s->pending > 0)) {
     fds[0].fd = s->ready_rd;
     fds[1].fd = s->sfd;
     fds[0].events = fds[1].events = POLLIN;
-    if (poll(fds, 2, -1) < 0) {
+    if (poll(fds, 2, next_due_ms(s)) < 0) {
       if (errno != EINTR)
         r = sup_fail(s, "poll");
       continue;
     }
-    /* Readiness first: a worker writes it before it can exit. */
+    /* Notes first: a worker writes them before it can exit. */
     if (fds[0].revents & POLLIN)
-      r = read_ready(s);
+      r = read_notes(s);
     if (r == SUP_CONTINUE && (fds[1].revents & POLLIN))
       r = read_signals(s);
+    if (r == SUP_CONTINUE && s->pending > 0)
+      r = start_due(s);
   }
   return r == SUP_CONTINUE ? SUP_DONE : r;
 }
@@ -550,7 +536,8 @@ static int sup_open(supervisor *s) {
   sigaddset(&set, SIGHUP);
   s->sfd = s->ready_rd = s->ready_wr = -1;
   s->w = malloc(sizeof(*s->w) * (size_t)(s->cap = 2 * s->n));
-  if (s->w == NULL || pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0)
+  s->t = calloc((size_t)s->n, sizeof(*s->t));
+  if (s->w == NULL || s->t == NULL || pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0)
     goto fail;
   s->ready_rd = fds[0];
   s->ready_wr = fds[1];
@@ -578,8 +565,7 @@ fail:
     close(s->ready_rd);
     close(s->ready_wr);
   }
-  free(s->w);
-  s->w = NULL;
+  free_tables(s);
   return -1;
 }
 
@@ -587,8 +573,7 @@ static void sup_close(supervisor *s) {
   close(s->sfd);
   close(s->ready_rd);
   close(s->ready_wr);
-  free(s->w);
-  s->w = NULL;
+  free_tables(s);
   sigaction(SIGCHLD, &s->saved_chld, NULL);
   sigprocmask(SIG_SETMASK, &s->saved_mask, NULL);
 }
@@ -609,7 +594,7 @@ static int l_fork_processes(lua_State *L) {
   if (the_task_id >= 0)
     return luaL_error(L, "fork_processes: already called (this is task %d)",
                       the_task_id);
-  if (ts__loop_running() || ts__in_task(L))
+  if ((ts__loop_find(L) != NULL && ts__loop_find(L)->running) || ts__in_task(L))
     return luaL_error(L, "fork_processes: cannot fork from a task or while "
                          "the loop runs");
   lua_settop(L, 3);
@@ -633,7 +618,9 @@ static int l_fork_processes(lua_State *L) {
   }
   terminate_all(&s);
   sup_close(&s);
-  return luaL_error(L, "%s", s.err);
+  /* No position: luahost prints it as the one line that explains. */
+  lua_pushstring(L, s.err);
+  return lua_error(L);
 }
 
 /* task_id() -> the task id in a forked worker, nil elsewhere */
@@ -650,34 +637,51 @@ static int l_getpid(lua_State *L) {
   return 1;
 }
 
-void ts__worker_ready(void) {
-  pid_t pid = getpid();
+/* Sends a note to the supervisor, once: 1 if it went out. */
+static int tell_supervisor(int failed, const char *why) {
+  note n;
+  int sent = 0;
 
   if (ready_fd < 0)
-    return;
+    return 0;
+  memset(&n, 0, sizeof(n));
+  n.pid = getpid();
+  n.failed = failed;
+  if (why != NULL)
+    snprintf(n.why, sizeof(n.why), "%.*s", (int)strcspn(why, "\n"), why);
   /* Non-blocking, and SIGPIPE is ignored: a gone supervisor costs nothing. */
-  if (getppid() == the_supervisor && write(ready_fd, &pid, sizeof(pid)) < 0)
-    fprintf(stderr, "tcpserver: cannot tell the supervisor: %s\n",
-            strerror(errno));
+  if (getppid() == the_supervisor) {
+    sent = write(ready_fd, &n, sizeof(n)) == (ssize_t)sizeof(n);
+    if (!sent)
+      fprintf(stderr, "tcpserver: cannot tell the supervisor: %s\n",
+              strerror(errno));
+  }
   close(ready_fd);
   ready_fd = -1;
+  return sent;
 }
 
-int ts__open_process(lua_State *L) {
-  static const luaL_Reg methods[] = {
-    {"pid", proc_pid}, {"kill", proc_kill}, {"wait_for_exit", proc_wait},
-    {NULL, NULL}};
+/* The worker's loop runs: it is ready (see fork_processes). */
+static void worker_ready(ts_loop *loop) {
+  (void)loop;
+  tell_supervisor(0, NULL);
+}
+
+/* core.start_failed(message) -> whether the supervisor got it: in a worker
+ * whose loop has not run yet, the supervisor reports the first line of
+ * `message` for it (once for all workers) and stops the start. */
+static int l_start_failed(lua_State *L) {
+  lua_pushboolean(L, tell_supervisor(1, luaL_checkstring(L, 1)));
+  return 1;
+}
+
+int ts__open_fork(lua_State *L) {
   static const luaL_Reg funcs[] = {
-    {"spawn_process", l_spawn_process}, {"cpu_count", l_cpu_count},
-    {"raise_fd_limit", l_raise_fd_limit},
+    {"cpu_count", l_cpu_count}, {"raise_fd_limit", l_raise_fd_limit},
     {"fork_processes", l_fork_processes}, {"task_id", l_task_id},
-    {"getpid", l_getpid},
+    {"getpid", l_getpid}, {"start_failed", l_start_failed},
     {NULL, NULL}};
 
-  luaL_newmetatable(L, TS_PROCESS_MT);
-  luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);
   return 0;
 }

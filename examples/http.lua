@@ -1,0 +1,171 @@
+-- An HTTP/1.1 server: keep-alive connections, request parsing, bodies
+-- sent with Content-Length or chunked, `Connection: close`, and 400 for
+-- requests it cannot parse.
+--   luahost examples/http.lua [--port 8080] [--host 127.0.0.1]
+--   curl -i http://127.0.0.1:8080/
+--   curl --data-binary 'some text' http://127.0.0.1:8080/echo
+--
+-- One coroutine per connection reads requests one after the other; what
+-- a client pipelines simply waits in the stream's buffer. The routes are
+-- at the bottom: a function gets the request and returns status, body and
+-- optionally a table of headers.
+local tcpserver = require "tcpserver"
+local ioloop = require "tcpserver.ioloop"
+local log = require "tcpserver.log"
+
+local opts = require("tcpserver.host").options(arg, {port = 8080, host = "127.0.0.1"})
+
+local MAX_HEAD = 64 * 1024     -- request line and headers
+local MAX_BODY = 1024 * 1024   -- larger bodies get 413
+local IDLE = 60                -- seconds a keep-alive connection may idle
+
+local REASONS = {
+  [100] = "Continue", [200] = "OK", [400] = "Bad Request", [404] = "Not Found",
+  [405] = "Method Not Allowed", [413] = "Content Too Large", [501] = "Not Implemented",
+}
+
+-- ---- parsing ------------------------------------------------------------------
+
+-- A request's head (everything up to the empty line) as
+-- {method=, target=, path=, query=, version="1.1", headers={lower-case name = value}},
+-- or nil if it is malformed.
+local function parse_head(head)
+  local method, target, minor, at = head:match("^(%u+) (%S+) HTTP/1%.([01])\r\n()")
+  if not method then return nil end
+  local headers = {}
+  while at < #head - 1 do -- the head ends with the empty line's "\r\n"
+    local name, value, nxt = head:match("^([!#$%%&'*+.^_`|~%w-]+):[ \t]*(.-)[ \t]*\r\n()", at)
+    if not name then return nil end -- no folded lines, no space before ":"
+    name = name:lower()
+    if headers[name] and name ~= "content-length" then
+      value = headers[name] .. ", " .. value -- repeated headers combine
+    elseif headers[name] then
+      return nil -- two Content-Lengths: a request smuggling attempt
+    end
+    headers[name], at = value, nxt
+  end
+  local path, query = target:match("^(/[^?#]*)%??([^#]*)")
+  if not path then return nil end
+  return {method = method, target = target, path = path, query = query,
+          version = "1." .. minor, headers = headers}
+end
+
+-- A chunked body: hex size lines, each chunk followed by CRLF, a zero
+-- size, optional trailers and an empty line. Returns the body, or nil and
+-- an HTTP status (nil if the client went away).
+local function read_chunked(stream)
+  local parts, size = {}, 0
+  while true do
+    local line = stream:read_until("\r\n", 1024)
+    if not line then return nil end
+    local hex = line:match("^(%x+)[ \t]*[;\r]") -- a ";name=value" extension is ignored
+    if not hex or #hex > 8 then return nil, 400 end
+    local n = tonumber(hex, 16)
+    size = size + n
+    if size > MAX_BODY then return nil, 413 end
+    if n == 0 then break end
+    local chunk = stream:read_bytes(n + 2)
+    if not chunk then return nil end
+    if chunk:sub(-2) ~= "\r\n" then return nil, 400 end
+    parts[#parts + 1] = chunk:sub(1, -3)
+  end
+  repeat -- trailers, up to the empty line
+    local line = stream:read_until("\r\n", MAX_HEAD)
+    if not line then return nil end
+  until line == "\r\n"
+  return table.concat(parts)
+end
+
+-- The request's body: "" if it has none; nil and a status as above.
+local function read_body(stream, req)
+  local te, length = req.headers["transfer-encoding"], req.headers["content-length"]
+  if te and length then return nil, 400 end -- ambiguous: refuse it
+  if not te and not length then return "" end
+  if te and te:lower() ~= "chunked" then return nil, 501 end
+  if length and (not length:match("^%d+$") or #length > 12) then return nil, 400 end
+  if length and tonumber(length) > MAX_BODY then return nil, 413 end
+  local expect = req.headers.expect
+  if expect and expect:lower() == "100-continue" then
+    stream:write("HTTP/1.1 100 Continue\r\n\r\n") -- the client waits for this to send
+  end
+  if te then return read_chunked(stream) end
+  return stream:read_bytes(tonumber(length))
+end
+
+-- Whether the client asked to close after this request: HTTP/1.1 keeps
+-- the connection unless told `close`, HTTP/1.0 closes unless told `keep-alive`.
+local function wants_close(req)
+  local connection = (req.headers.connection or ""):lower()
+  if req.version == "1.0" then return not connection:find("keep-alive", 1, true) end
+  return connection:find("close", 1, true) ~= nil
+end
+
+-- ---- responding ---------------------------------------------------------------
+
+-- Writes a whole response as one array (one writev); HEAD gets no body.
+local function respond(stream, req, status, body, headers, close)
+  headers = headers or {}
+  local out = {
+    ("HTTP/1.1 %d %s\r\n"):format(status, REASONS[status] or "Unknown"),
+    "Content-Type: ", headers["Content-Type"] or "text/plain; charset=utf-8",
+    "\r\nContent-Length: ", tostring(#body), "\r\n",
+  }
+  if close then out[#out + 1] = "Connection: close\r\n" end
+  for name, value in pairs(headers) do
+    if name ~= "Content-Type" then out[#out + 1] = name .. ": " .. value .. "\r\n" end
+  end
+  out[#out + 1] = "\r\n"
+  if not (req and req.method == "HEAD") then out[#out + 1] = body end
+  return stream:write(out)
+end
+
+-- ---- the application ----------------------------------------------------------
+
+local routes = {}
+
+routes["/"] = function(req)
+  if req.method ~= "GET" and req.method ~= "HEAD" then return 405, "GET only\n", {Allow = "GET, HEAD"} end
+  return 200, "Hello, world!\n"
+end
+
+routes["/echo"] = function(req)
+  if req.method ~= "POST" then return 405, "POST only\n", {Allow = "POST"} end
+  return 200, req.body, {["Content-Type"] = req.headers["content-type"]}
+end
+
+-- ---- the server ---------------------------------------------------------------
+
+local HttpServer = tcpserver.TCPServer:extend()
+
+function HttpServer:handle_stream(stream)
+  while true do
+    -- the head: nil when the client closed, stayed idle for IDLE seconds,
+    -- or sent more than MAX_HEAD without an empty line (then the core closes)
+    local head = stream:read_until("\r\n\r\n", MAX_HEAD)
+    if not head then return end
+    local req = parse_head(head)
+    if not req or (req.version == "1.1" and not req.headers.host) then
+      return respond(stream, nil, 400, "Bad Request\n", nil, true)
+    end
+    local body, status = read_body(stream, req)
+    if not body then
+      if status then respond(stream, req, status, REASONS[status] .. "\n", nil, true) end
+      return -- after an error the rest of the stream cannot be trusted
+    end
+    req.body = body
+    local route = routes[req.path]
+    local headers
+    if route then
+      status, body, headers = route(req)
+    else
+      status, body = 404, "Not Found\n"
+    end
+    local close = wants_close(req)
+    if not respond(stream, req, status, body, headers, close) or close then return end
+  end
+end
+
+local server = HttpServer({idle_timeout = IDLE})
+local port = server:listen(opts.port, opts.host)
+log.info("http server listening on http://%s:%d/", opts.host, port)
+ioloop.current():start()

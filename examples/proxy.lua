@@ -1,0 +1,69 @@
+-- A TCP proxy: every connection is piped both ways to an upstream server.
+--   luahost examples/proxy.lua [--port 8000] [--host 127.0.0.1] [--upstream 127.0.0.1:8888]
+--   (with `luahost examples/echo.lua` upstream: nc 127.0.0.1 8000)
+-- The upstream is HOST:PORT, [IPv6]:PORT, or unix:/path for a unix socket.
+--
+-- Backpressure comes for free from the stream API: each direction is a
+-- loop that reads what has arrived and writes it on. write() waits while
+-- the destination's buffer is over its high-water mark (1 MiB), and while
+-- the loop waits it does not read, so the source's buffer fills up, the
+-- core stops reading that socket, and TCP tells the sender to slow down.
+-- Memory per connection stays bounded however fast one side sends.
+--
+-- Each stream is written by one task only: the handler's task writes
+-- upstream, a second task writes to the client.
+--
+-- Limit: when one side closes, the other is closed after what is pending
+-- is delivered (streams have no half-close).
+local tcpserver = require "tcpserver"
+local ioloop = require "tcpserver.ioloop"
+local locks = require "tcpserver.locks"
+local log = require "tcpserver.log"
+local tcpclient = require "tcpserver.tcpclient"
+
+local opts = require("tcpserver.host").options(arg,
+  {port = 8000, host = "127.0.0.1", upstream = "127.0.0.1:8888", connect_timeout = 5})
+
+-- tcpclient.connect's arguments: ("unix:/path", nil) or (host, port).
+local UP_HOST, UP_PORT = opts.upstream, nil
+if not UP_HOST:match("^unix:") then
+  local host, port = UP_HOST:match("^%[?([^%]]+)%]?:(%d+)$")
+  UP_HOST, UP_PORT = host, math.tointeger(tonumber(port))
+  if not UP_PORT then error("--upstream must be HOST:PORT or unix:/path, got '" .. opts.upstream .. "'", 0) end
+end
+
+local CHUNK = 64 * 1024
+
+-- Copies src to dst until either ends, then closes both (close() still
+-- delivers what was written to dst, for up to 10 s).
+local function pipe(src, dst)
+  while true do
+    local data = src:read_bytes(CHUNK, true) -- whatever has arrived, 1..CHUNK bytes
+    if not data then break end
+    if not dst:write(data) then break end -- waits while dst is over its high-water mark
+  end
+  dst:close()
+  src:close()
+end
+
+local Proxy = tcpserver.TCPServer:extend()
+
+function Proxy:handle_stream(client, address)
+  local upstream, err = tcpclient.connect(UP_HOST, UP_PORT, {timeout = opts.connect_timeout})
+  if not upstream then
+    log.warning("%s: cannot reach %s: %s", address, opts.upstream, err)
+    return -- the server closes the client's stream
+  end
+  local done = locks.Event()
+  ioloop.current():spawn(function()
+    pipe(upstream, client)
+    done:set()
+  end)
+  pipe(client, upstream)
+  done:wait() -- return (and let the server close the client) after both
+end
+
+local server = Proxy()
+local port = server:listen(opts.port, opts.host)
+log.info("proxy listening on %s:%d, upstream %s", opts.host, port, opts.upstream)
+ioloop.current():start()

@@ -1,0 +1,203 @@
+-- A WebSocket echo server (RFC 6455): the HTTP upgrade handshake, then
+-- text and binary messages (fragmented or not) sent back as they came,
+-- pings answered, and the closing handshake.
+--   luahost examples/websocket.lua [--port 8765] [--host 127.0.0.1]
+--   python3 -m websockets ws://127.0.0.1:8765/      (Debian: python3-websockets)
+--
+-- Everything is plain Lua 5.4: SHA-1 and base64 for the handshake,
+-- string.pack/unpack for frame headers, integer XOR to unmask.
+local tcpserver = require "tcpserver"
+local ioloop = require "tcpserver.ioloop"
+local log = require "tcpserver.log"
+
+local opts = require("tcpserver.host").options(arg, {port = 8765, host = "127.0.0.1"})
+
+local MAX_MESSAGE = 1024 * 1024 -- a longer message closes with 1009
+local GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11" -- RFC 6455's constant
+
+local pack, unpack = string.pack, string.unpack
+
+-- ---- SHA-1 and base64, for Sec-WebSocket-Accept ------------------------------
+
+local function rol(x, n) return ((x << n) | (x >> (32 - n))) & 0xffffffff end
+
+local function sha1(msg)
+  local h0, h1, h2, h3, h4 = 0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0
+  -- pad: 0x80, zeros up to 56 mod 64, then the length in bits
+  msg = msg .. "\128" .. ("\0"):rep((55 - #msg) % 64) .. pack(">I8", #msg * 8)
+  local w = {}
+  for chunk = 1, #msg, 64 do
+    for i = 0, 15 do w[i] = unpack(">I4", msg, chunk + 4 * i) end
+    for i = 16, 79 do w[i] = rol(w[i - 3] ~ w[i - 8] ~ w[i - 14] ~ w[i - 16], 1) end
+    local a, b, c, d, e = h0, h1, h2, h3, h4
+    for i = 0, 79 do
+      local f, k
+      if i < 20 then f, k = (b & c) | (~b & d), 0x5A827999
+      elseif i < 40 then f, k = b ~ c ~ d, 0x6ED9EBA1
+      elseif i < 60 then f, k = (b & c) | (b & d) | (c & d), 0x8F1BBCDC
+      else f, k = b ~ c ~ d, 0xCA62C1D6 end
+      a, b, c, d, e = (rol(a, 5) + f + e + k + w[i]) & 0xffffffff, a, rol(b, 30), c, d
+    end
+    h0, h1 = (h0 + a) & 0xffffffff, (h1 + b) & 0xffffffff
+    h2, h3, h4 = (h2 + c) & 0xffffffff, (h3 + d) & 0xffffffff, (h4 + e) & 0xffffffff
+  end
+  return pack(">I4I4I4I4I4", h0, h1, h2, h3, h4)
+end
+
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+local function base64(s)
+  local out = {}
+  for i = 1, #s, 3 do
+    local a, b, c = s:byte(i, i + 2)
+    local n = a << 16 | (b or 0) << 8 | (c or 0)
+    for j = 0, 3 do
+      local v = n >> (18 - 6 * j) & 63
+      out[#out + 1] = B64:sub(v + 1, v + 1)
+    end
+    if not c then out[#out] = "=" end
+    if not b then out[#out - 1] = "=" end
+  end
+  return table.concat(out)
+end
+
+-- ---- the handshake -----------------------------------------------------------
+
+local function http_error(stream, status, extra)
+  stream:write(("HTTP/1.1 %s\r\n%sContent-Length: 0\r\nConnection: close\r\n\r\n"):format(status, extra or ""))
+end
+
+-- Reads the upgrade request and answers it; true if the connection now
+-- speaks WebSocket.
+local function handshake(stream)
+  local head = stream:read_until("\r\n\r\n", 8192)
+  if not head then return false end
+  local headers = {}
+  for name, value in head:gmatch("\r\n([^:\r\n]+):[ \t]*([^\r\n]*)") do
+    headers[name:lower()] = value
+  end
+  local function token(name, want) -- whether a comma-separated header holds `want`
+    local list = (headers[name] or ""):lower():gsub("%s", "")
+    return ("," .. list .. ","):find("," .. want .. ",", 1, true) ~= nil
+  end
+  if not head:match("^GET %S+ HTTP/1%.1\r\n") or not token("upgrade", "websocket") then
+    http_error(stream, "426 Upgrade Required", "Upgrade: websocket\r\n")
+    return false
+  end
+  local key = headers["sec-websocket-key"]
+  if not token("connection", "upgrade") or not key or #key ~= 24 then
+    http_error(stream, "400 Bad Request")
+    return false
+  end
+  if headers["sec-websocket-version"] ~= "13" then
+    http_error(stream, "426 Upgrade Required", "Sec-WebSocket-Version: 13\r\n")
+    return false
+  end
+  stream:write("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" ..
+               "Sec-WebSocket-Accept: " .. base64(sha1(key .. GUID)) .. "\r\n\r\n")
+  return true
+end
+
+-- ---- frames --------------------------------------------------------------------
+
+local CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
+
+-- XORs the payload with the 4-byte mask, 4 bytes at a time.
+local function unmask(data, key)
+  local m, out, n = unpack("<I4", key), {}, #data
+  for i = 1, n - 3, 4 do
+    out[#out + 1] = pack("<I4", unpack("<I4", data, i) ~ m)
+  end
+  for i = n - n % 4 + 1, n do
+    out[#out + 1] = string.char(data:byte(i) ~ key:byte((i - 1) % 4 + 1))
+  end
+  return table.concat(out)
+end
+
+-- A frame from the server: FIN set, never masked.
+local function frame(opcode, payload)
+  local n = #payload
+  if n < 126 then return {pack("BB", 0x80 | opcode, n), payload} end
+  if n < 65536 then return {pack(">BBI2", 0x80 | opcode, 126, n), payload} end
+  return {pack(">BBI8", 0x80 | opcode, 127, n), payload}
+end
+
+-- Reads one frame: fin, opcode, payload; or nil and a close code to send
+-- (nil when the client is gone).
+local function read_frame(stream)
+  local head = stream:read_bytes(2)
+  if not head then return nil end
+  local b1, b2 = head:byte(1, 2)
+  local fin, opcode, len = b1 & 0x80 ~= 0, b1 & 0x0f, b2 & 0x7f
+  if b1 & 0x70 ~= 0 or b2 & 0x80 == 0 then return nil, 1002 end -- RSV bits; unmasked
+  if opcode >= CLOSE and (not fin or len > 125) then return nil, 1002 end
+  if len >= 126 then
+    local ext = stream:read_bytes(len == 126 and 2 or 8)
+    if not ext then return nil end
+    len = unpack(len == 126 and ">I2" or ">I8", ext)
+  end
+  if len > MAX_MESSAGE then return nil, 1009 end
+  local rest = stream:read_bytes(4 + len) -- the mask, then the payload
+  if not rest then return nil end
+  return fin, opcode, unmask(rest:sub(5), rest:sub(1, 4))
+end
+
+-- ---- the server ------------------------------------------------------------------
+
+local WebSocketServer = tcpserver.TCPServer:extend()
+
+--- Called for each whole message; `send(opcode, payload)` answers. This
+-- one echoes: override it for anything else.
+function WebSocketServer:on_message(opcode, message, send) -- luacheck: ignore 212
+  send(opcode, message)
+end
+
+function WebSocketServer:handle_stream(stream)
+  if not handshake(stream) then return end
+  local function send(opcode, payload) return stream:write(frame(opcode, payload)) end
+  local kind, parts, size = nil, {}, 0 -- the message being assembled
+  while true do
+    local fin, opcode, payload = read_frame(stream)
+    if fin == nil then -- opcode holds the close code, if there is one to send
+      if opcode then send(CLOSE, pack(">I2", opcode)) end
+      return
+    end
+    if opcode == PING then
+      send(PONG, payload)
+    elseif opcode == CLOSE then
+      -- echo the code back (1000 if none); then the server closes the TCP connection
+      send(CLOSE, #payload >= 2 and payload:sub(1, 2) or pack(">I2", 1000))
+      return
+    elseif opcode == PONG then -- luacheck: ignore 542
+      -- unsolicited pongs are allowed; nothing to do
+    elseif opcode == TEXT or opcode == BINARY or opcode == CONTINUATION then
+      if (opcode == CONTINUATION) ~= (kind ~= nil) then -- a continuation needs a start, and vice versa
+        send(CLOSE, pack(">I2", 1002))
+        return
+      end
+      kind = kind or opcode
+      parts[#parts + 1], size = payload, size + #payload
+      if size > MAX_MESSAGE then
+        send(CLOSE, pack(">I2", 1009))
+        return
+      end
+      if fin then
+        local message = table.concat(parts)
+        if kind == TEXT and not utf8.len(message) then
+          send(CLOSE, pack(">I2", 1007)) -- text must be UTF-8
+          return
+        end
+        self:on_message(kind, message, send)
+        kind, parts, size = nil, {}, 0
+      end
+    else
+      send(CLOSE, pack(">I2", 1002)) -- an unknown opcode
+      return
+    end
+  end
+end
+
+local server = WebSocketServer()
+local port = server:listen(opts.port, opts.host)
+log.info("websocket server listening on ws://%s:%d/", opts.host, port)
+ioloop.current():start()

@@ -1,0 +1,489 @@
+-- The examples, each run as users run it (`luahost examples/NAME.lua
+-- --port 0`) and driven by a real client where Debian has one.
+local H = require "spec.helper"
+local P = require "spec.procs"
+local tcpclient = require "tcpserver.tcpclient"
+
+local async = H.async
+
+-- Stops an example with SIGTERM; it must exit 0.
+local function stop(p)
+  p:kill(15)
+  assert.same({0, 0}, {p:wait()})
+end
+
+local function connect(port)
+  return assert(tcpclient.connect("127.0.0.1", port))
+end
+
+after_each(P.cleanup)
+
+describe("examples/echo.lua", function()
+  local function echo_once(c)
+    c:write("echo example\n")
+    assert.equal("echo example\n", c:read_until("\n"))
+    c:close()
+  end
+
+  it("echoes lines on --port/--host", async(function()
+    local p, port = P.example("echo", {"--port", 0, "--host", "127.0.0.1"})
+    echo_once(connect(port))
+    stop(p)
+  end))
+
+  it("keeps the positional form: PORT [CERTFILE KEYFILE], then serves TLS", async(function()
+    local C = H.certs()
+    local p, port = P.example("echo", {0, C.server.certfile, C.server.keyfile})
+    assert.matches("%(TLS%)", p.err:text())
+    echo_once(assert(tcpclient.connect("localhost", port, {ssl_options = {cafile = C.cafile}})))
+    stop(p)
+  end))
+
+  it("prints its usage and exits 2 on an unknown flag or a bad number", async(function()
+    for _, args in ipairs {{"--bogus", "1"}, {"--port", "x"}, {"--port"}, {"1", "2", "3", "4"}} do
+      local p = P.run_script("examples/echo.lua", args, {})
+      assert.matches("usage: luahost examples/echo.lua .*%-%-port N", table.concat(p.err:all()))
+      assert.same({2, 0}, {p:wait()})
+    end
+    local p = P.run_script("examples/echo.lua", {"--help"}, {})
+    assert.matches("%[%-%-host S%]", table.concat(p.out:all()))
+    assert.same({0, 0}, {p:wait()})
+  end))
+end)
+
+describe("examples/chat.lua", function()
+  -- Connects and takes `nick`; returns the stream.
+  local function join(port, nick)
+    local c = connect(port)
+    assert.equal("Welcome! Your nickname?\n", c:read_until("\n"))
+    c:write(nick .. "\n")
+    assert.matches("^Hello " .. nick, c:read_until("\n"))
+    return c
+  end
+
+  it("greets by nickname, refuses a taken one, broadcasts to the others", async(function()
+    local p, port = P.example("chat", {"--port", 0})
+    local alice = join(port, "alice")
+    local bob = connect(port)
+    bob:read_until("\n")
+    bob:write("alice\n")
+    assert.equal("That nickname is taken. Another one?\n", bob:read_until("\n"))
+    bob:write("bob\r\n") -- as telnet sends it
+    assert.matches("^Hello bob", bob:read_until("\n"))
+    assert.equal("* bob joined\n", alice:read_until("\n"))
+    alice:write("hi bob\n")
+    assert.equal("<alice> hi bob\n", bob:read_until("\n"))
+    bob:write("/nick robert\n/who\n")
+    assert.equal("* bob is now robert\n", alice:read_until("\n"))
+    assert.equal("* here: alice, robert\n", bob:read_until("\n"))
+    bob:write("/quit\n")
+    assert.equal("* robert left\n", alice:read_until("\n"))
+    assert.is_nil(bob:read_until("\n")) -- the server closed it
+    alice:close()
+    stop(p)
+  end))
+
+  it("drops a client that stops reading, and everyone else goes on", async(function()
+    local p, port = P.example("chat", {"--port", 0, "--max-queue", 64 * 1024})
+    local alice, bob, carol = join(port, "alice"), join(port, "bob"), join(port, "carol")
+    assert.equal("* bob joined\n", alice:read_until("\n"))
+    assert.equal("* carol joined\n", alice:read_until("\n"))
+    assert.equal("* carol joined\n", bob:read_until("\n"))
+    -- carol reads nothing from here on. alice talks until the server gives
+    -- up on carol (kernel buffers, then the 1 MiB write buffer, then the
+    -- 64 KiB outbox fill up); bob reads every line, in order.
+    local text, dropped = ("x"):rep(4000), false
+    for i = 1, 10000 do -- 40 MB at most
+      alice:write(("%d %s\n"):format(i, text))
+      local line = bob:read_until("\n")
+      if line == "* carol left (dropped: too slow)\n" then
+        assert.equal("* carol left (dropped: too slow)\n", alice:read_until("\n"))
+        line = bob:read_until("\n")
+        dropped = true
+      end
+      assert.equal(("<alice> %d %s\n"):format(i, text), line)
+      if dropped then break end
+    end
+    assert.is_true(dropped)
+    p.err:await("dropping carol: too slow")
+    -- carol gets what was sent before the drop, then the end of the stream
+    local rest = carol:read_until_close()
+    assert.is_true(#rest > 1024 * 1024)
+    -- the room is still open
+    local dave = join(port, "dave")
+    assert.equal("* dave joined\n", bob:read_until("\n"))
+    bob:write("hello dave\n")
+    assert.equal("<bob> hello dave\n", dave:read_until("\n"))
+    for _, c in ipairs {alice, bob, dave} do c:close() end
+    stop(p)
+  end))
+end)
+
+describe("examples/kv.lua", function()
+  -- `redis-cli -p PORT args...`: its output (raw, as when piped).
+  local function cli(port, ...)
+    local out, status = H.run({"redis-cli", "-p", tostring(port), ...})
+    assert.equal(0, status)
+    return out
+  end
+
+  it("answers redis-cli: SET, GET, INCR, EXPIRE, TTL, and keys expire", async(function()
+    local p, port = P.example("kv", {"--port", 0})
+    assert.equal("OK\n", cli(port, "set", "counter", "41"))
+    assert.equal("42\n", cli(port, "incr", "counter"))
+    assert.equal("42\n", cli(port, "get", "counter"))
+    assert.equal("1\n", cli(port, "incr", "fresh"))
+    cli(port, "set", "word", "abc")
+    assert.matches("^ERR value is not an integer or out of range", cli(port, "incr", "word"))
+    assert.equal("-1\n", cli(port, "ttl", "counter"))
+    assert.equal("1\n", cli(port, "expire", "counter", "100"))
+    assert.equal("0\n", cli(port, "expire", "nothing", "100"))
+    assert.equal("43\n", cli(port, "incr", "counter"))      -- INCR keeps the time to live,
+    assert.matches("^%d+\n$", cli(port, "ttl", "counter"))
+    assert.equal("-2\n", cli(port, "ttl", "nothing"))
+    cli(port, "set", "counter", "1")
+    assert.equal("-1\n", cli(port, "ttl", "counter"))       -- SET drops it
+    assert.equal("1\n", cli(port, "expire", "counter", "0")) -- not in the future: gone now
+    assert.equal("0\n", cli(port, "exists", "counter"))
+    assert.equal("OK\n", cli(port, "set", "short", "lived", "px", "50"))
+    H.wait_until(function() return cli(port, "get", "short") == "\n" end) -- nil prints as ""
+    assert.equal("2\n", cli(port, "dbsize")) -- fresh, word
+    stop(p)
+  end))
+
+  it("survives redis-benchmark, pipelined or not", async(function()
+    local p, port = P.example("kv", {"--port", 0})
+    for _, pipeline in ipairs {"1", "16"} do
+      local out, status = H.run({"redis-benchmark", "-p", tostring(port), "-t", "set,get,incr,ping",
+                                 "-n", "2000", "-c", "4", "-P", pipeline, "-q"})
+      assert.equal(0, status)
+      for _, test in ipairs {"PING_INLINE", "PING_MBULK", "SET", "GET", "INCR"} do
+        assert.matches("\n?" .. test .. ": [%d.]+ requests per second", out)
+      end
+    end
+    -- redis-benchmark's INCR hits one key: 2000 requests per run
+    assert.equal("4000\n", cli(port, "get", "counter:__rand_int__"))
+    stop(p)
+  end))
+end)
+
+describe("examples/http.lua", function()
+  -- `curl -s args...` against the server: its stdout.
+  local function curl(args, input)
+    local argv = {"curl", "-s", "--max-time", "5"}
+    for _, a in ipairs(args) do argv[#argv + 1] = a end
+    local out, status = H.run(argv, input)
+    assert.equal(0, status)
+    return out
+  end
+
+  -- Sends raw bytes on a fresh connection; returns all the server says
+  -- before it closes the connection.
+  local function raw(port, request)
+    local c = connect(port)
+    c:write(request)
+    local reply = c:read_until_close()
+    c:close()
+    return reply
+  end
+
+  it("keeps connections alive for curl and answers 404 and 405", async(function()
+    local p, port = P.example("http", {"--port", 0})
+    local url = "http://127.0.0.1:" .. port
+    -- two requests, one connection (num_connects 0 for the second)
+    assert.equal("Hello, world!\n200 1\nNot Found\n404 0\n",
+                 curl({"-w", "%{http_code} %{num_connects}\n", url .. "/", url .. "/nope"}))
+    assert.matches("^HTTP/1.1 405 Method Not Allowed\r\n.*Allow: GET, HEAD\r\n",
+                   curl({"-i", "-X", "DELETE", url .. "/"}))
+    local head = curl({"-I", url .. "/"})
+    assert.matches("Content%-Length: 14\r\n\r\n$", head) -- HEAD: the length, no body
+    stop(p)
+  end))
+
+  it("reads Content-Length and chunked bodies, with or without Expect: 100-continue", async(function()
+    local p, port = P.example("http", {"--port", 0})
+    local url = "http://127.0.0.1:" .. port .. "/echo"
+    local body = ("0123456789abcdef\n"):rep(20000) -- 340 KB: several chunks
+    assert.equal(body, curl({"--data-binary", "@-", url}, body))
+    assert.equal(body, curl({"-H", "Transfer-Encoding: chunked", "--data-binary", "@-", url}, body))
+    assert.equal("hi", curl({"-H", "Expect: 100-continue", "--data-binary", "hi", url}))
+    -- too large: refused before curl sends it (it waits for 100 Continue)
+    local big = ("x"):rep(2 * 1024 * 1024)
+    assert.equal("413", curl({"-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "@-", url}, big))
+    stop(p)
+  end))
+
+  it("closes after `Connection: close` and after HTTP/1.0 requests", async(function()
+    local p, port = P.example("http", {"--port", 0})
+    local reply = raw(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert.matches("^HTTP/1.1 200 OK\r\n.*Connection: close\r\n\r\nHello, world!\n$", reply) -- one reply
+    assert.matches("Connection: close\r\n", curl({"-i", "-0", "http://127.0.0.1:" .. port .. "/"}))
+    -- pipelined keep-alive requests are answered in order
+    reply = raw(port, "GET / HTTP/1.1\r\nHost: x\r\n\r\nPOST /echo HTTP/1.1\r\nHost: x\r\n" ..
+                      "Content-Length: 3\r\nConnection: close\r\n\r\nabc")
+    assert.matches("^HTTP/1.1 200 OK\r\n.-\r\n\r\nHello, world!\nHTTP/1.1 200 OK\r\n.-\r\n\r\nabc$", reply)
+    stop(p)
+  end))
+
+  it("answers 400 to what it cannot parse, and closes", async(function()
+    local p, port = P.example("http", {"--port", 0})
+    for _, bad in ipairs {
+      "BOGUS\r\n\r\n",
+      "GET / HTTP/1.1\r\n\r\n",                                        -- no Host
+      "GET / HTTP/1.1\r\nHost: x\r\nbad header\r\n\r\n",
+      "GET / HTTP/1.1\r\nHost: x\r\n folded: no\r\n\r\n",
+      "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+      "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+      "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n",
+      "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+      "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n0\r\n\r\n",
+    } do
+      assert.matches("^HTTP/1.1 400 Bad Request\r\n.*Connection: close\r\n", raw(port, bad), nil, bad)
+    end
+    -- and still serves
+    assert.equal("Hello, world!\n", curl({"http://127.0.0.1:" .. port .. "/"}))
+    stop(p)
+  end))
+
+  it("holds a short wrk run without errors", async(function()
+    local p, port = P.example("http", {"--port", 0})
+    local out, status = H.run({"wrk", "-t", "1", "-c", "8", "-d", "1", "http://127.0.0.1:" .. port .. "/"})
+    assert.equal(0, status)
+    assert.matches("Requests/sec:%s+[%d.]+", out)
+    assert.no.matches("Non%-2xx", out)
+    assert.no.matches("Socket errors", out)
+    stop(p)
+  end))
+end)
+
+-- `openssl s_client args...` with a pipe on its stdin; its stdout (the
+-- decrypted data only, with -quiet) as a line reader.
+local function s_client(args)
+  local argv = {"openssl", "s_client", "-quiet", "-verify_return_error"}
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  return require("tcpserver.process").Subprocess(argv, {stdin = "pipe", stdout = "pipe", stderr = "null"})
+end
+
+describe("examples/tls_echo.lua", function()
+  local function read_file(path)
+    local f = assert(io.open(path, "rb"))
+    local s = f:read("a")
+    f:close()
+    return s
+  end
+
+  -- Runs the example on `cert` and `key`, echoes a line through s_client
+  -- that verifies it against `cafile`, and stops it.
+  local function echo_through_s_client(cert, key, cafile)
+    local p, port = P.example("tls_echo", {"--port", 0, "--certfile", cert, "--keyfile", key})
+    local s = s_client({"-connect", "127.0.0.1:" .. port, "-CAfile", cafile, "-verify_hostname", "localhost"})
+    s.stdin:write("hello over TLS\n")
+    assert.equal("hello over TLS\n", s.stdout:read_until("\n"))
+    s:kill(15)
+    s:wait_for_exit()
+    stop(p)
+    return p
+  end
+
+  it("makes a self-signed certificate on first run, keeps it, and s_client verifies it", async(function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir " .. dir))
+    finally(function() os.execute("rm -rf " .. dir) end)
+    local cert, key = dir .. "/echo.pem", dir .. "/echo.key"
+    local p = echo_through_s_client(cert, key, cert)
+    assert.matches("making a self%-signed certificate", p.err:text())
+    local first = read_file(cert)
+    p = echo_through_s_client(cert, key, cert) -- the second run uses the same one
+    assert.no.matches("making a self%-signed certificate", p.err:text())
+    assert.equal(first, read_file(cert))
+  end))
+
+  it("serves a certificate it is given", async(function()
+    local C = H.certs()
+    echo_through_s_client(C.server.certfile, C.server.keyfile, C.cafile)
+  end))
+end)
+
+describe("examples/starttls.lua", function()
+  local function start()
+    local C = H.certs()
+    return P.example("starttls", {"--port", 0, "--certfile", C.server.certfile, "--keyfile", C.server.keyfile})
+  end
+
+  it("upgrades to TLS for openssl s_client -starttls smtp, then takes a message", async(function()
+    local p, port = start()
+    local s = s_client({"-starttls", "smtp", "-crlf", "-connect", "127.0.0.1:" .. port,
+                        "-CAfile", H.certs().cafile})
+    s.stdin:write("EHLO spec\nMAIL FROM:<a@example.org>\nRCPT TO:<b@example.org>\nDATA\n" ..
+                  "Subject: hi\n\nhello\n..dot\n.\nQUIT\n")
+    -- s_client did the plain-text part (EHLO, STARTTLS); all this went over TLS
+    assert.equal(table.concat({
+      "250-localhost greets spec", "250 8BITMIME", "250 OK", "250 OK",
+      "354 End data with <CR><LF>.<CR><LF>", "250 OK: queued as 1", "221 Bye", ""}, "\r\n"),
+      s.stdout:read_until_close())
+    assert.same({0, 0}, {s:wait_for_exit()})
+    assert.equal("<a@example.org>", p.err:await("message from (%S+) to <b@example%.org>: 28 bytes %(TLSv1%.3%)"))
+    stop(p)
+  end))
+
+  it("serves Python's smtplib, refusing mail before STARTTLS", async(function()
+    local p, port = start()
+    local out, status = H.python([[
+import smtplib, ssl, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), local_hostname="py")
+s.ehlo()
+print(s.has_extn("starttls"), s.mail("a@example.org")[0])
+s.starttls(context=ssl.create_default_context(cafile=sys.argv[2]))
+s.ehlo()
+print(s.has_extn("starttls"), s.sock.version())
+print(s.sendmail("a@example.org", ["b@example.org", "c@example.org"], "Subject: x\r\n\r\nbody\r\n"))
+s.quit()
+]], tostring(port), H.certs().cafile)
+    assert.equal(0, status)
+    assert.equal("True 530\nFalse TLSv1.3\n{}\n", out)
+    p.err:await("message from <a@example%.org> to <b@example%.org>, <c@example%.org>")
+    stop(p)
+  end))
+
+  it("closes a connection that pipelines plain text after STARTTLS", async(function()
+    local p, port = start()
+    local c = connect(port)
+    c:write("EHLO x\r\nSTARTTLS\r\nEHLO injected\r\n")
+    assert.equal("220 localhost ESMTP tcpserver example\r\n250-localhost greets x\r\n250 STARTTLS\r\n" ..
+                 "503 5.5.1 nothing may follow STARTTLS before the handshake\r\n", c:read_until_close())
+    stop(p)
+  end))
+end)
+
+describe("examples/proxy.lua", function()
+  -- Runs the proxy in front of `upstream` ("HOST:PORT" or "unix:/path");
+  -- returns it and its port.
+  local function proxy_to(upstream)
+    return P.example("proxy", {"--port", 0, "--upstream", upstream})
+  end
+
+  it("relays lines to the echo example and curl to the HTTP example", async(function()
+    local echo, echo_port = P.example("echo", {"--port", 0})
+    local proxy, port = proxy_to("127.0.0.1:" .. echo_port)
+    local c = connect(port)
+    c:write("through the proxy\n")
+    assert.equal("through the proxy\n", c:read_until("\n"))
+    c:close()
+    stop(proxy)
+    stop(echo)
+
+    local http, http_port = P.example("http", {"--port", 0})
+    proxy, port = proxy_to("127.0.0.1:" .. http_port)
+    local url = "http://127.0.0.1:" .. port .. "/"
+    local out = H.run({"curl", "-s", "-w", "%{num_connects}\n", url, url}) -- kept alive through it
+    assert.equal("Hello, world!\n1\nHello, world!\n0\n", out)
+    stop(proxy)
+    stop(http)
+  end))
+
+  it("relays to a unix socket upstream", async(function()
+    local path = os.tmpname()
+    os.remove(path)
+    finally(function() os.remove(path) end)
+    local Echo = require("tcpserver").TCPServer:extend({handle_stream = H.echo_lines})
+    local upstream = Echo()
+    upstream:add_sockets({require("tcpserver.netutil").bind_unix_socket(path)})
+    local proxy, port = proxy_to("unix:" .. path)
+    local c = connect(port)
+    c:write("to a unix socket\n")
+    assert.equal("to a unix socket\n", c:read_until("\n"))
+    c:close()
+    stop(proxy)
+    upstream:stop()
+  end))
+
+  it("moves 32 MiB each way at once, intact", async(function()
+    local echo, echo_port = P.example("echo", {"--port", 0})
+    local proxy, port = proxy_to("127.0.0.1:" .. echo_port)
+    local line = ("0123456789abcdef"):rep(4095) .. "\n" -- 64 KiB lines
+    local n = 512
+    local c = connect(port)
+    require("tcpserver.ioloop").current():spawn(function()
+      for i = 1, n do c:write(("%08d"):format(i) .. line:sub(9)) end
+    end)
+    for i = 1, n do
+      local got = c:read_until("\n")
+      assert.equal(("%08d"):format(i) .. line:sub(9), got)
+    end
+    c:close()
+    stop(proxy)
+    stop(echo)
+  end))
+
+  it("closes the client when the upstream cannot be reached", async(function()
+    local free = P.free_port()
+    local proxy, port = proxy_to("127.0.0.1:" .. free)
+    local c = connect(port)
+    local line, err = c:read_until("\n")
+    assert.is_nil(line)
+    assert.equal("closed", err)
+    proxy.err:await("cannot reach 127%.0%.0%.1:%d+: connection refused")
+    stop(proxy)
+  end))
+end)
+
+describe("examples/websocket.lua", function()
+  it("talks to Python's websockets: text, binary, fragments, ping and close", async(function()
+    local p, port = P.example("websocket", {"--port", 0})
+    local out, status = H.python([[
+import asyncio, sys, websockets
+async def main():
+    async with websockets.connect(sys.argv[1], max_size=None) as ws:
+        await ws.send("hello")
+        print(await ws.recv())
+        big = "é" * 100000  # 200 KB: a 64-bit length
+        await ws.send(big)
+        print(await ws.recv() == big)
+        await ws.send(bytes(range(256)) * 2)
+        print(await ws.recv() == bytes(range(256)) * 2)
+        await ws.send(["frag", "mented ", "message"])  # three frames
+        print(await ws.recv())
+        await (await ws.ping(b"are you there"))
+        print("pong")
+    print(ws.close_code)
+asyncio.run(main())
+]], ("ws://127.0.0.1:%d/"):format(port))
+    assert.equal(0, status)
+    assert.equal("hello\nTrue\nTrue\nfragmented message\npong\n1000\n", out)
+    stop(p)
+  end))
+
+  -- Upgrades a raw connection; returns it.
+  local function upgraded(port)
+    local c = connect(port)
+    c:write("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n" ..
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    local head = c:read_until("\r\n\r\n")
+    assert.matches("^HTTP/1.1 101 ", head)
+    assert.matches("\r\nSec%-WebSocket%-Accept: s3pPLMBiTxaQ9kYGzzhZRbK%+xOo=\r\n", head) -- RFC 6455's example
+    return c
+  end
+
+  it("closes with 1002 on an unmasked frame and 1007 on text that is not UTF-8", async(function()
+    local p, port = P.example("websocket", {"--port", 0})
+    local c = upgraded(port)
+    c:write("\x81\x02hi") -- unmasked
+    assert.equal("\x88\x02\x03\xea", c:read_until_close()) -- close, 1002
+    c = upgraded(port)
+    c:write("\x81\x82\0\0\0\0\xff\xfe") -- masked (with zeros), invalid UTF-8
+    assert.equal("\x88\x02\x03\xef", c:read_until_close()) -- close, 1007
+    stop(p)
+  end))
+
+  it("refuses plain HTTP and other versions with 426", async(function()
+    local p, port = P.example("websocket", {"--port", 0})
+    local url = ("http://127.0.0.1:%d/"):format(port)
+    local out = H.run({"curl", "-s", "-i", url})
+    assert.matches("^HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\n", out)
+    out = H.run({"curl", "-s", "-i", "-H", "Upgrade: websocket", "-H", "Connection: Upgrade",
+                 "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "-H", "Sec-WebSocket-Version: 8", url})
+    assert.matches("^HTTP/1.1 426 Upgrade Required\r\nSec%-WebSocket%-Version: 13\r\n", out)
+    stop(p)
+  end))
+end)

@@ -1,0 +1,88 @@
+/* The loop context of one lua_State (loop.c): the libuv loop it runs on,
+ * tasks (coroutines the loop resumes), the one way to park and wake a task,
+ * timers, signals, hooks, logging and the collector's policy. */
+#ifndef TS_LOOP_H
+#define TS_LOOP_H
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "addr.h"
+#include "buf.h"
+#include "tcpserver.h"
+
+typedef struct ts_loop ts_loop;
+typedef void (*ts_hook)(ts_loop *loop);
+
+#define TS_MAX_HOOKS 4
+
+struct ts_loop {
+  uv_loop_t *uv;
+  lua_State *L;          /* callbacks run here: the thread in start(), or
+                            the main thread when the host runs the loop */
+  int running;           /* start() is in uv_run */
+  int parked;            /* the task being resumed waits on something */
+  int log_ref;           /* Lua function(level, msg) for the core's logs */
+  int nsettle, nstart;
+  ts_hook settle[TS_MAX_HOOKS]; /* after each resume or callback */
+  ts_hook start[TS_MAX_HOOKS];  /* once, when start() first runs */
+  void *streams;         /* stream.c's per-loop state */
+  size_t ended;          /* tasks ended since the last full collection */
+  size_t walked;         /* dead-thread walks since then (an upper bound) */
+  size_t walk_budget;    /* walks that cost about one full collection */
+  uv_prepare_t full_collect;
+};
+
+/* The context of L's state, made on first use (on the host's loop if one
+ * was given with ts_set_loop, else on libuv's default loop). */
+ts_loop *ts__loop(lua_State *L);
+/* The context, or NULL if none was made yet. */
+ts_loop *ts__loop_find(lua_State *L);
+/* After fork(): the inherited loop, if any, gets its own kernel state. */
+int ts__loop_fork(lua_State *L);
+void ts__loop_on_settle(ts_loop *loop, ts_hook fn);
+void ts__loop_on_start(ts_loop *loop, ts_hook fn);
+
+/* Seconds to a libuv timeout in ms; 0 means none: none was asked for, or
+ * more than libuv can time (casting such a double is undefined). */
+uint64_t ts__timeout_ms(double seconds);
+
+/* ---- tasks ---- */
+
+/* Runs the function under `narg` args on L's top in a new task, until it
+ * first waits. */
+void ts__spawn(lua_State *L, int narg);
+int ts__in_task(lua_State *L);
+/* Raises unless L is a task; used before a call may yield. */
+void ts__check_task(lua_State *L, const char *what);
+
+/* A task parked until a callback wakes it: every wait in the core is one.
+ * Use as `return ts_waiter_park(w, L);` from a lua_CFunction. */
+typedef struct ts_waiter {
+  lua_State *co;
+  int ref;               /* anchors co, or LUA_NOREF if the owner does */
+} ts_waiter;
+
+#define TS_WAITER_INIT {NULL, LUA_NOREF}
+#define ts_waiter_waiting(w) ((w)->co != NULL)
+void ts_waiter_init(ts_waiter *w);
+int ts_waiter_park(ts_waiter *w, lua_State *L);
+/* As park, for an owner that keeps L alive itself (a cheaper anchor). */
+int ts_waiter_park_anchored(ts_waiter *w, lua_State *L);
+/* Resumes the task with the `nres` values already pushed on w->co. */
+void ts_waiter_wake(ts_waiter *w, int nres);
+void ts_waiter_wake_error(ts_waiter *w, const char *err); /* nil, err */
+void ts_waiter_cancel(ts_waiter *w); /* forgets the task without waking it */
+
+/* ---- calling Lua from callbacks, and logs ---- */
+
+/* Calls the function under `narg` args on loop->L, logging any error. */
+void ts__pcall(ts_loop *loop, int narg);
+void ts__log(ts_loop *loop, const char *level, const char *msg);
+void ts__report(ts_loop *loop, const char *msg); /* at level error */
+
+int ts__open_loop(lua_State *L);
+
+#endif
