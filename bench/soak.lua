@@ -4,8 +4,8 @@
 --
 --   build/luahost bench/soak.lua [cycles [idle]]      (make soak)
 --
--- Prints the server's RSS at start, after a warm-up (a tenth of the
--- cycles and one idle wave) and at the end, its descriptors against the
+-- Prints the server's RSS at start, after a warm-up (a fifth of the
+-- cycles, one idle wave, one latency run) and at the end, its descriptors against the
 -- baseline, and the echo latency (p50/p99) while 5,000 connections idle.
 -- Exits non-zero if RSS grew more than 10% after the warm-up, if the
 -- descriptors do not return to their baseline, or if any cycle failed.
@@ -202,7 +202,9 @@ local function main()
   print(("server pid %d: RSS %s at start, %d descriptors after one cycle of each kind")
         :format(pid, mb(rss0), base_fds))
 
-  local warm = CYCLES // 10
+  -- The warm-up sees every workload once: cycles, an idle wave, and the
+  -- latency phase; growth is measured from its end.
+  local warm = CYCLES // 5
   local function wave(label)
     local conns = open_idle(ports, IDLE, client_tls, errors)
     print(("  %s: %d idle connections open: server RSS %s, %d descriptors")
@@ -210,12 +212,21 @@ local function main()
     close_all(conns)
     settle_fds(pid, base_fds)
   end
+  local function latency(label)
+    local idle = open_idle(ports, LATENCY_IDLE, client_tls, errors)
+    local p50, p99 = echo_latency(ports)
+    print(("  %s: echo latency with %d idle connections: p50 %.0f us, p99 %.0f us")
+          :format(label, #idle, p50, p99))
+    close_all(idle)
+    settle_fds(pid, base_fds)
+  end
 
   run_cycles(ports, #KINDS + 1, warm, client_tls, errors)
   wave("wave 1 (warm-up)")
-  collectgarbage()
+  latency("warm-up")
   local rss_warm, fds_warm = rss_kb(pid), settle_fds(pid, base_fds)
-  print(("after warm-up (%d cycles, 1 wave): RSS %s, %d descriptors"):format(warm, mb(rss_warm), fds_warm))
+  print(("after warm-up (%d cycles, 1 wave, 1 latency run): RSS %s, %d descriptors")
+        :format(warm, mb(rss_warm), fds_warm))
 
   local per_round = (CYCLES - warm) // (WAVES - 1)
   local done = warm
@@ -226,11 +237,7 @@ local function main()
     print(("  %d cycles done (%.0f s): RSS %s"):format(done, loop:time() - started, mb(rss_kb(pid))))
     wave(("wave %d"):format(w))
   end
-
-  local idle = open_idle(ports, LATENCY_IDLE, client_tls, errors)
-  local p50, p99 = echo_latency(ports)
-  print(("echo latency with %d idle connections: p50 %.0f us, p99 %.0f us"):format(#idle, p50, p99))
-  close_all(idle)
+  latency("final")
 
   local fds_end = settle_fds(pid, base_fds)
   local rss_end = rss_kb(pid)
