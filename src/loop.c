@@ -90,6 +90,10 @@ static void loop_free(uv_handle_t *h) {
 /* The state is closing: libuv lets go of the context's handle later. */
 static int loop_gc(lua_State *L) {
   ts_loop *loop = *(ts_loop **)lua_touserdata(L, 1);
+  int i;
+
+  for (i = 0; i < loop->nclose; i++)
+    loop->close[i](loop);
   uv_close((uv_handle_t *)&loop->full_collect, loop_free);
   return 0;
 }
@@ -165,6 +169,10 @@ void ts__loop_on_settle(ts_loop *loop, ts_hook fn) {
 
 void ts__loop_on_start(ts_loop *loop, ts_hook fn) {
   add_hook(loop->start, &loop->nstart, fn);
+}
+
+void ts__loop_on_close(ts_loop *loop, ts_hook fn) {
+  add_hook(loop->close, &loop->nclose, fn);
 }
 
 static void settle(ts_loop *loop) {

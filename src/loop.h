@@ -28,6 +28,8 @@ struct ts_loop {
   int nsettle, nstart;
   ts_hook settle[TS_MAX_HOOKS]; /* after each resume or callback */
   ts_hook start[TS_MAX_HOOKS];  /* once, when start() first runs */
+  ts_hook close[TS_MAX_HOOKS];  /* the Lua state closes: free what is left */
+  int nclose;
   void *streams;         /* stream.c's per-loop state */
   size_t ended;          /* tasks ended since the last full collection */
   size_t walked;         /* dead-thread walks since then (an upper bound) */
@@ -44,6 +46,9 @@ ts_loop *ts__loop_find(lua_State *L);
 int ts__loop_fork(lua_State *L);
 void ts__loop_on_settle(ts_loop *loop, ts_hook fn);
 void ts__loop_on_start(ts_loop *loop, ts_hook fn);
+/* At lua_close, after every stream's __gc (the context is finalized last:
+ * it was made first). The host must have closed servers and streams. */
+void ts__loop_on_close(ts_loop *loop, ts_hook fn);
 
 /* Seconds to a libuv timeout in ms; 0 means none: none was asked for, or
  * more than libuv can time (casting such a double is undefined). */

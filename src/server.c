@@ -420,6 +420,15 @@ static void listener_closed(uv_handle_t *h) {
   ls->counters = NULL;
 }
 
+/* A listener still open when the state closes: its handles stay with the
+ * loop (a host must stop its servers before lua_close); its counts go. */
+static int l_listener_gc(lua_State *L) {
+  ts_listener *ls = check_listener(L);
+  ts__counters_release(ls->counters);
+  ls->counters = NULL;
+  return 0;
+}
+
 static int l_listener_close(lua_State *L) {
   ts_listener *ls = check_listener(L);
   if (ls->closed)
@@ -487,10 +496,11 @@ static int l_listener(lua_State *L) {
 
   luaL_checktype(L, 2, LUA_TTABLE);
   luaL_checktype(L, 3, LUA_TTABLE);
-  ls = lua_newuserdatauv(L, sizeof(*ls), 0);
+  if (lua_getfield(L, 2, "ssl_context") != LUA_TNIL) /* 4 */
+    luaL_checkudata(L, 4, "tcpserver.ssl_context");
+  ls = lua_newuserdatauv(L, sizeof(*ls), 0); /* 5 */
   memset(ls, 0, sizeof(*ls));
   ls->loop = loop;
-  ls->counters = ts__counters_new(); /* NULL: no counts, no harm */
   ls->max_buffer = get_size(L, 2, "max_buffer_size");
   ls->chunk = get_size(L, 2, "read_chunk_size");
   ls->timeout = get_seconds(L, 2, "idle_timeout");
@@ -498,15 +508,15 @@ static int l_listener(lua_State *L) {
   lua_getfield(L, 2, "proxy_protocol");
   ls->proxy_protocol = lua_toboolean(L, -1);
   lua_pop(L, 1);
-  if (lua_getfield(L, 2, "ssl_context") != LUA_TNIL)
-    luaL_checkudata(L, -1, "tcpserver.ssl_context");
-  ls->ctx_ref = lua_isnil(L, -1) ? LUA_NOREF : luaL_ref(L, LUA_REGISTRYINDEX);
-  if (ls->ctx_ref == LUA_NOREF)
-    lua_pop(L, 1);
+  /* Nothing raises past this point: the socket stays taken, and the
+   * counters are freed by the metatable's __gc. */
   fd = ts__socket_take(L, 1, &family);
   luaL_setmetatable(L, LISTENER_MT);
+  ls->counters = ts__counters_new(); /* NULL: no counts, no harm */
   ls->fd = fd;
   ls->family = family;
+  lua_pushvalue(L, 4);
+  ls->ctx_ref = lua_isnil(L, -1) ? (lua_pop(L, 1), LUA_NOREF) : luaL_ref(L, LUA_REGISTRYINDEX);
   uv_poll_init_socket(loop->uv, &ls->poll, fd);
   uv_timer_init(loop->uv, &ls->backoff);
   ls->poll.data = ls->backoff.data = ls;
@@ -514,7 +524,7 @@ static int l_listener(lua_State *L) {
   ls->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushvalue(L, 1);
   ls->sock_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushvalue(L, -1);
+  lua_pushvalue(L, 5);
   ls->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   update_polling(ls);
   return 1;
@@ -527,6 +537,8 @@ int ts__open_server(lua_State *L) {
   static const luaL_Reg funcs[] = {{"listener", l_listener}, {NULL, NULL}};
 
   luaL_newmetatable(L, LISTENER_MT);
+  lua_pushcfunction(L, l_listener_gc);
+  lua_setfield(L, -2, "__gc");
   luaL_newlib(L, methods);
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);

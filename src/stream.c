@@ -1096,6 +1096,8 @@ static int l_gc(lua_State *L) {
   if (s->ops != NULL && s->ops->free != NULL)
     s->ops->free(L, s->layer);
   s->ops = NULL;
+  ts__counters_release(s->counters); /* if close_cb never ran (lua_close) */
+  s->counters = NULL;
   return 0;
 }
 
@@ -1147,7 +1149,7 @@ static int push_endpoint(lua_State *L, int peer) {
   if (s->flags & F_HCLOSING)
     return push_error(L, "closed");
   if (s->flags & F_PIPE) {
-    char path[1024];
+    char path[1024] = ""; /* libuv reads it first (memcheck) */
     size_t n = sizeof(path);
     err = peer ? uv_pipe_getpeername(&s->h.pipe, path, &n)
                : uv_pipe_getsockname(&s->h.pipe, path, &n);
@@ -1202,6 +1204,16 @@ static int l_read_budget(lua_State *L) {
 
 /* ---- creation ---- */
 
+static void free_ctx(ts_loop *loop) {
+  stream_ctx *ctx = loop->streams;
+  int i;
+
+  for (i = 0; i < ctx->wpool.n; i++)
+    ts_buf_free(&ctx->wpool.item[i]);
+  free(ctx);
+  loop->streams = NULL;
+}
+
 /* The streams' share of L's loop, made with the first stream. */
 static stream_ctx *ctx_of(lua_State *L) {
   ts_loop *loop = ts__loop(L);
@@ -1216,6 +1228,7 @@ static stream_ctx *ctx_of(lua_State *L) {
   ctx->rbuf_budget = default_read_budget();
   loop->streams = ctx;
   ts__loop_on_settle(loop, flush_dirty);
+  ts__loop_on_close(loop, free_ctx);
   return ctx;
 }
 
