@@ -52,8 +52,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       abort(); /* a prefix of a header is incomplete */
     if (r > 0 && (size_t)r <= k &&
         (rk != r || part.family != full.family ||
-         (full.family != 0 && (part.port != full.port ||
-                               strcmp(part.host, full.host) != 0))))
+         (full.family != 0 &&
+          (part.port != full.port || strcmp(part.host, full.host) != 0))))
       abort(); /* bytes after the header change nothing */
     if (r == 0 && rk != 0)
       abort();

@@ -30,7 +30,8 @@ static void make_certificate(char *cert, char *key, size_t len) {
   snprintf(key, len, "%s/key.pem", dir);
   snprintf(cmd, sizeof(cmd),
            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-           "-keyout %s -out %s -days 2 -subj /CN=localhost 2>/dev/null", key, cert);
+           "-keyout %s -out %s -days 2 -subj /CN=localhost 2>/dev/null",
+           key, cert);
   if (system(cmd) != 0)
     abort();
 }

@@ -15,8 +15,7 @@ void ts_buf_free(ts_buf *b) {
 }
 
 void ts_buf_release(ts_buf *b, ts_buf_pool *pool) {
-  if (b->data != NULL && b->cap <= TS_BUF_POOL_MAX_CAP &&
-      pool->n < TS_BUF_POOL_SIZE) {
+  if (b->data != NULL && b->cap <= TS_BUF_POOL_MAX_CAP && pool->n < TS_BUF_POOL_SIZE) {
     pool->item[pool->n] = *b;
     pool->item[pool->n].start = pool->item[pool->n].end = 0;
     pool->n++;
