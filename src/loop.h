@@ -70,8 +70,6 @@ typedef struct ts_waiter {
   int ref; /* anchors co, or LUA_NOREF if the owner does */
 } ts_waiter;
 
-#define TS_WAITER_INIT                                                                   \
-  { NULL, LUA_NOREF }
 #define ts_waiter_waiting(w) ((w)->co != NULL)
 void ts_waiter_init(ts_waiter *w);
 int ts_waiter_park(ts_waiter *w, lua_State *L);
