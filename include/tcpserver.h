@@ -7,7 +7,10 @@
  * it over first with ts_set_loop, as luv_set_loop does; the core then adds
  * its handles to that loop and the host drives it (uv_run): servers, tasks
  * and timers work without ioloop.start(). Each lua_State has its own
- * context; states in different threads need different loops. */
+ * context; states in different threads need different loops. Before
+ * lua_close, stop the servers, close the streams and cancel the timers
+ * and signal handlers the scripts made: libuv holds their handles, whose
+ * memory the Lua state owns. */
 #ifndef TCPSERVER_H
 #define TCPSERVER_H
 

@@ -719,3 +719,50 @@ s.close()
     assert.same({nil, "closed"}, res)
   end))
 end)
+
+describe("review findings", function()
+  it("keeps a task reading on the stream alive after the handler raised", async(function()
+    local got
+    local Server = require("tcpserver").TCPServer:extend({handle_stream = function(_, stream)
+      ioloop.current():spawn(function() got = {stream:read_until("\n")} end)
+      error("boom")
+    end})
+    -- on_error collects: the reading task must still be anchored
+    local server = Server({on_error = function() collectgarbage(); collectgarbage() end})
+    local port = server:listen(0, "127.0.0.1")
+    finally(function() server:stop() end)
+    local c = H.connect(port)
+    c:write("partial")
+    c:read_until_close()
+    H.wait_until(function() return got end)
+    assert.same({nil, "closed"}, {got[1], got[2]}) -- and no crash
+
+  end))
+
+  it("times out only the waits that were waiting when the timer fired", async(function()
+    local timed_out, res = locks.Event(), nil
+    local client = pair(function(_, stream)
+      stream:set_timeout(0.3)
+      local ok, err = stream:write(("x"):rep(8 * 1024 * 1024)) -- the client does not read
+      timed_out:set()
+      res = {ok, err, stream:read_until("\n")}
+    end)
+    timed_out:wait()
+    client:write("hello\n")
+    H.wait_until(function() return res end)
+    assert.same({nil, "timeout", "hello\n"}, res)
+    client:close()
+  end))
+
+  it("lets only core.resume wake what core.park parked", async(function()
+    local core = require "tcpserver.core"
+    local sleeper
+    ioloop.current():spawn(function()
+      sleeper = coroutine.running()
+      ioloop.sleep(0.01)
+    end)
+    local ok, err = pcall(core.resume, sleeper)
+    assert.is_false(ok)
+    assert.matches("not parked by core.park", err)
+  end))
+end)

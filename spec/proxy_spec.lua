@@ -261,3 +261,27 @@ backend be
     ioloop.sleep(0)
   end))
 end)
+
+describe("PROXY protocol, what follows the header", function()
+  it("keeps what came after the header past max_buffer_size", H.async(function()
+    local got
+    local server, port = H.serve(function(_, stream)
+      local parts, n = {}, 0
+      while n < 20000 do
+        local d = assert(stream:read_bytes(1000))
+        parts[#parts + 1] = d
+        n = n + #d
+      end
+      got = table.concat(parts)
+    end, {proxy_protocol = true, max_buffer_size = 4096})
+    finally(function() server:stop() end)
+    H.python([[
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"PROXY TCP4 203.0.113.7 10.0.0.1 4242 443\r\n" + b"y" * 20000)
+s.recv(1)
+]], tostring(port))
+    H.wait_until(function() return got end)
+    assert.equal(("y"):rep(20000), got)
+  end))
+end)

@@ -709,3 +709,44 @@ describe("sni_callback", function()
     assert.has_error(function() ssl.context({sni_callback = "x"}) end)
   end)
 end)
+
+describe("TLS read backpressure", function()
+  it("stops reading ciphertext while the handler does not read", async(function()
+    local locks = require "tcpserver.locks"
+    local go, total = locks.Event(), nil
+    local n = 32 * 1024 * 1024
+    local server, port = tls_serve(function(_, stream)
+      go:wait()
+      local got = 0
+      while got < n do
+        local chunk = assert(stream:read_bytes(64 * 1024, true))
+        got = got + #chunk
+      end
+      total = got
+    end, nil, {max_buffer_size = 64 * 1024})
+    finally(function() server:stop() end)
+    local c = assert(tls_connect(port))
+    local chunk = ("b"):rep(1024 * 1024)
+    c:set_timeout(0.5)
+    local i, stalled = 0, false
+    while i < n // #chunk do
+      i = i + 1
+      local ok, err = c:write(chunk) -- queued even when the wait times out
+      if not ok then
+        assert.equal("timeout", err)
+        stalled = true
+        break
+      end
+    end
+    -- the server holds a few read chunks, not the 32 MiB the client has
+    assert.is_true(stalled)
+    assert.is_true(i < 16, i)
+    c:set_timeout(nil)
+    go:set()
+    for _ = i + 1, n // #chunk do assert(c:write(chunk)) end
+    assert.is_true(c:flush())
+    H.wait_until(function() return total end)
+    assert.equal(n, total)
+    c:close()
+  end, 30))
+end)

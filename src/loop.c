@@ -390,10 +390,32 @@ static int l_sleep(lua_State *L) {
   return ts_waiter_park(&s->w, L);
 }
 
+/* The tasks parked by core.park, which only core.resume may wake (a task
+ * waiting in a read or a sleep has its waiter; waking it twice is wrong). */
+static const char parked_key = 'P';
+
+static void push_parked(lua_State *L) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &parked_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &parked_key);
+  }
+}
+
 /* core.park(): suspends the task until core.resume wakes it (for waits
  * written in Lua, such as locks.Event). */
 static int l_park(lua_State *L) {
   ts__check_task(L, "park");
+  push_parked(L);
+  lua_pushthread(L);
+  lua_pushboolean(L, 1);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
   task_loop(L)->parked = 1;
   return lua_yield(L, 0);
 }
@@ -412,6 +434,15 @@ static int l_resume(lua_State *L) {
 
   luaL_argexpected(L, co != NULL && ts__in_task(co), 1, "suspended task");
   luaL_argcheck(L, lua_status(co) == LUA_YIELD, 1, "task is not suspended");
+  push_parked(L);
+  lua_pushvalue(L, 1);
+  luaL_argcheck(L, lua_rawget(L, -2) == LUA_TBOOLEAN, 1,
+                "task is not parked by core.park");
+  lua_pop(L, 1);
+  lua_pushvalue(L, 1);
+  lua_pushnil(L);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
   lua_xmove(L, co, n);
   resume_from(L, co, n);
   return 0;

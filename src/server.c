@@ -68,7 +68,6 @@ static int handler_end(lua_State *L, int status, lua_KContext ctx) {
   int failed = status != LUA_OK && status != LUA_YIELD;
 
   (void)ctx;
-  ts__stream_forget_reader(L, 2); /* this task, about to end */
   lua_getfield(L, 1, "done");
   lua_pushvalue(L, 2);
   lua_pushvalue(L, 3);
@@ -210,8 +209,8 @@ static int header_client(header_step *hs, const ts_proxy_addr *a, char *host, si
 static void header_done(header_step *hs, const ts_proxy_addr *a, size_t used) {
   lua_State *L = hs->loop->L;
   ts_stream *s = hs->s;
-  char host[INET6_ADDRSTRLEN], *rest = ts_buf_head(&hs->buf) + used, *p;
-  size_t left = ts_buf_len(&hs->buf) - used, room;
+  char host[INET6_ADDRSTRLEN], *rest = ts_buf_head(&hs->buf) + used;
+  size_t left = ts_buf_len(&hs->buf) - used;
   int port, family = header_client(hs, a, host, sizeof(host), &port), err = 0;
 
   ts__stream_attach(s, NULL, NULL);
@@ -223,13 +222,7 @@ static void header_done(header_step *hs, const ts_proxy_addr *a, size_t used) {
   } else if (hs->ctx_ref != LUA_NOREF) {
     if (left > 0)
       ts__tls_feed(s, rest, left);
-  } else {
-    for (; left > 0 && (p = ts__stream_read_space(s, &room)) != NULL; left -= room) {
-      room = room < left ? room : left;
-      memcpy(p, rest, room);
-      ts__stream_read_commit(s, room);
-      rest += room;
-    }
+  } else if (ts__stream_deliver(s, rest, left) == 0) {
     ts__stream_on_data(s);
   }
   spawn_handler(L, hs->handler_ref, s, host, port, family);

@@ -17,6 +17,9 @@
 #define SHARED_READ_SIZE (64 * 1024)
 #define WRITE_HIGH_WATER (1024 * 1024)
 #define DIRECT_WRITE_MIN (16 * 1024) /* see write_direct */
+/* Unsent bytes a stream may hold: a uv_buf_t's length is an unsigned int
+ * and a write's result an int. */
+#define MAX_PENDING ((size_t)INT_MAX)
 #define LINGER_MS 10000
 /* Reading pauses past this many read_chunk_size of unread bytes. */
 #define READ_HIGH_WATER_CHUNKS 4
@@ -521,10 +524,10 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
 }
 
 static void update_reading(ts_stream *s) {
-  /* A layer (a PROXY header, TLS records) reads for itself. */
+  /* A layer's own bytes (a PROXY header, TLS records) are not in rbuf: it
+   * reads until what it decoded reaches the mark, as a plain stream. */
   int want = !(s->flags & (F_EOF | F_CLOSED)) &&
-             (ts_waiter_waiting(&s->reader) || s->ops != NULL ||
-              ts_buf_len(&s->rbuf) < s->read_high_water);
+             (ts_waiter_waiting(&s->reader) || ts_buf_len(&s->rbuf) < s->read_high_water);
   int err;
 
   if (want && !(s->flags & F_READING)) {
@@ -574,11 +577,6 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
   lua_setiuservalue(L, 1, 1);
   start_wait_timer(s);
   return ts_waiter_park_anchored(&s->reader, L);
-}
-
-void ts__stream_forget_reader(lua_State *L, int idx) {
-  lua_pushnil(L);
-  lua_setiuservalue(L, idx, 1);
 }
 
 static int l_read_until(lua_State *L) {
@@ -666,6 +664,21 @@ char *ts__stream_read_space(ts_stream *s, size_t *room) {
   r = ts_buf_room(&s->rbuf);
   *room = r < s->max_buffer - len ? r : s->max_buffer - len;
   return ts_buf_tail(&s->rbuf);
+}
+
+int ts__stream_deliver(ts_stream *s, const char *data, size_t n) {
+  int err;
+
+  unborrow(s);
+  if (n == 0 || (s->flags & F_CLOSED))
+    return 0;
+  if ((err = reserve(s, n)) != 0) {
+    reserve_failed(s, err);
+    return err;
+  }
+  memcpy(ts_buf_tail(&s->rbuf), data, n);
+  ts__stream_read_commit(s, n);
+  return 0;
 }
 
 void ts__stream_read_commit(ts_stream *s, size_t n) {
@@ -850,6 +863,11 @@ static void flush_dirty(ts_loop *loop) {
   }
 }
 
+static int over_pending(ts_stream *s, size_t len) {
+  size_t pending = pending_writes(s);
+  return pending >= MAX_PENDING || len > MAX_PENDING - pending;
+}
+
 /* write({...}): the strings of an array, in order. */
 static int append_array(lua_State *L, ts_stream *s) {
   lua_Integer i, n;
@@ -863,6 +881,8 @@ static int append_array(lua_State *L, ts_stream *s) {
       return luaL_error(L, "bad argument #1 to 'write' (item %d is not a string)",
                         (int)i);
     p = lua_tolstring(L, -1, &len);
+    if (over_pending(s, len))
+      return UV_E2BIG;
     if (ts_buf_append(&s->wbuf, p, len) != 0)
       return UV_ENOMEM;
     count_out(s, len);
@@ -903,6 +923,8 @@ static int append_arg(lua_State *L, ts_stream *s) {
     return append_array(L, s);
   }
   p = lua_tolstring(L, 2, &len);
+  if (over_pending(s, len))
+    return UV_E2BIG;
   count_out(s, len);
   rc = write_direct(s, p, len);
   if (rc != 1)
@@ -922,6 +944,8 @@ static int l_write(lua_State *L) {
   rc = append_arg(L, s);
   if (rc == UV_ENOMEM)
     return luaL_error(L, "write: out of memory");
+  if (rc == UV_E2BIG) /* the stream stays open */
+    return push_error(L, "too large");
   if (rc != 0)
     return push_error(L, ts__stream_error(s));
   if (ts_buf_len(&s->wbuf) > 0)
@@ -984,6 +1008,14 @@ static void close_cb(uv_handle_t *h) {
     s->ops->closed(s, s->layer);
   if (ts_waiter_waiting(&s->reader))
     wake_reader(s, try_read(s, s->reader.co));
+  if (!ts_waiter_waiting(&s->reader)) { /* an ended task must not stay */
+    ts__stream_push(L, s);              /* anchored in an open-ended */
+    lua_pushnil(L);                     /* stream (the collector would */
+    lua_setiuservalue(L, -2, 1);        /* walk it again and again) */
+    lua_pop(L, 1);
+  }
+  if (ts_buf_len(&s->rbuf) == 0 && !(s->flags & F_BORROWED))
+    free_rbuf(s); /* out of the read budget now */
   check_writers(s);
   if (s->wq != NULL) { /* woken writers cannot wait again: closed */
     free(s->wq->w);
@@ -1068,14 +1100,20 @@ void ts__stream_abort(ts_stream *s) {
 
 static void wait_timer_cb(uv_timer_t *t) {
   ts_stream *s = t->data;
+  lua_State *reader;
+  int n;
 
   if (s->flags & F_CLOSED) { /* the linger ran out */
     handle_close(s);
     return;
   }
-  wake_writers(s, "timeout");
-  if (ts_waiter_waiting(&s->reader)) {
-    read_failed(s, s->reader.co, "timeout");
+  /* Only those that waited when it fired: a woken task may wait again at
+   * once (re-arming the timer), and that wait has its own time. */
+  reader = s->reader.co;
+  for (n = s->wq != NULL ? s->wq->n : 0; n > 0 && writing(s); n--)
+    wake_writer(s, 0, "timeout");
+  if (reader != NULL && s->reader.co == reader) {
+    read_failed(s, reader, "timeout");
     wake_reader(s, 2);
     update_reading(s); /* not for a write-only pipe: it cannot read */
   }

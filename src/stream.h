@@ -57,8 +57,6 @@ void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk, double 
 int ts__stream_start(ts_stream *s); /* starts reading: 0 or a libuv error */
 void ts__stream_push(lua_State *L, ts_stream *s);
 ts_stream *ts__check_stream(lua_State *L, int idx);
-/* Forgets the task anchored as s's reader: at idx is s (a handler's end). */
-void ts__stream_forget_reader(lua_State *L, int idx);
 
 /* Closing */
 void ts__stream_close(ts_stream *s, int err); /* 0: flush first; else drop */
@@ -76,6 +74,9 @@ const char *ts__stream_busy(ts_stream *s);
  * buffer is full (max_buffer_size) or the stream ended. */
 char *ts__stream_read_space(ts_stream *s, size_t *room);
 void ts__stream_read_commit(ts_stream *s, size_t n);
+/* Bytes a layer already took from the socket, kept whole even past
+ * max_buffer_size (what a PROXY header step read beyond the header). */
+int ts__stream_deliver(ts_stream *s, const char *data, size_t n);
 void ts__stream_on_data(ts_stream *s);
 void ts__stream_on_eof(ts_stream *s);
 ts_buf *ts__stream_plain(ts_stream *s); /* what write() queued */

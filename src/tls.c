@@ -519,6 +519,8 @@ static void set_sni(lua_State *L, ts_ctx *c, int t) {
     SSL_CTX *sub = new_ssl_ctx(L);
     c->sni_ctx[c->nsni] = sub;
     c->sni_names[c->nsni++] = strdup(name);
+    if (c->sni_names[c->nsni - 1] == NULL)
+      luaL_error(L, "ssl_options: out of memory");
     load_pair(L, sub, opt_string(L, -1, "certfile"), opt_string(L, -1, "keyfile"));
     share_verify(c->ctx, sub);
     if (c->alpn_len > 0)
@@ -541,8 +543,10 @@ static void set_verify(lua_State *L, ts_ctx *c, int t) {
                     : SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT;
   if (cafile != NULL) {
     STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(cafile);
-    if (SSL_CTX_load_verify_locations(c->ctx, cafile, NULL) != 1 || names == NULL)
+    if (SSL_CTX_load_verify_locations(c->ctx, cafile, NULL) != 1 || names == NULL) {
+      sk_X509_NAME_pop_free(names, X509_NAME_free);
       raise_ssl(L, "ssl_options: cannot load cafile %s: %s", cafile);
+    }
     SSL_CTX_set_client_CA_list(c->ctx, names);
   } else {
     /* Reading the system store takes ~45 ms: only a verifying side pays. */
