@@ -1,7 +1,9 @@
 -- Shared by the specs: paths to the build tree, servers on port 0, clients,
 -- real peer processes and log capture.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
-package.cpath = "build/?.so;" .. package.cpath
+-- TS_BUILD names another build tree (make sanitize builds into its own).
+local BUILD = os.getenv("TS_BUILD") or "build"
+package.cpath = BUILD .. "/?.so;" .. package.cpath
 
 local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
@@ -15,6 +17,8 @@ process.raise_fd_limit()
 
 local H = {}
 H.async = testing.async
+H.BUILD = BUILD
+H.LUAHOST = BUILD .. "/luahost"
 
 --- A server whose handle_stream is `handler`, listening on 127.0.0.1:0.
 function H.serve(handler, opts)

@@ -3,7 +3,7 @@ local process = require "tcpserver.process"
 local tcpclient = require "tcpserver.tcpclient"
 
 local async = H.async
-local LUAHOST = "build/luahost"
+local LUAHOST = H.LUAHOST
 
 -- Starts `luahost script args...`; the script prints its port on stdout.
 local function start(script, ...)

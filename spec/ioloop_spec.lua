@@ -176,7 +176,7 @@ io.stdout:flush()
     local process = require "tcpserver.process"
     local tcpclient = require "tcpserver.tcpclient"
     local path = H.script_file(SERVER)
-    local p = process.Subprocess({"build/luahost", path}, {stdout = "pipe"})
+    local p = process.Subprocess({H.LUAHOST, path}, {stdout = "pipe"})
     finally(function() p:kill(9); os.remove(path) end)
     local port = tonumber(p.stdout:read_until("\n"))
     local ctl = assert(tcpclient.connect("127.0.0.1", port))

@@ -10,7 +10,7 @@ local process = require "tcpserver.process"
 local tcpclient = require "tcpserver.tcpclient"
 
 local P = {}
-P.LUAHOST = "build/luahost"
+P.LUAHOST = H.LUAHOST
 P.python = H.python
 
 --- Writes `source` to a temporary file; returns its path.
@@ -136,8 +136,12 @@ end
 -- of this tree through LUA_PATH and LUA_CPATH, and starts the loop itself.
 function P.lua(source, args, opts)
   opts = opts or {}
-  local env = {LUA_PATH = "lua/?.lua;lua/?/init.lua;;", LUA_CPATH = "build/?.so;;",
+  local env = {LUA_PATH = "lua/?.lua;lua/?/init.lua;;", LUA_CPATH = H.BUILD .. "/?.so;;",
                PATH = os.getenv("PATH")}
+  -- make sanitize: the runtime preloaded into lua5.4, and where it reports.
+  for _, k in ipairs {"LD_PRELOAD", "ASAN_OPTIONS", "LSAN_OPTIONS", "UBSAN_OPTIONS"} do
+    env[k] = os.getenv(k)
+  end
   for k, v in pairs(opts.env or {}) do env[k] = v end
   return P.luahost(source, args, {env = env, launcher = function(argv)
     argv[1] = "lua5.4"

@@ -349,7 +349,7 @@ describe("TCPServer out of file descriptors", function()
   it("backs off, logs once and recovers", H.async(function()
     local process = require "tcpserver.process"
     local script = H.script_file(H.ECHO_SCRIPT)
-    local p = process.Subprocess({"sh", "-c", "ulimit -n 24 && exec build/luahost " .. script},
+    local p = process.Subprocess({"sh", "-c", "ulimit -n 24 && exec " .. H.LUAHOST .. " " .. script},
                                  {stdout = "pipe", stderr = "pipe"})
     local port = tonumber(p.stdout:read_until("\n"))
     local clients = {}

@@ -2,8 +2,8 @@
 #include "addr.h"
 
 int ts__quiet_error(int err) {
-  return err == 0 || err == UV_ECONNRESET || err == UV_EPIPE ||
-         err == UV_ECONNABORTED || err == UV_ETIMEDOUT || err == UV_EOF;
+  return err == 0 || err == UV_ECONNRESET || err == UV_EPIPE || err == UV_ECONNABORTED ||
+         err == UV_ETIMEDOUT || err == UV_EOF;
 }
 
 const char *ts__errname(int err) {

@@ -15,8 +15,7 @@ void ts_buf_free(ts_buf *b) {
 }
 
 void ts_buf_release(ts_buf *b, ts_buf_pool *pool) {
-  if (b->data != NULL && b->cap <= TS_BUF_POOL_MAX_CAP &&
-      pool->n < TS_BUF_POOL_SIZE) {
+  if (b->data != NULL && b->cap <= TS_BUF_POOL_MAX_CAP && pool->n < TS_BUF_POOL_SIZE) {
     pool->item[pool->n] = *b;
     pool->item[pool->n].start = pool->item[pool->n].end = 0;
     pool->n++;
@@ -86,12 +85,12 @@ void ts_buf_consume(ts_buf *b, size_t n) {
 
 long ts_buf_find(ts_buf *b, const char *delim, size_t dlen, size_t *scan) {
   size_t len = ts_buf_len(b);
-  const char *head = ts_buf_head(b);
-  const char *hit;
+  const char *head, *hit;
 
   if (*scan >= len || len - *scan < dlen) {
     goto miss;
   }
+  head = ts_buf_head(b); /* not before: an empty buffer's data is NULL */
   if (dlen == 1)
     hit = memchr(head + *scan, delim[0], len - *scan);
   else

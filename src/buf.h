@@ -6,9 +6,9 @@
 
 typedef struct ts_buf {
   char *data;
-  size_t cap;    /* bytes allocated */
-  size_t start;  /* first unconsumed byte */
-  size_t end;    /* one past the last byte written */
+  size_t cap;   /* bytes allocated */
+  size_t start; /* first unconsumed byte */
+  size_t end;   /* one past the last byte written */
 } ts_buf;
 
 #define ts_buf_len(b) ((b)->end - (b)->start)

@@ -13,8 +13,8 @@ typedef struct connect_req {
   uv_timer_t timer;
   struct addrinfo *res, *cur;
   struct sockaddr_storage source;
-  ts_waiter w;          /* the task in connect */
-  ts_stream *s;        /* the attempt in progress */
+  ts_waiter w;  /* the task in connect */
+  ts_stream *s; /* the attempt in progress */
   int has_source, done, refs;
   char host[256];
 } connect_req;
@@ -114,8 +114,7 @@ static void resolved_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 
   r->res = res;
   if (!r->done && status != 0) {
-    snprintf(msg, sizeof(msg), "cannot resolve %s: %s", r->host,
-             uv_strerror(status));
+    snprintf(msg, sizeof(msg), "cannot resolve %s: %s", r->host, uv_strerror(status));
     finish_error(r, msg);
   } else if (!r->done) {
     r->cur = res;
@@ -219,8 +218,10 @@ static int l_connect_unix(lua_State *L) {
   connect_req *r;
   ts_stream *s;
 
-  luaL_argcheck(L, plen > 0 && plen < sizeof(((struct sockaddr_un *)0)->sun_path) &&
-                   strlen(path) == plen, 1, "path empty, too long or with a NUL inside");
+  luaL_argcheck(L,
+                plen > 0 && plen < sizeof(((struct sockaddr_un *)0)->sun_path) &&
+                    strlen(path) == plen,
+                1, "path empty, too long or with a NUL inside");
   ts__check_task(L, "connect");
   r = calloc(1, sizeof(*r));
   if (r == NULL)
@@ -240,7 +241,7 @@ static int l_connect_unix(lua_State *L) {
 
 int ts__open_client(lua_State *L) {
   static const luaL_Reg funcs[] = {
-    {"connect", l_connect}, {"connect_unix", l_connect_unix}, {NULL, NULL}};
+      {"connect", l_connect}, {"connect_unix", l_connect_unix}, {NULL, NULL}};
   luaL_setfuncs(L, funcs, 0);
   return 0;
 }

@@ -74,7 +74,7 @@ typedef struct worker {
 } worker;
 
 typedef struct task {
-  int crashes;  /* in a row, for the back-off */
+  int crashes;   /* in a row, for the back-off */
   int was_ready; /* some worker of it got its loop running */
   double due;    /* when its restart is due; 0: none pending */
 } task;
@@ -89,22 +89,22 @@ typedef struct note {
 
 typedef struct supervisor {
   lua_State *L;
-  int log_idx;           /* stack index of the log function(level, msg) */
+  int log_idx; /* stack index of the log function(level, msg) */
   int n, max_restarts, restarts;
-  worker *w;             /* live workers, in no order */
+  worker *w; /* live workers, in no order */
   int nw, cap;
-  task *t;               /* by task id */
-  int pending;           /* restarts waiting for their back-off */
-  int sfd;               /* signalfd for the blocked signals */
+  task *t;     /* by task id */
+  int pending; /* restarts waiting for their back-off */
+  int sfd;     /* signalfd for the blocked signals */
   int ready_rd, ready_wr;
   sigset_t saved_mask;
   struct sigaction saved_chld;
   pid_t self;
   int stopping;
-  int reload_id;         /* task id a reload is replacing, -1 if none */
-  pid_t reload_pid;      /* the new worker for it, until it is ready */
-  int reload_again;      /* a SIGHUP came while a reload ran */
-  char err[400];         /* why the supervisor gives up */
+  int reload_id;    /* task id a reload is replacing, -1 if none */
+  pid_t reload_pid; /* the new worker for it, until it is ready */
+  int reload_again; /* a SIGHUP came while a reload ran */
+  char err[400];    /* why the supervisor gives up */
 } supervisor;
 
 /* What a forked worker knows about itself. */
@@ -140,8 +140,7 @@ static double now(void) {
 }
 
 static int sup_fail(supervisor *s, const char *what) {
-  snprintf(s->err, sizeof(s->err), "fork_processes: %s: %s", what,
-           strerror(errno));
+  snprintf(s->err, sizeof(s->err), "fork_processes: %s: %s", what, strerror(errno));
   return SUP_FAILED;
 }
 
@@ -236,14 +235,14 @@ static void describe_status(char *buf, size_t size, int status) {
 
 /* Schedules a new worker for task `id`, whose worker `pid` died (`how`)
  * after `lived` seconds; gives up past max_restarts. */
-static int restart(supervisor *s, int id, pid_t pid, const char *how,
-                   double lived) {
+static int restart(supervisor *s, int id, pid_t pid, const char *how, double lived) {
   task *t = &s->t[id];
   double delay = BACKOFF_FIRST;
   int i;
 
   if (++s->restarts > s->max_restarts) {
-    snprintf(s->err, sizeof(s->err), "fork_processes: too many child "
+    snprintf(s->err, sizeof(s->err),
+             "fork_processes: too many child "
              "restarts (%d), giving up: child %d (pid %d) %s",
              s->max_restarts, id, (int)pid, how);
     return SUP_FAILED;
@@ -253,9 +252,10 @@ static int restart(supervisor *s, int id, pid_t pid, const char *how,
     delay *= 2;
   if (delay > BACKOFF_MAX)
     delay = BACKOFF_MAX;
-  sup_log(s, "warning", "child %d (pid %d) %s, restarting in %g s "
-          "(restart %d of %d)", id, (int)pid, how, delay, s->restarts,
-          s->max_restarts);
+  sup_log(s, "warning",
+          "child %d (pid %d) %s, restarting in %g s "
+          "(restart %d of %d)",
+          id, (int)pid, how, delay, s->restarts, s->max_restarts);
   if (t->due == 0)
     s->pending++;
   t->due = now() + delay;
@@ -356,8 +356,8 @@ static int on_ready(supervisor *s, pid_t pid) {
  * failed (a port in use, a bug in the script), and restarting would only
  * fail again. `why` is the worker's message, or how it exited. */
 static int start_failed(supervisor *s, int id, pid_t pid, const char *why) {
-  snprintf(s->err, sizeof(s->err), "fork_processes: worker %d (pid %d) %s",
-           id, (int)pid, why);
+  snprintf(s->err, sizeof(s->err), "fork_processes: worker %d (pid %d) %s", id, (int)pid,
+           why);
   return SUP_FAILED;
 }
 
@@ -371,8 +371,8 @@ static int on_failed(supervisor *s, pid_t pid, const char *why) {
     return SUP_CONTINUE;
   snprintf(msg, sizeof(msg), "failed before its loop ran: %s", why);
   if (pid == s->reload_pid)
-    sup_log(s, "error", "reload: the new worker for task %d (pid %d) %s",
-            w->id, (int)pid, msg);
+    sup_log(s, "error", "reload: the new worker for task %d (pid %d) %s", w->id, (int)pid,
+            msg);
   else if (!s->t[w->id].was_ready)
     return start_failed(s, w->id, pid, msg);
   else
@@ -386,8 +386,10 @@ static int reload_failed(supervisor *s, worker *w, int status) {
   char how[64];
 
   describe_status(how, sizeof(how), status);
-  sup_log(s, "error", "reload: the new worker for task %d (pid %d) %s before "
-          "it was ready; keeping the old workers", w->id, (int)w->pid, how);
+  sup_log(s, "error",
+          "reload: the new worker for task %d (pid %d) %s before "
+          "it was ready; keeping the old workers",
+          w->id, (int)w->pid, how);
   s->reload_id = -1;
   s->reload_pid = 0;
   s->reload_again = 0;
@@ -417,8 +419,7 @@ static int on_worker_exit(supervisor *s, pid_t pid, int status) {
     return start_failed(s, w.id, pid, why);
   }
   /* During a reload of this task, its new worker takes over. */
-  return has_worker(s, w.id) ? SUP_CONTINUE
-                             : restart(s, w.id, pid, how, now() - w.born);
+  return has_worker(s, w.id) ? SUP_CONTINUE : restart(s, w.id, pid, how, now() - w.born);
 }
 
 static void forward(supervisor *s, int signo) {
@@ -592,8 +593,7 @@ static int l_fork_processes(lua_State *L) {
   luaL_argcheck(L, s.n > 0 && s.n <= 4096, 1, "number of processes out of range");
   luaL_argcheck(L, s.max_restarts >= 0, 2, "max_restarts must not be negative");
   if (the_task_id >= 0)
-    return luaL_error(L, "fork_processes: already called (this is task %d)",
-                      the_task_id);
+    return luaL_error(L, "fork_processes: already called (this is task %d)", the_task_id);
   if ((ts__loop_find(L) != NULL && ts__loop_find(L)->running) || ts__in_task(L))
     return luaL_error(L, "fork_processes: cannot fork from a task or while "
                          "the loop runs");
@@ -653,8 +653,7 @@ static int tell_supervisor(int failed, const char *why) {
   if (getppid() == the_supervisor) {
     sent = write(ready_fd, &n, sizeof(n)) == (ssize_t)sizeof(n);
     if (!sent)
-      fprintf(stderr, "tcpserver: cannot tell the supervisor: %s\n",
-              strerror(errno));
+      fprintf(stderr, "tcpserver: cannot tell the supervisor: %s\n", strerror(errno));
   }
   close(ready_fd);
   ready_fd = -1;
@@ -676,11 +675,13 @@ static int l_start_failed(lua_State *L) {
 }
 
 int ts__open_fork(lua_State *L) {
-  static const luaL_Reg funcs[] = {
-    {"cpu_count", l_cpu_count}, {"raise_fd_limit", l_raise_fd_limit},
-    {"fork_processes", l_fork_processes}, {"task_id", l_task_id},
-    {"getpid", l_getpid}, {"start_failed", l_start_failed},
-    {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"cpu_count", l_cpu_count},
+                                   {"raise_fd_limit", l_raise_fd_limit},
+                                   {"fork_processes", l_fork_processes},
+                                   {"task_id", l_task_id},
+                                   {"getpid", l_getpid},
+                                   {"start_failed", l_start_failed},
+                                   {NULL, NULL}};
 
   luaL_setfuncs(L, funcs, 0);
   return 0;

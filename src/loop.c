@@ -90,6 +90,10 @@ static void loop_free(uv_handle_t *h) {
 /* The state is closing: libuv lets go of the context's handle later. */
 static int loop_gc(lua_State *L) {
   ts_loop *loop = *(ts_loop **)lua_touserdata(L, 1);
+  int i;
+
+  for (i = 0; i < loop->nclose; i++)
+    loop->close[i](loop);
   uv_close((uv_handle_t *)&loop->full_collect, loop_free);
   return 0;
 }
@@ -167,6 +171,10 @@ void ts__loop_on_start(ts_loop *loop, ts_hook fn) {
   add_hook(loop->start, &loop->nstart, fn);
 }
 
+void ts__loop_on_close(ts_loop *loop, ts_hook fn) {
+  add_hook(loop->close, &loop->nclose, fn);
+}
+
 static void settle(ts_loop *loop) {
   int i;
 
@@ -230,8 +238,9 @@ int ts__in_task(lua_State *L) {
 
 void ts__check_task(lua_State *L, const char *what) {
   if (!ts__in_task(L))
-    luaL_error(L, "%s: must be called from a coroutine run by the loop "
-                  "(handle_stream, spawn_callback, run_sync or testing.async)",
+    luaL_error(L,
+               "%s: must be called from a coroutine run by the loop "
+               "(handle_stream, spawn_callback, run_sync or testing.async)",
                what);
 }
 
@@ -543,7 +552,7 @@ typedef struct ts_signal {
   int closed;
 } ts_signal;
 
-static int active[NSIG_MAX];            /* our running handlers, by signal */
+static int active[NSIG_MAX];              /* our running handlers, by signal */
 static struct sigaction before[NSIG_MAX]; /* the disposition they replaced */
 
 static void signal_cb(uv_signal_t *h, int signum) {
@@ -561,7 +570,7 @@ static void signal_close_cb(uv_handle_t *h) {
 
 /* core.signal(name, fn) -> handle with :cancel() */
 static int l_signal(lua_State *L) {
-  static const char *const names[] = {"SIGINT", "SIGTERM", "SIGHUP",
+  static const char *const names[] = {"SIGINT",  "SIGTERM", "SIGHUP",
                                       "SIGUSR1", "SIGUSR2", NULL};
   static const int nums[] = {SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2};
   ts_loop *loop = ts__loop(L);
@@ -609,7 +618,7 @@ static void create_signal_meta(lua_State *L) {
 
 static void create_timer_meta(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"cancel", timer_cancel}, {"active", timer_active}, {NULL, NULL}};
+      {"cancel", timer_cancel}, {"active", timer_active}, {NULL, NULL}};
   luaL_newmetatable(L, TIMER_MT);
   luaL_newlib(L, methods);
   lua_setfield(L, -2, "__index");
@@ -617,12 +626,19 @@ static void create_timer_meta(lua_State *L) {
 }
 
 int ts__open_loop(lua_State *L) {
-  static const luaL_Reg funcs[] = {
-    {"spawn", l_spawn},     {"in_task", l_in_task}, {"start", l_start},
-    {"resume", l_resume},   {"park", l_park},
-    {"stop", l_stop},       {"running", l_running}, {"time", l_time},
-    {"timer", l_timer},     {"sleep", l_sleep},     {"signal", l_signal},
-    {"set_log_handler", l_set_log_handler},     {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"spawn", l_spawn},
+                                   {"in_task", l_in_task},
+                                   {"start", l_start},
+                                   {"resume", l_resume},
+                                   {"park", l_park},
+                                   {"stop", l_stop},
+                                   {"running", l_running},
+                                   {"time", l_time},
+                                   {"timer", l_timer},
+                                   {"sleep", l_sleep},
+                                   {"signal", l_signal},
+                                   {"set_log_handler", l_set_log_handler},
+                                   {NULL, NULL}};
   create_timer_meta(L);
   create_signal_meta(L);
   luaL_setfuncs(L, funcs, 0);

@@ -20,18 +20,20 @@ typedef void (*ts_hook)(ts_loop *loop);
 
 struct ts_loop {
   uv_loop_t *uv;
-  lua_State *L;          /* callbacks run here: the thread in start(), or
-                            the main thread when the host runs the loop */
-  int running;           /* start() is in uv_run */
-  int parked;            /* the task being resumed waits on something */
-  int log_ref;           /* Lua function(level, msg) for the core's logs */
+  lua_State *L; /* callbacks run here: the thread in start(), or
+                   the main thread when the host runs the loop */
+  int running;  /* start() is in uv_run */
+  int parked;   /* the task being resumed waits on something */
+  int log_ref;  /* Lua function(level, msg) for the core's logs */
   int nsettle, nstart;
   ts_hook settle[TS_MAX_HOOKS]; /* after each resume or callback */
   ts_hook start[TS_MAX_HOOKS];  /* once, when start() first runs */
-  void *streams;         /* stream.c's per-loop state */
-  size_t ended;          /* tasks ended since the last full collection */
-  size_t walked;         /* dead-thread walks since then (an upper bound) */
-  size_t walk_budget;    /* walks that cost about one full collection */
+  ts_hook close[TS_MAX_HOOKS];  /* the Lua state closes: free what is left */
+  int nclose;
+  void *streams;      /* stream.c's per-loop state */
+  size_t ended;       /* tasks ended since the last full collection */
+  size_t walked;      /* dead-thread walks since then (an upper bound) */
+  size_t walk_budget; /* walks that cost about one full collection */
   uv_prepare_t full_collect;
 };
 
@@ -44,6 +46,9 @@ ts_loop *ts__loop_find(lua_State *L);
 int ts__loop_fork(lua_State *L);
 void ts__loop_on_settle(ts_loop *loop, ts_hook fn);
 void ts__loop_on_start(ts_loop *loop, ts_hook fn);
+/* At lua_close, after every stream's __gc (the context is finalized last:
+ * it was made first). The host must have closed servers and streams. */
+void ts__loop_on_close(ts_loop *loop, ts_hook fn);
 
 /* Seconds to a libuv timeout in ms; 0 means none: none was asked for, or
  * more than libuv can time (casting such a double is undefined). */
@@ -62,10 +67,9 @@ void ts__check_task(lua_State *L, const char *what);
  * Use as `return ts_waiter_park(w, L);` from a lua_CFunction. */
 typedef struct ts_waiter {
   lua_State *co;
-  int ref;               /* anchors co, or LUA_NOREF if the owner does */
+  int ref; /* anchors co, or LUA_NOREF if the owner does */
 } ts_waiter;
 
-#define TS_WAITER_INIT {NULL, LUA_NOREF}
 #define ts_waiter_waiting(w) ((w)->co != NULL)
 void ts_waiter_init(ts_waiter *w);
 int ts_waiter_park(ts_waiter *w, lua_State *L);

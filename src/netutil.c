@@ -52,8 +52,7 @@ void ts__socket_release(lua_State *L, int idx) {
   s->fd = -1;
 }
 
-static int fail_errno(lua_State *L, const char *what, const char *host,
-                      int port) {
+static int fail_errno(lua_State *L, const char *what, const char *host, int port) {
   return luaL_error(L, "%s %s:%d: %s", what, host, port, strerror(errno));
 }
 
@@ -114,15 +113,16 @@ static int l_bind_sockets(lua_State *L) {
   memset(&hints, 0, sizeof(hints));
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-  hints.ai_family = fam == NULL ? AF_UNSPEC
-                    : strcmp(fam, "inet6") == 0 ? AF_INET6 : AF_INET;
+  hints.ai_family = fam == NULL                 ? AF_UNSPEC
+                    : strcmp(fam, "inet6") == 0 ? AF_INET6
+                                                : AF_INET;
   if (host != NULL && host[0] == '\0')
     host = NULL;
   snprintf(service, sizeof(service), "%d", port);
   rc = getaddrinfo(host, service, &hints, &res);
   if (rc != 0)
-    return luaL_error(L, "bind_sockets: cannot resolve %s: %s",
-                      host ? host : "*", gai_strerror(rc));
+    return luaL_error(L, "bind_sockets: cannot resolve %s: %s", host ? host : "*",
+                      gai_strerror(rc));
   lua_newtable(L);
   for (ai = res; ai != NULL; ai = ai->ai_next) {
     if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6)
@@ -134,8 +134,7 @@ static int l_bind_sockets(lua_State *L) {
       if (errno == EADDRNOTAVAIL && ai->ai_family == AF_INET6)
         continue; /* no IPv6 on this host */
       freeaddrinfo(res);
-      return fail_errno(L, "bind_sockets: cannot listen on", host ? host : "*",
-                        port);
+      return fail_errno(L, "bind_sockets: cannot listen on", host ? host : "*", port);
     }
     if (n > 0)
       lua_pop(L, 1);
@@ -161,9 +160,9 @@ static int l_bind_unix_socket(lua_State *L) {
   int abstract = plen > 1 && path[0] == '\0', fd;
   socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + plen);
 
-  luaL_argcheck(L, plen > 0 && plen < sizeof(sun.sun_path) &&
-                   (abstract || strlen(path) == plen), 1,
-                "path empty, too long or with a NUL inside");
+  luaL_argcheck(
+      L, plen > 0 && plen < sizeof(sun.sun_path) && (abstract || strlen(path) == plen), 1,
+      "path empty, too long or with a NUL inside");
   if (!abstract && lstat(path, &st) == 0) {
     if (!S_ISSOCK(st.st_mode))
       return luaL_error(L, "bind_unix_socket: %s exists and is not a socket", path);
@@ -360,15 +359,18 @@ static int sock_index(lua_State *L) {
 }
 
 int ts__open_netutil(lua_State *L) {
-  static const luaL_Reg methods[] = {
-    {"getsockname", sock_getsockname}, {"fileno", sock_fileno},
-    {"close", sock_close}, {NULL, NULL}};
-  static const luaL_Reg meta[] = {
-    {"__gc", sock_gc}, {"__close", sock_gc}, {"__tostring", sock_tostring},
-    {NULL, NULL}};
-  static const luaL_Reg funcs[] = {
-    {"bind_sockets", l_bind_sockets}, {"bind_unix_socket", l_bind_unix_socket},
-    {"inherited_sockets", l_inherited_sockets}, {NULL, NULL}};
+  static const luaL_Reg methods[] = {{"getsockname", sock_getsockname},
+                                     {"fileno", sock_fileno},
+                                     {"close", sock_close},
+                                     {NULL, NULL}};
+  static const luaL_Reg meta[] = {{"__gc", sock_gc},
+                                  {"__close", sock_gc},
+                                  {"__tostring", sock_tostring},
+                                  {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"bind_sockets", l_bind_sockets},
+                                   {"bind_unix_socket", l_bind_unix_socket},
+                                   {"inherited_sockets", l_inherited_sockets},
+                                   {NULL, NULL}};
 
   luaL_newmetatable(L, TS_SOCKET_MT);
   luaL_setfuncs(L, meta, 0);

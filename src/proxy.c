@@ -7,12 +7,12 @@
 #include <string.h>
 #include <sys/socket.h>
 
-#define V1_MAX 107         /* the spec's longest v1 line, CRLF included */
-#define V2_HEAD 16         /* signature, version/command, family, length */
+#define V1_MAX 107 /* the spec's longest v1 line, CRLF included */
+#define V2_HEAD 16 /* signature, version/command, family, length */
 #define V2_MAX_BODY (TS_PROXY_MAX_HEADER - V2_HEAD) /* addresses and TLVs */
-#define V2_LEN_INET 12     /* two IPv4 addresses, two ports */
+#define V2_LEN_INET 12                              /* two IPv4 addresses, two ports */
 #define V2_LEN_INET6 36
-#define V2_LEN_UNIX 216    /* two 108-byte paths */
+#define V2_LEN_UNIX 216 /* two 108-byte paths */
 
 static const char v2_sig[12] = "\r\n\r\n\0\r\nQUIT\n";
 

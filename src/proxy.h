@@ -13,8 +13,8 @@
 typedef struct ts_proxy_addr {
   char host[46]; /* INET6_ADDRSTRLEN */
   int port;
-  int family;    /* 0 = keep the connection's own address (LOCAL / UNKNOWN),
-                    AF_INET, AF_INET6 */
+  int family; /* 0 = keep the connection's own address (LOCAL / UNKNOWN),
+                 AF_INET, AF_INET6 */
 } ts_proxy_addr;
 
 /* Parses the header at the start of p[0, n). Returns > 0 when it is

@@ -34,15 +34,15 @@
 
 typedef struct ts_listener {
   uv_poll_t poll;
-  uv_timer_t backoff;    /* restarts accepting after EMFILE */
+  uv_timer_t backoff; /* restarts accepting after EMFILE */
   ts_loop *loop;
   int fd, family;
   int handler_ref, self_ref, sock_ref;
-  int ctx_ref;           /* TLS context, or LUA_NOREF */
-  int proxy_protocol;    /* a PROXY header comes first */
+  int ctx_ref;        /* TLS context, or LUA_NOREF */
+  int proxy_protocol; /* a PROXY header comes first */
   double handshake_timeout;
   int polling, closed, paused, out_of_fds, pending_closes;
-  uint64_t fds_logged;   /* when running out of fds was last logged (ms) */
+  uint64_t fds_logged; /* when running out of fds was last logged (ms) */
   size_t max_buffer, chunk;
   double timeout;
   ts_counters *counters; /* over the streams it accepted */
@@ -95,8 +95,8 @@ static int run_handler(lua_State *L) {
 
 /* The handler table holds the server, begin(stream), done (see
  * handler_end) and Address (the metatable of addresses). */
-static void spawn_handler(lua_State *L, int handler_ref, ts_stream *s,
-                          const char *host, int port, int family) {
+static void spawn_handler(lua_State *L, int handler_ref, ts_stream *s, const char *host,
+                          int port, int family) {
   lua_pushcfunction(L, run_handler);
   lua_rawgeti(L, LUA_REGISTRYINDEX, handler_ref);
   ts__stream_push(L, s);
@@ -127,10 +127,10 @@ static void call_books(ts_loop *loop, int handler_ref, const char *fn, ts_stream
 
 /* The peer as accept (or the PROXY header) saw it names the stream in
  * logs, as a reset may leave getpeername nothing. */
-static int attach_tls(lua_State *L, int ctx_ref, ts_stream *s, const char *host,
-                      int port, int family, double timeout) {
-  const char *peer = lua_pushfstring(L, family == AF_INET6 ? "[%s]:%d" : "%s:%d",
-                                     host, port);
+static int attach_tls(lua_State *L, int ctx_ref, ts_stream *s, const char *host, int port,
+                      int family, double timeout) {
+  const char *peer =
+      lua_pushfstring(L, family == AF_INET6 ? "[%s]:%d" : "%s:%d", host, port);
   int err;
 
   lua_rawgeti(L, LUA_REGISTRYINDEX, ctx_ref);
@@ -142,12 +142,12 @@ static int attach_tls(lua_State *L, int ctx_ref, ts_stream *s, const char *host,
 /* ---- the PROXY header step: a layer that takes the first bytes ---- */
 
 typedef struct header_step {
-  uv_timer_t timer;      /* handshake_timeout; its close frees the step */
+  uv_timer_t timer; /* handshake_timeout; its close frees the step */
   ts_stream *s;
   ts_loop *loop;
   int handler_ref, ctx_ref; /* its own: the listener may close meanwhile */
   double handshake_timeout;
-  ts_buf buf;            /* the header so far, and what came after it */
+  ts_buf buf; /* the header so far, and what came after it */
 } header_step;
 
 static const ts_layer_ops header_ops;
@@ -184,8 +184,8 @@ static void header_refuse(header_step *hs, const char *why) {
 }
 
 /* The client as the header names it, or the connection's own peer. */
-static int header_client(header_step *hs, const ts_proxy_addr *a, char *host,
-                         size_t len, int *port) {
+static int header_client(header_step *hs, const ts_proxy_addr *a, char *host, size_t len,
+                         int *port) {
   uv_stream_t *h = ts__stream_handle(hs->s);
   struct sockaddr_storage ss;
   int sslen = sizeof(ss);
@@ -257,8 +257,8 @@ static void header_on_eof(ts_stream *s, void *layer) {
   header_step *hs = layer;
 
   (void)s;
-  header_refuse(hs, ts_buf_len(&hs->buf) == 0 ? NULL
-                                              : "connection closed inside the header");
+  header_refuse(hs,
+                ts_buf_len(&hs->buf) == 0 ? NULL : "connection closed inside the header");
 }
 
 static void header_timeout(uv_timer_t *t) {
@@ -275,8 +275,8 @@ static void header_closed(ts_stream *s, void *layer) {
 }
 
 static const ts_layer_ops header_ops = {
-  header_on_read, header_on_eof, NULL, NULL, NULL, NULL, NULL, NULL,
-  header_closed, NULL,
+    header_on_read, header_on_eof, NULL, NULL,          NULL,
+    NULL,           NULL,          NULL, header_closed, NULL,
 };
 
 static int header_begin(ts_listener *ls, ts_stream *s) {
@@ -331,8 +331,7 @@ static void serve(ts_listener *ls, int fd, struct sockaddr_storage *ss) {
   if (ls->proxy_protocol)
     err = header_begin(ls, s);
   else if (ls->ctx_ref != LUA_NOREF)
-    err = attach_tls(L, ls->ctx_ref, s, host, port, ss->ss_family,
-                     ls->handshake_timeout);
+    err = attach_tls(L, ls->ctx_ref, s, host, port, ss->ss_family, ls->handshake_timeout);
   if (err != 0) {
     ts__stream_abort(s);
     return;
@@ -367,8 +366,8 @@ static void out_of_fds(ts_listener *ls, int err) {
   char msg[160];
 
   if (ls->fds_logged == 0 || now - ls->fds_logged >= FDS_LOG_MS) {
-    snprintf(msg, sizeof(msg), "accept: %s; retrying every %d ms",
-             strerror(err), BACKOFF_MS);
+    snprintf(msg, sizeof(msg), "accept: %s; retrying every %d ms", strerror(err),
+             BACKOFF_MS);
     ts__report(ls->loop, msg);
     ls->fds_logged = now ? now : 1;
   }
@@ -418,6 +417,15 @@ static void listener_closed(uv_handle_t *h) {
   luaL_unref(L, LUA_REGISTRYINDEX, ls->self_ref);
   ts__counters_release(ls->counters);
   ls->counters = NULL;
+}
+
+/* A listener still open when the state closes: its handles stay with the
+ * loop (a host must stop its servers before lua_close); its counts go. */
+static int l_listener_gc(lua_State *L) {
+  ts_listener *ls = check_listener(L);
+  ts__counters_release(ls->counters);
+  ls->counters = NULL;
+  return 0;
 }
 
 static int l_listener_close(lua_State *L) {
@@ -487,10 +495,11 @@ static int l_listener(lua_State *L) {
 
   luaL_checktype(L, 2, LUA_TTABLE);
   luaL_checktype(L, 3, LUA_TTABLE);
-  ls = lua_newuserdatauv(L, sizeof(*ls), 0);
+  if (lua_getfield(L, 2, "ssl_context") != LUA_TNIL) /* 4 */
+    luaL_checkudata(L, 4, "tcpserver.ssl_context");
+  ls = lua_newuserdatauv(L, sizeof(*ls), 0); /* 5 */
   memset(ls, 0, sizeof(*ls));
   ls->loop = loop;
-  ls->counters = ts__counters_new(); /* NULL: no counts, no harm */
   ls->max_buffer = get_size(L, 2, "max_buffer_size");
   ls->chunk = get_size(L, 2, "read_chunk_size");
   ls->timeout = get_seconds(L, 2, "idle_timeout");
@@ -498,15 +507,16 @@ static int l_listener(lua_State *L) {
   lua_getfield(L, 2, "proxy_protocol");
   ls->proxy_protocol = lua_toboolean(L, -1);
   lua_pop(L, 1);
-  if (lua_getfield(L, 2, "ssl_context") != LUA_TNIL)
-    luaL_checkudata(L, -1, "tcpserver.ssl_context");
-  ls->ctx_ref = lua_isnil(L, -1) ? LUA_NOREF : luaL_ref(L, LUA_REGISTRYINDEX);
-  if (ls->ctx_ref == LUA_NOREF)
-    lua_pop(L, 1);
+  /* Nothing raises past this point: the socket stays taken, and the
+   * counters are freed by the metatable's __gc. */
   fd = ts__socket_take(L, 1, &family);
   luaL_setmetatable(L, LISTENER_MT);
+  ls->counters = ts__counters_new(); /* NULL: no counts, no harm */
   ls->fd = fd;
   ls->family = family;
+  lua_pushvalue(L, 4);
+  ls->ctx_ref =
+      lua_isnil(L, -1) ? (lua_pop(L, 1), LUA_NOREF) : luaL_ref(L, LUA_REGISTRYINDEX);
   uv_poll_init_socket(loop->uv, &ls->poll, fd);
   uv_timer_init(loop->uv, &ls->backoff);
   ls->poll.data = ls->backoff.data = ls;
@@ -514,19 +524,22 @@ static int l_listener(lua_State *L) {
   ls->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushvalue(L, 1);
   ls->sock_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pushvalue(L, -1);
+  lua_pushvalue(L, 5);
   ls->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   update_polling(ls);
   return 1;
 }
 
 int ts__open_server(lua_State *L) {
-  static const luaL_Reg methods[] = {
-    {"close", l_listener_close}, {"pause", l_listener_pause},
-    {"stats", l_listener_stats}, {NULL, NULL}};
+  static const luaL_Reg methods[] = {{"close", l_listener_close},
+                                     {"pause", l_listener_pause},
+                                     {"stats", l_listener_stats},
+                                     {NULL, NULL}};
   static const luaL_Reg funcs[] = {{"listener", l_listener}, {NULL, NULL}};
 
   luaL_newmetatable(L, LISTENER_MT);
+  lua_pushcfunction(L, l_listener_gc);
+  lua_setfield(L, -2, "__gc");
   luaL_newlib(L, methods);
   lua_setfield(L, -2, "__index");
   lua_pop(L, 1);

@@ -24,12 +24,12 @@
 /* What the streams of one loop share. */
 typedef struct stream_ctx {
   ts_loop *loop;
-  ts_stream *dirty;      /* streams with unflushed writes */
-  ts_stream *borrower;   /* the stream whose rbuf is `shared` right now */
-  ts_buf_pool wpool;     /* drained write buffers */
-  size_t rbuf_bytes;     /* held by streams' own read buffers */
-  size_t rbuf_count;     /* streams holding one */
-  size_t rbuf_budget;    /* the most rbuf_bytes should reach */
+  ts_stream *dirty;    /* streams with unflushed writes */
+  ts_stream *borrower; /* the stream whose rbuf is `shared` right now */
+  ts_buf_pool wpool;   /* drained write buffers */
+  size_t rbuf_bytes;   /* held by streams' own read buffers */
+  size_t rbuf_count;   /* streams holding one */
+  size_t rbuf_budget;  /* the most rbuf_bytes should reach */
   char shared[SHARED_READ_SIZE];
 } stream_ctx;
 
@@ -67,28 +67,28 @@ enum {
 };
 
 struct ts_stream {
-  const char *tag;        /* identifies a live stream userdata cheaply */
+  const char *tag; /* identifies a live stream userdata cheaply */
   stream_ctx *ctx;
   ts_buf rbuf;
-  ts_buf wbuf;            /* filled by write() */
-  write_req *inflight;    /* the uv_write under way, with its bytes */
-  uv_timer_t *timer;      /* wait timeouts and close linger; lazy */
+  ts_buf wbuf;         /* filled by write() */
+  write_req *inflight; /* the uv_write under way, with its bytes */
+  uv_timer_t *timer;   /* wait timeouts and close linger; lazy */
   ts_stream *next_dirty;
-  ts_waiter reader;       /* anchored in the user value */
-  write_queue *wq;        /* tasks waiting for the write buffer; lazy */
-  uint64_t wtotal;        /* bytes ever passed to write() */
+  ts_waiter reader;        /* anchored in the user value */
+  write_queue *wq;         /* tasks waiting for the write buffer; lazy */
+  uint64_t wtotal;         /* bytes ever passed to write() */
   const ts_layer_ops *ops; /* the layer, or NULL */
-  ts_counters *counters;  /* its listener's, or NULL */
+  ts_counters *counters;   /* its listener's, or NULL */
   void *layer;
   int self_ref, close_cb_ref;
-  int err;                /* the libuv error that ended the stream */
+  int err; /* the libuv error that ended the stream */
   uint16_t flags;
   uint8_t rmode;
-  size_t rn;              /* read_bytes count or read_until max_bytes */
-  const char *delim;      /* lives on the waiting task's stack */
+  size_t rn;         /* read_bytes count or read_until max_bytes */
+  const char *delim; /* lives on the waiting task's stack */
   size_t dlen, scan;
   uint32_t max_buffer, chunk, read_high_water; /* < 4 GiB: see init.lua */
-  float timeout;          /* seconds; 0 means none */
+  float timeout;                               /* seconds; 0 means none */
   /* Last, so that a TCP stream is allocated without a pipe's extra bytes
    * (see STREAM_SIZE): idle connections are counted in bytes. */
   union {
@@ -99,7 +99,7 @@ struct ts_stream {
   } h;
 };
 
-#define STREAM_SIZE(is_pipe) \
+#define STREAM_SIZE(is_pipe)                                                             \
   (offsetof(ts_stream, h) + ((is_pipe) ? sizeof(uv_pipe_t) : sizeof(uv_tcp_t)))
 
 static void stream_close(ts_stream *s, int err);
@@ -147,8 +147,8 @@ static size_t pending_writes(ts_stream *s) {
 }
 
 const char *ts__stream_error(ts_stream *s) {
-  const char *why = s->ops != NULL && s->ops->error != NULL ? s->ops->error(s->layer)
-                                                             : NULL;
+  const char *why =
+      s->ops != NULL && s->ops->error != NULL ? s->ops->error(s->layer) : NULL;
   return why != NULL ? why : ts__errname(s->err);
 }
 
@@ -272,9 +272,10 @@ static void refuse_growth(ts_stream *s) {
   stream_ctx *ctx = s->ctx;
   char msg[160];
 
-  snprintf(msg, sizeof(msg), "read buffers over the budget (%zu of %zu bytes): "
-           "closing a connection holding %zu", ctx->rbuf_bytes,
-           ctx->rbuf_budget, ts_buf_len(&s->rbuf));
+  snprintf(msg, sizeof(msg),
+           "read buffers over the budget (%zu of %zu bytes): "
+           "closing a connection holding %zu",
+           ctx->rbuf_bytes, ctx->rbuf_budget, ts_buf_len(&s->rbuf));
   ts__log(ctx->loop, "warning", msg);
   stream_close(s, UV_E2BIG);
 }
@@ -547,7 +548,7 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
     return luaL_error(L, "already reading");
   s->rmode = mode;
   s->rn = n;
-  lent = (s->flags & F_BORROWED) != 0; /* by on_data, which wakes us */
+  lent = (s->flags & F_BORROWED) != 0;        /* by on_data, which wakes us */
   if (s->ops != NULL && s->ops->pump != NULL) /* what it held back */
     s->ops->pump(s, s->layer);
   r = try_read(s, L);
@@ -878,8 +879,7 @@ static int write_direct(ts_stream *s, const char *p, size_t len) {
   uv_buf_t b;
   int n;
 
-  if (len < DIRECT_WRITE_MIN || len > INT_MAX || s->ops != NULL ||
-      pending_writes(s) > 0)
+  if (len < DIRECT_WRITE_MIN || len > INT_MAX || s->ops != NULL || pending_writes(s) > 0)
     return 1;
   b = uv_buf_init((char *)p, (unsigned)len);
   n = uv_try_write(&s->h.stream, &b, 1);
@@ -1096,6 +1096,8 @@ static int l_gc(lua_State *L) {
   if (s->ops != NULL && s->ops->free != NULL)
     s->ops->free(L, s->layer);
   s->ops = NULL;
+  ts__counters_release(s->counters); /* if close_cb never ran (lua_close) */
+  s->counters = NULL;
   return 0;
 }
 
@@ -1147,7 +1149,7 @@ static int push_endpoint(lua_State *L, int peer) {
   if (s->flags & F_HCLOSING)
     return push_error(L, "closed");
   if (s->flags & F_PIPE) {
-    char path[1024];
+    char path[1024] = ""; /* libuv reads it first (memcheck) */
     size_t n = sizeof(path);
     err = peer ? uv_pipe_getpeername(&s->h.pipe, path, &n)
                : uv_pipe_getsockname(&s->h.pipe, path, &n);
@@ -1165,8 +1167,12 @@ static int push_endpoint(lua_State *L, int peer) {
   return ts__push_addr(L, (struct sockaddr *)&ss);
 }
 
-static int l_getpeername(lua_State *L) { return push_endpoint(L, 1); }
-static int l_getsockname(lua_State *L) { return push_endpoint(L, 0); }
+static int l_getpeername(lua_State *L) {
+  return push_endpoint(L, 1);
+}
+static int l_getsockname(lua_State *L) {
+  return push_endpoint(L, 0);
+}
 
 /* buffer_sizes() -> bytes read but not consumed, bytes not yet written */
 static int l_buffer_sizes(lua_State *L) {
@@ -1202,6 +1208,16 @@ static int l_read_budget(lua_State *L) {
 
 /* ---- creation ---- */
 
+static void free_ctx(ts_loop *loop) {
+  stream_ctx *ctx = loop->streams;
+  int i;
+
+  for (i = 0; i < ctx->wpool.n; i++)
+    ts_buf_free(&ctx->wpool.item[i]);
+  free(ctx);
+  loop->streams = NULL;
+}
+
 /* The streams' share of L's loop, made with the first stream. */
 static stream_ctx *ctx_of(lua_State *L) {
   ts_loop *loop = ts__loop(L);
@@ -1216,11 +1232,11 @@ static stream_ctx *ctx_of(lua_State *L) {
   ctx->rbuf_budget = default_read_budget();
   loop->streams = ctx;
   ts__loop_on_settle(loop, flush_dirty);
+  ts__loop_on_close(loop, free_ctx);
   return ctx;
 }
 
-void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk,
-                          double timeout) {
+void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk, double timeout) {
   s->max_buffer = (uint32_t)(max_buffer < UINT32_MAX ? max_buffer : UINT32_MAX);
   s->chunk = (uint32_t)(chunk < s->max_buffer ? chunk : s->max_buffer);
   s->read_high_water = READ_HIGH_WATER_CHUNKS * (size_t)s->chunk < s->max_buffer
@@ -1266,26 +1282,28 @@ void ts__stream_push(lua_State *L, ts_stream *s) {
 
 int ts__open_stream(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"read_until", l_read_until},
-    {"read_bytes", l_read_bytes},
-    {"read_until_close", l_read_until_close},
-    {"_buffered", l_buffered},
-    {"_fill", l_fill},
-    {"write", l_write},
-    {"flush", l_flush},
-    {"close", l_close},
-    {"closed", l_closed},
-    {"set_close_callback", l_set_close_callback},
-    {"set_timeout", l_settimeout},
-    {"settimeout", l_settimeout}, /* LuaSocket's and OpenResty's name */
-    {"set_nodelay", l_set_nodelay},
-    {"getpeername", l_getpeername},
-    {"getsockname", l_getsockname},
-    {"buffer_sizes", l_buffer_sizes},
-    {NULL, NULL}};
-  static const luaL_Reg metamethods[] = {
-    {"__gc", l_gc}, {"__close", l_close}, {"__tostring", l_tostring},
-    {"__index", NULL}, {NULL, NULL}};
+      {"read_until", l_read_until},
+      {"read_bytes", l_read_bytes},
+      {"read_until_close", l_read_until_close},
+      {"_buffered", l_buffered},
+      {"_fill", l_fill},
+      {"write", l_write},
+      {"flush", l_flush},
+      {"close", l_close},
+      {"closed", l_closed},
+      {"set_close_callback", l_set_close_callback},
+      {"set_timeout", l_settimeout},
+      {"settimeout", l_settimeout}, /* LuaSocket's and OpenResty's name */
+      {"set_nodelay", l_set_nodelay},
+      {"getpeername", l_getpeername},
+      {"getsockname", l_getsockname},
+      {"buffer_sizes", l_buffer_sizes},
+      {NULL, NULL}};
+  static const luaL_Reg metamethods[] = {{"__gc", l_gc},
+                                         {"__close", l_close},
+                                         {"__tostring", l_tostring},
+                                         {"__index", NULL},
+                                         {NULL, NULL}};
   static const luaL_Reg funcs[] = {{"read_budget", l_read_budget}, {NULL, NULL}};
 
   luaL_newmetatable(L, TS_STREAM_MT);

@@ -21,16 +21,16 @@ typedef struct ts_layer_ops {
    * what they decode (ts__stream_read_space / _read_commit), then calls
    * ts__stream_on_data or ts__stream_on_eof. */
   void (*on_read)(ts_stream *s, void *layer, const char *data, size_t n);
-  void (*on_eof)(ts_stream *s, void *layer);          /* the peer closed */
+  void (*on_eof)(ts_stream *s, void *layer);            /* the peer closed */
   void (*on_error)(ts_stream *s, void *layer, int err); /* the read failed */
   /* A read request came: deliver what was held back at max_buffer_size. */
   void (*pump)(ts_stream *s, void *layer);
   /* Moves what write() queued (ts__stream_plain) into the output. Returns
    * 0 or a libuv error. */
   int (*encode)(ts_stream *s, void *layer);
-  ts_buf *(*output)(void *layer);  /* bytes for the socket (NULL: plain) */
+  ts_buf *(*output)(void *layer);              /* bytes for the socket (NULL: plain) */
   void (*shutdown)(ts_stream *s, void *layer); /* a clean close begins */
-  const char *(*error)(void *layer); /* why the stream failed, or NULL */
+  const char *(*error)(void *layer);           /* why the stream failed, or NULL */
   /* The handle closed: wake what waits on the layer, free native state. */
   void (*closed)(ts_stream *s, void *layer);
   void (*free)(lua_State *L, void *layer); /* the stream is collected */
@@ -40,7 +40,7 @@ typedef struct ts_layer_ops {
  * Shared: the listener and each stream hold a reference. */
 typedef struct ts_counters {
   int refs;
-  uint64_t bytes_in, bytes_out;   /* application bytes: after TLS */
+  uint64_t bytes_in, bytes_out; /* application bytes: after TLS */
   uint64_t tls_handshake_failures;
 } ts_counters;
 
@@ -53,8 +53,7 @@ ts_counters *ts__stream_counters(ts_stream *s);           /* or NULL */
 ts_stream *ts__stream_new(lua_State *L, int is_pipe); /* pushed, pinned */
 uv_stream_t *ts__stream_handle(ts_stream *s);
 ts_loop *ts__stream_loop(ts_stream *s);
-void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk,
-                          double timeout);
+void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk, double timeout);
 int ts__stream_start(ts_stream *s); /* starts reading: 0 or a libuv error */
 void ts__stream_push(lua_State *L, ts_stream *s);
 ts_stream *ts__check_stream(lua_State *L, int idx);
@@ -63,10 +62,10 @@ void ts__stream_forget_reader(lua_State *L, int idx);
 
 /* Closing */
 void ts__stream_close(ts_stream *s, int err); /* 0: flush first; else drop */
-void ts__stream_fail(ts_stream *s, int err); /* err is the reason; flushes */
-void ts__stream_abort(ts_stream *s);         /* at once, dropping writes */
+void ts__stream_fail(ts_stream *s, int err);  /* err is the reason; flushes */
+void ts__stream_abort(ts_stream *s);          /* at once, dropping writes */
 int ts__stream_closed(ts_stream *s);
-const char *ts__stream_error(ts_stream *s);  /* "closed", "timeout", ... */
+const char *ts__stream_error(ts_stream *s); /* "closed", "timeout", ... */
 
 /* Layers */
 void ts__stream_attach(ts_stream *s, const ts_layer_ops *ops, void *layer);

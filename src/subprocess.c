@@ -57,8 +57,8 @@ static char **string_array(lua_State *L, int idx, const char *what) {
 
 /* Sets up stdio slot `fd`: "pipe" gives a stream, nil inherits, "null"
  * leaves it closed. Pushes the stream or nil. */
-static void setup_stdio(lua_State *L, uv_stdio_container_t *c, int fd,
-                        const char *mode, int child_reads) {
+static void setup_stdio(lua_State *L, uv_stdio_container_t *c, int fd, const char *mode,
+                        int child_reads) {
   ts_stream *s;
 
   if (mode == NULL) {
@@ -125,8 +125,7 @@ static int l_spawn_process(lua_State *L) {
     uv_close((uv_handle_t *)&p->h, process_closed);
     for (i = 1; i <= 3; i++)
       close_stream_at(L, base + i);
-    return luaL_error(L, "Subprocess: cannot run %s: %s", opts.file,
-                      uv_strerror(err));
+    return luaL_error(L, "Subprocess: cannot run %s: %s", opts.file, uv_strerror(err));
   }
   for (i = 2; i <= 3; i++) /* the child's stdout and stderr */
     if (!lua_isnil(L, base + i))
@@ -168,10 +167,8 @@ static int proc_wait(lua_State *L) {
 
 int ts__open_subprocess(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"pid", proc_pid}, {"kill", proc_kill}, {"wait_for_exit", proc_wait},
-    {NULL, NULL}};
-  static const luaL_Reg funcs[] = {
-    {"spawn_process", l_spawn_process}, {NULL, NULL}};
+      {"pid", proc_pid}, {"kill", proc_kill}, {"wait_for_exit", proc_wait}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"spawn_process", l_spawn_process}, {NULL, NULL}};
 
   luaL_newmetatable(L, TS_PROCESS_MT);
   luaL_newlib(L, methods);

@@ -18,30 +18,30 @@
 
 typedef struct ts_ctx {
   SSL_CTX *ctx;
-  int verify;            /* SSL_VERIFY_* or -1: the side's default */
+  int verify; /* SSL_VERIFY_* or -1: the side's default */
   int has_cert;
   unsigned char alpn[256]; /* protocols in wire format, in preference order */
   unsigned alpn_len;
   int nsni;
   char **sni_names;
   SSL_CTX **sni_ctx;
-  int default_paths;     /* the system CAs, loaded when first needed */
-  int sni_cb_ref;        /* sni_callback(server_name), or LUA_NOREF */
+  int default_paths; /* the system CAs, loaded when first needed */
+  int sni_cb_ref;    /* sni_callback(server_name), or LUA_NOREF */
 } ts_ctx;
 
 typedef struct ts_tls {
-  SSL *ssl;                /* freed at close */
-  BIO *rbio, *wbio;        /* owned by ssl */
+  SSL *ssl;         /* freed at close */
+  BIO *rbio, *wbio; /* owned by ssl */
   ts_stream *s;
-  uv_timer_t *hs_timer;    /* handshake_timeout, until the handshake ends */
-  ts_waiter hs;            /* the task in wait_for_handshake */
+  uv_timer_t *hs_timer; /* handshake_timeout, until the handshake ends */
+  ts_waiter hs;         /* the task in wait_for_handshake */
   int ctx_ref;
-  int sni_ref;             /* the context sni_callback chose, or LUA_NOREF */
+  int sni_ref; /* the context sni_callback chose, or LUA_NOREF */
   int server, done, failed, shutdown_sent, close_notify;
   char peer[INET6_ADDRSTRLEN + 8]; /* server side: the client, for logs */
-  size_t rx;               /* ciphertext bytes received */
-  ts_buf xbuf;             /* ciphertext waiting to be written */
-  char err[160];           /* "tls: <reason>" once failed */
+  size_t rx;                       /* ciphertext bytes received */
+  ts_buf xbuf;                     /* ciphertext waiting to be written */
+  char err[160];                   /* "tls: <reason>" once failed */
 } ts_tls;
 
 static const ts_layer_ops tls_ops;
@@ -153,14 +153,9 @@ static void read_plain(ts_tls *t) {
     }
     switch (SSL_get_error(t->ssl, n)) {
     case SSL_ERROR_WANT_READ:
-    case SSL_ERROR_WANT_WRITE:
-      return;
-    case SSL_ERROR_ZERO_RETURN:
-      t->close_notify = 1;
-      return;
-    default:
-      tls_fail(t, ssl_reason(reason, sizeof(reason)));
-      return;
+    case SSL_ERROR_WANT_WRITE: return;
+    case SSL_ERROR_ZERO_RETURN: t->close_notify = 1; return;
+    default: tls_fail(t, ssl_reason(reason, sizeof(reason))); return;
     }
   }
 }
@@ -183,8 +178,7 @@ static int handshake(ts_tls *t) {
   }
   switch (SSL_get_error(t->ssl, r)) {
   case SSL_ERROR_WANT_READ:
-  case SSL_ERROR_WANT_WRITE:
-    return 0;
+  case SSL_ERROR_WANT_WRITE: return 0;
   }
   verify = SSL_get_verify_result(t->ssl);
   if (verify != X509_V_OK) {
@@ -327,8 +321,8 @@ static void tls_free(lua_State *L, void *layer) {
 }
 
 static const ts_layer_ops tls_ops = {
-  tls_on_read, tls_on_eof, tls_on_error, tls_pump, tls_encode, tls_output,
-  tls_shutdown, tls_error, tls_closed, tls_free,
+    tls_on_read, tls_on_eof,   tls_on_error, tls_pump,   tls_encode,
+    tls_output,  tls_shutdown, tls_error,    tls_closed, tls_free,
 };
 
 /* ---- contexts ---- */
@@ -377,8 +371,7 @@ static SSL_CTX *new_ssl_ctx(lua_State *L) {
   return ctx;
 }
 
-static void load_pair(lua_State *L, SSL_CTX *ctx, const char *cert,
-                      const char *key) {
+static void load_pair(lua_State *L, SSL_CTX *ctx, const char *cert, const char *key) {
   if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1)
     raise_ssl(L, "ssl_options: cannot load certfile %s: %s", cert);
   if (SSL_CTX_use_PrivateKey_file(ctx, key ? key : cert, SSL_FILETYPE_PEM) != 1) {
@@ -543,8 +536,9 @@ static void set_verify(lua_State *L, ts_ctx *c, int t) {
   c->verify = -1;
   if (verify != NULL)
     c->verify = strcmp(verify, "none") == 0 ? SSL_VERIFY_NONE
-              : strcmp(verify, "optional") == 0 ? SSL_VERIFY_PEER
-              : SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT;
+                : strcmp(verify, "optional") == 0
+                    ? SSL_VERIFY_PEER
+                    : SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT;
   if (cafile != NULL) {
     STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(cafile);
     if (SSL_CTX_load_verify_locations(c->ctx, cafile, NULL) != 1 || names == NULL)
@@ -677,8 +671,8 @@ fail:
   return NULL;
 }
 
-int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
-                   const char *host, double timeout) {
+int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server, const char *host,
+                   double timeout) {
   ts_ctx *c = check_ctx(L, ctx_idx);
   int verify = verify_mode(c, server);
   ts_tls *t;
@@ -702,7 +696,8 @@ int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server,
   lua_pushvalue(L, ctx_idx);
   t->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   ts__stream_attach(s, &tls_ops, t);
-  if (ts__timeout_ms(timeout) > 0 && (t->hs_timer = malloc(sizeof(*t->hs_timer))) != NULL) {
+  if (ts__timeout_ms(timeout) > 0 &&
+      (t->hs_timer = malloc(sizeof(*t->hs_timer))) != NULL) {
     uv_timer_init(loop_of(t)->uv, t->hs_timer);
     t->hs_timer->data = t;
     uv_timer_start(t->hs_timer, hs_timeout, ts__timeout_ms(timeout), 0);
@@ -762,7 +757,8 @@ static const char *peer_name(lua_State *L, ts_stream *s) {
   char host[INET6_ADDRSTRLEN];
   int len = sizeof(ss), port;
 
-  if (h->type != UV_TCP || uv_tcp_getpeername((uv_tcp_t *)h, (struct sockaddr *)&ss, &len) != 0)
+  if (h->type != UV_TCP ||
+      uv_tcp_getpeername((uv_tcp_t *)h, (struct sockaddr *)&ss, &len) != 0)
     return NULL;
   port = ts__addr_name((struct sockaddr *)&ss, host, sizeof(host));
   return lua_pushfstring(L, ss.ss_family == AF_INET6 ? "[%s]:%d" : "%s:%d", host, port);
@@ -852,7 +848,7 @@ static int l_peer_certificate(lua_State *L) {
   lua_setfield(L, -2, "pem");
   BIO_free(b);
   lua_pushboolean(L, SSL_get_verify_result(t->ssl) == X509_V_OK &&
-                     (SSL_get_verify_mode(t->ssl) & SSL_VERIFY_PEER));
+                         (SSL_get_verify_mode(t->ssl) & SSL_VERIFY_PEER));
   lua_setfield(L, -2, "verified");
   X509_free(x);
   return 1;
@@ -905,29 +901,27 @@ static int l_cipher(lua_State *L) {
 }
 
 int ts__open_tls(lua_State *L) {
-  static const luaL_Reg stream_methods[] = {
-    {"wait_for_handshake", l_wait_for_handshake},
-    {"_start_tls", l_start_tls},
-    {"peer_certificate", l_peer_certificate},
-    {"alpn_protocol", l_alpn_protocol},
-    {"tls_version", l_tls_version},
-    {"cipher", l_cipher},
-    {"server_name", l_server_name},
-    {NULL, NULL}};
-  static const luaL_Reg ctx_methods[] = {
-    {"has_certificate", ctx_has_certificate}, {NULL, NULL}};
+  static const luaL_Reg stream_methods[] = {{"wait_for_handshake", l_wait_for_handshake},
+                                            {"_start_tls", l_start_tls},
+                                            {"peer_certificate", l_peer_certificate},
+                                            {"alpn_protocol", l_alpn_protocol},
+                                            {"tls_version", l_tls_version},
+                                            {"cipher", l_cipher},
+                                            {"server_name", l_server_name},
+                                            {NULL, NULL}};
+  static const luaL_Reg ctx_methods[] = {{"has_certificate", ctx_has_certificate},
+                                         {NULL, NULL}};
   static const luaL_Reg ctx_meta[] = {
-    {"__gc", ctx_gc}, {"__tostring", ctx_tostring}, {"__index", NULL},
-    {NULL, NULL}};
+      {"__gc", ctx_gc}, {"__tostring", ctx_tostring}, {"__index", NULL}, {NULL, NULL}};
   static const luaL_Reg funcs[] = {
-    {"ssl_context", l_ssl_context}, {"tls_live", l_tls_live}, {NULL, NULL}};
+      {"ssl_context", l_ssl_context}, {"tls_live", l_tls_live}, {NULL, NULL}};
 
   luaL_newmetatable(L, TS_CTX_MT);
   luaL_setfuncs(L, ctx_meta, 0);
   luaL_newlib(L, ctx_methods);
   lua_setfield(L, -2, "__index");
   lua_setfield(L, -2, "ssl_context_mt"); /* exported for ssl.lua */
-  lua_getfield(L, -1, "stream_mt"); /* ts__open_stream ran first */
+  lua_getfield(L, -1, "stream_mt");      /* ts__open_stream ran first */
   lua_getfield(L, -1, "__index");
   luaL_setfuncs(L, stream_methods, 0);
   lua_pop(L, 2);

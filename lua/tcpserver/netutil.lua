@@ -36,7 +36,11 @@ function M.bind_sockets(port, address, opts)
   if type(reuse_port) ~= "boolean" then
     error("bind_sockets: reuse_port must be a boolean", 2)
   end
-  return core.bind_sockets(port, address, opts.family, backlog, reuse_port)
+  local ok, socks = pcall(core.bind_sockets, port, address, opts.family, backlog, reuse_port)
+  -- The reason says it all ("cannot listen on 127.0.0.1:8888: Address
+  -- already in use"): no position inside this module.
+  if not ok then error((tostring(socks):gsub("^[^:]+:%d+: ", "")), 0) end
+  return socks
 end
 
 --- What bind_sockets (and so TCPServer:listen and :bind) uses when
