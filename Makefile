@@ -32,7 +32,7 @@ CORE_LIB = $(BUILD)/libtcpserver.a
 HOST     = $(BUILD)/luahost
 PORT    ?= 8888
 
-.PHONY: all deps run test lint docs rock bench install uninstall clean \
+.PHONY: all deps run test lint docs rock bench bench-quick install uninstall clean \
         sanitize valgrind fuzz soak
 
 all: $(CORE_SO) $(CORE_LIB) $(HOST)
@@ -117,6 +117,12 @@ rock:
 bench: deps
 	$(MAKE) all
 	bash bench/run
+
+# The headline targets only (echo d1/d16, bulk, kv -P 16, TLS handshakes,
+# idle memory, HTTP, per-call CPU), in under 3 minutes: a check before a commit.
+bench-quick: deps
+	$(MAKE) all
+	BENCH_QUICK=1 bash bench/run
 
 install: all
 	install -d $(DESTDIR)$(LUA_SHARE)/tcpserver $(DESTDIR)$(LUA_LIB)/tcpserver \
