@@ -145,6 +145,8 @@ KV_SERVERS = [
                "--logfile", ""],
      lambda: None if shutil.which("redis-server") else "redis-server not installed"),
     ("tcpserver", [LUAHOST, "examples/kv.lua", "{port}"], lambda: have_exec(LUAHOST)),
+    # the same server written the straightforward way: a read per header line and argument
+    ("kv-plain", [LUAHOST, "bench/kv_plain.lua", "{port}"], lambda: have_exec(LUAHOST)),
 ]
 
 TLS_SERVERS = [
@@ -954,9 +956,12 @@ def report(parts, echo_names, meta, elapsed):
           "alike. Server CPU per request is taken around each redis-benchmark invocation "
           "(connection setup included).")
         w("")
+        w("`kv-plain` is bench/kv_plain.lua: the same protocol read the straightforward way "
+          "(a read_until per header line, a read_bytes per argument, a write per reply).")
+        w("")
         w("| test | -P | redis-server rps | tcpserver kv rps | ratio | redis us/req | kv us/req | "
-          "redis p50/p99 ms | kv p50/p99 ms |")
-        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "kv-plain us/req | redis p50/p99 ms | kv p50/p99 ms |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for P in (1, 16):
             for test in ("SET", "GET", "PING_INLINE", "PING_MBULK"):
                 def m(name, key):
@@ -965,9 +970,10 @@ def report(parts, echo_names, meta, elapsed):
                 rr, kr = m("redis", "rps"), m("tcpserver", "rps")
                 if rr is None and kr is None:
                     continue
-                w("| %s | %d | %s | %s | %s | %s | %s | %s/%s | %s/%s |" % (
+                w("| %s | %d | %s | %s | %s | %s | %s | %s | %s/%s | %s/%s |" % (
                     test, P, fmt_rate(rr), fmt_rate(kr), fmt(ratio(kr, rr)),
                     fmt(m("redis", "cpu_us_per_req")), fmt(m("tcpserver", "cpu_us_per_req")),
+                    fmt(m("kv-plain", "cpu_us_per_req")),
                     fmt(m("redis", "p50_ms"), "%.2f"), fmt(m("redis", "p99_ms"), "%.2f"),
                     fmt(m("tcpserver", "p50_ms"), "%.2f"), fmt(m("tcpserver", "p99_ms"), "%.2f")))
         w("")
@@ -1231,7 +1237,7 @@ def plan(only):
         runs = sum(RUNS * len(names) for _, _, names in TLS_WORKLOADS)
         PROGRESS.plan("tls", runs, run_s)
     if "kv" in ONLY:
-        PROGRESS.plan("kv", len(KV_TESTS) * RUNS * 2, 1.5)
+        PROGRESS.plan("kv", len(KV_TESTS) * RUNS * len(KV_SERVERS), 1.5)
     if "calls" in ONLY:
         PROGRESS.plan("calls", 1, 6.0)
     if "http" in ONLY:
