@@ -46,26 +46,36 @@ static void finish_error(connect_req *r, const char *err) {
 
 static void try_next(connect_req *r, int last_err);
 
-static void connect_cb(uv_connect_t *req, int status) {
-  connect_req *r = req->data;
+/* The attempt's connect_cb: returns 1 once the task has its stream (or
+ * the request timed out), else the (negative) error of this attempt, whose
+ * stream is aborted. */
+static int attempt_done(connect_req *r, int status) {
   ts_stream *s = r->s;
 
   r->s = NULL;
-  if (r->done) {
+  if (r->done) { /* timed out: the stream was aborted */
     release(r);
-    return;
+    return 1;
   }
   if (status == 0) {
     ts__stream_push(r->w.co, s);
     if (ts__stream_start(s) == 0) {
       release(r);
       finish_connect(r, 1);
-      return;
+      return 1;
     }
     lua_pop(r->w.co, 1);
     status = UV_ECONNRESET;
   }
   ts__stream_abort(s);
+  return status;
+}
+
+static void connect_cb(uv_connect_t *req, int status) {
+  connect_req *r = req->data;
+
+  if ((status = attempt_done(r, status)) == 1)
+    return;
   r->cur = r->cur->ai_next;
   release(r);
   try_next(r, status);
@@ -187,24 +197,9 @@ static int l_connect(lua_State *L) {
 
 static void pipe_connect_cb(uv_connect_t *req, int status) {
   connect_req *r = req->data;
-  ts_stream *s = r->s;
 
-  r->s = NULL;
-  if (r->done) { /* timed out: the stream was aborted */
-    release(r);
+  if ((status = attempt_done(r, status)) == 1)
     return;
-  }
-  if (status == 0) {
-    ts__stream_push(r->w.co, s);
-    if (ts__stream_start(s) == 0) {
-      release(r);
-      finish_connect(r, 1);
-      return;
-    }
-    lua_pop(r->w.co, 1);
-    status = UV_ECONNRESET;
-  }
-  ts__stream_abort(s);
   release(r);
   finish_error(r, ts__errname(status));
 }
