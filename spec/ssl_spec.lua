@@ -102,8 +102,8 @@ describe("TLS", function()
     it("refuses to verify client certificates on a server without cafile", function()
       for _, verify in ipairs {"required", "optional"} do
         assert.has_error(function() tcpserver.TCPServer({ssl_options = server_opts({verify = verify})}) end,
-                         ("ssl_options: verify = \"%s\" on a server needs cafile: the CAs that sign "
-                          .. "the client certificates"):format(verify))
+                         ("ssl_options: verify = \"%s\" on a server needs cafile (or capath): the "
+                          .. "CAs that sign the client certificates"):format(verify))
       end
       -- a client verifies against the system store without one
       assert.is_true(ssl.is_context(ssl.context({verify = "required"})))
@@ -117,9 +117,8 @@ describe("TLS", function()
                        "ssl_options: options: 'cipher_server_preference' is not supported (accepted: "
                        .. "no_tlsv1, no_tlsv1_1, no_tlsv1_2, all, no_compression, no_renegotiation, "
                        .. "no_sslv2, no_sslv3, single_dh_use, single_ecdh_use)")
-      assert.has_error(function() ssl.context({capath = C.dir}) end,
-                       ("ssl_options: capath %s: only the system store (/etc/ssl/certs) is supported; "
-                        .. "concatenate those certificates into one cafile"):format(C.dir))
+      assert.has_error(function() ssl.context({capath = C.cafile}) end,
+                       ("ssl_options: capath %s is not a directory"):format(C.cafile))
       assert.has_error(function() ssl.context({certfile = C.server.certfile, certificate = C.server.certfile}) end,
                        "ssl_options: 'certfile' and 'certificate' are the same option")
       assert.is_true(ssl.is_context(ssl.context({capath = "/etc/ssl/certs", protocol = "any"})))
@@ -751,4 +750,25 @@ describe("TLS read backpressure", function()
     assert.equal(n, total)
     c:close()
   end, 30))
+end)
+
+describe("capath", function()
+  it("verifies against a hashed CA directory, on a client and for client certificates", async(function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir .. " && cp " .. C.cafile .. " " .. dir .. "/ca.pem"
+                      .. " && openssl rehash " .. dir .. " 2>/dev/null"))
+    finally(function() os.execute("rm -rf " .. dir) end)
+    local server, port = tls_serve(echo, {verify = "required", capath = dir})
+    finally(function() server:stop() end)
+    local c = assert(tls_connect(port, {ssl_options = {capath = dir, certfile = C.client.certfile,
+                                                       keyfile = C.client.keyfile}}))
+    c:write("capath\n")
+    assert.equal("capath\n", c:read_until("\n"))
+    assert.is_true(c:peer_certificate().verified)
+    c:close()
+    local bad, err = tls_connect(port, {ssl_options = {capath = "/etc/ssl/certs"}})
+    assert.is_nil(bad)
+    assert.matches("certificate verify failed", err)
+  end))
 end)

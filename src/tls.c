@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 
 #define TS_CTX_MT "tcpserver.ssl_context"
 
@@ -534,6 +535,8 @@ static void set_sni(lua_State *L, ts_ctx *c, int t) {
 static void set_verify(lua_State *L, ts_ctx *c, int t) {
   const char *verify = opt_string(L, t, "verify");
   const char *cafile = opt_string(L, t, "cafile");
+  const char *capath = opt_string(L, t, "capath");
+  struct stat st;
 
   c->verify = -1;
   if (verify != NULL)
@@ -548,10 +551,15 @@ static void set_verify(lua_State *L, ts_ctx *c, int t) {
       raise_ssl(L, "ssl_options: cannot load cafile %s: %s", cafile);
     }
     SSL_CTX_set_client_CA_list(c->ctx, names);
-  } else {
-    /* Reading the system store takes ~45 ms: only a verifying side pays. */
-    c->default_paths = 1;
   }
+  if (capath != NULL) { /* a hashed directory (openssl rehash), read lazily */
+    if (stat(capath, &st) != 0 || !S_ISDIR(st.st_mode))
+      luaL_error(L, "ssl_options: capath %s is not a directory", capath);
+    if (SSL_CTX_load_verify_locations(c->ctx, NULL, capath) != 1)
+      raise_ssl(L, "ssl_options: cannot use capath %s: %s", capath);
+  }
+  /* Reading the system store takes ~45 ms: only a verifying side pays. */
+  c->default_paths = cafile == NULL && capath == NULL;
 }
 
 static void set_protocol(lua_State *L, ts_ctx *c, int t) {

@@ -7,7 +7,7 @@
 -- `certificate`/`key` are `certfile`/`keyfile`; `verify` may be LuaSec's
 -- list (`{"peer"}`, `{"peer", "fail_if_no_peer_cert"}`, `{"none"}`);
 -- `protocol` ("tlsv1_2", "tlsv1_3", "any") becomes a min_version;
--- `capath` is accepted for the system store; `options` accepts LuaSec's
+-- `capath` is a hashed CA directory; `options` accepts LuaSec's
 -- flags that are already the default or that raise the minimum version.
 -- @module tcpserver.ssl
 local core = require "tcpserver.core"
@@ -180,11 +180,7 @@ local function normalize(opts)
     apply_options(out, out.options)
     out.options = nil
   end
-  if out.capath then
-    if not SYSTEM_CAPATHS[out.capath] then
-      fail("capath %s: only the system store (/etc/ssl/certs) is supported; "
-           .. "concatenate those certificates into one cafile", out.capath)
-    end
+  if out.capath and SYSTEM_CAPATHS[out.capath] then
     out.capath = nil -- the default verify paths already read it
   end
   for _, k in ipairs {"certfile", "keyfile", "cafile"} do
@@ -237,9 +233,10 @@ function M.server_context(x)
     fail("a server needs certfile (and keyfile)")
   end
   local opts = built_from[ctx]
-  if opts and (opts.verify == "required" or opts.verify == "optional") and not opts.cafile then
-    fail("verify = \"%s\" on a server needs cafile: the CAs that sign the client certificates",
-         opts.verify)
+  if opts and (opts.verify == "required" or opts.verify == "optional")
+      and not opts.cafile and not opts.capath then
+    fail("verify = \"%s\" on a server needs cafile (or capath): the CAs that sign the "
+         .. "client certificates", opts.verify)
   end
   return ctx
 end
