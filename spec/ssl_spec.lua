@@ -772,3 +772,19 @@ describe("capath", function()
     assert.matches("certificate verify failed", err)
   end))
 end)
+
+describe("wait_for_handshake and set_timeout", function()
+  it("gives up waiting after set_timeout while the handshake goes on", async(function()
+    local res
+    local server, port = tls_serve(function(_, stream)
+      stream:set_timeout(0.1)
+      res = {stream:wait_for_handshake()}
+      res[3] = stream:closed()
+    end)
+    finally(function() server:stop() end)
+    local c = H.connect(port) -- plain TCP: no ClientHello comes
+    H.wait_until(function() return res end)
+    assert.same({nil, "timeout", false}, res)
+    c:close()
+  end))
+end)

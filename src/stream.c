@@ -134,6 +134,10 @@ ts_loop *ts__stream_loop(ts_stream *s) {
   return s->ctx->loop;
 }
 
+double ts__stream_timeout(ts_stream *s) {
+  return s->timeout;
+}
+
 int ts__stream_closed(ts_stream *s) {
   return (s->flags & F_CLOSED) != 0;
 }

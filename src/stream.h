@@ -64,6 +64,7 @@ void ts__stream_fail(ts_stream *s, int err);  /* err is the reason; flushes */
 void ts__stream_abort(ts_stream *s);          /* at once, dropping writes */
 int ts__stream_closed(ts_stream *s);
 const char *ts__stream_error(ts_stream *s); /* "closed", "timeout", ... */
+double ts__stream_timeout(ts_stream *s);    /* set_timeout's, 0: none */
 
 /* Layers */
 void ts__stream_attach(ts_stream *s, const ts_layer_ops *ops, void *layer);

@@ -34,8 +34,9 @@ typedef struct ts_tls {
   SSL *ssl;         /* freed at close */
   BIO *rbio, *wbio; /* owned by ssl */
   ts_stream *s;
-  uv_timer_t *hs_timer; /* handshake_timeout, until the handshake ends */
-  ts_waiter hs;         /* the task in wait_for_handshake */
+  uv_timer_t *hs_timer;   /* handshake_timeout, until the handshake ends */
+  uv_timer_t *wait_timer; /* set_timeout's limit on wait_for_handshake */
+  ts_waiter hs;           /* the task in wait_for_handshake */
   int ctx_ref;
   int sni_ref; /* the context sni_callback chose, or LUA_NOREF */
   int server, done, failed, shutdown_sent, close_notify;
@@ -198,6 +199,8 @@ static int handshake(ts_tls *t) {
 static void settle_handshake(ts_tls *t) {
   if (!ts_waiter_waiting(&t->hs))
     return;
+  if (t->wait_timer != NULL)
+    uv_timer_stop(t->wait_timer);
   if (t->done && !t->failed) {
     lua_pushboolean(t->hs.co, 1);
     ts_waiter_wake(&t->hs, 1);
@@ -295,6 +298,29 @@ static void hs_timeout(uv_timer_t *timer) {
   settle_handshake(t);
 }
 
+/* set_timeout ran out in wait_for_handshake: the wait ends, the handshake
+ * goes on (handshake_timeout bounds that). */
+static void hs_wait_timeout(uv_timer_t *timer) {
+  ts_tls *t = timer->data;
+
+  if (ts_waiter_waiting(&t->hs))
+    ts_waiter_wake_error(&t->hs, "timeout");
+}
+
+static void start_wait_timer(ts_tls *t) {
+  uint64_t ms = ts__timeout_ms(ts__stream_timeout(t->s));
+
+  if (ms == 0)
+    return;
+  if (t->wait_timer == NULL) {
+    if ((t->wait_timer = malloc(sizeof(*t->wait_timer))) == NULL)
+      return; /* no limit then, rather than no wait */
+    uv_timer_init(loop_of(t)->uv, t->wait_timer);
+    t->wait_timer->data = t;
+  }
+  uv_timer_start(t->wait_timer, hs_wait_timeout, ms, 0);
+}
+
 /* Native state goes at close: a collection cannot see its memory. */
 static void tls_closed(ts_stream *s, void *layer) {
   ts_tls *t = layer;
@@ -310,6 +336,10 @@ static void tls_closed(ts_stream *s, void *layer) {
     t->hs_timer = NULL;
   }
   settle_handshake(t);
+  if (t->wait_timer != NULL) {
+    uv_close((uv_handle_t *)t->wait_timer, hs_timer_free);
+    t->wait_timer = NULL;
+  }
 }
 
 static void tls_free(lua_State *L, void *layer) {
@@ -759,6 +789,7 @@ static int l_wait_for_handshake(lua_State *L) {
   if (ts_waiter_waiting(&t->hs))
     return luaL_error(L, "wait_for_handshake: already waiting");
   ts__check_task(L, "wait_for_handshake");
+  start_wait_timer(t);
   return ts_waiter_park(&t->hs, L);
 }
 

@@ -86,7 +86,7 @@ function IOStream:flush() end
 -- @section control
 
 --- Sets a limit on each later wait (a read, a write over the high-water
--- mark, `flush`; a TLS handshake has handshake_timeout). Expiry returns `nil, "timeout"` and
+-- mark, `flush`, `wait_for_handshake`). Expiry returns `nil, "timeout"` and
 -- leaves the stream open. The server's `idle_timeout` option is the default.
 -- @number[opt] seconds nil or 0: no limit
 function IOStream:set_timeout(seconds) end
