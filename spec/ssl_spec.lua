@@ -788,3 +788,25 @@ describe("wait_for_handshake and set_timeout", function()
     c:close()
   end))
 end)
+
+describe("session tickets", function()
+  -- openssl s_client -msg shows each NewSessionTicket the server sends
+  local function tickets(port)
+    local out = H.run({"sh", "-c", "(printf 'x\\n'; sleep 0.5) | openssl s_client -connect 127.0.0.1:"
+                       .. port .. " -tls1_3 -msg 2>&1"})
+    local n = 0
+    for _ in out:gmatch("NewSessionTicket") do n = n + 1 end
+    return n
+  end
+
+  it("sends one TLS 1.3 ticket by default, and session_tickets sets how many", async(function()
+    for want, opts in pairs {[1] = {}, [0] = {session_tickets = 0}, [3] = {session_tickets = 3}} do
+      local server, port = tls_serve(echo, opts)
+      local got = tickets(port)
+      server:stop()
+      assert.equal(want, got)
+    end
+    assert.has_error(function() ssl.context({session_tickets = 99}) end,
+                     "ssl_options: session_tickets must be from 0 to 16")
+  end))
+end)

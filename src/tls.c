@@ -612,6 +612,22 @@ static void set_protocol(lua_State *L, ts_ctx *c, int t) {
     raise_ssl(L, "ssl_options: bad ciphers '%s': %s", ciphers);
 }
 
+/* TLS 1.3 session tickets a server sends after a full handshake: OpenSSL
+ * makes 2, each an encryption a client that never resumes does not use;
+ * one lets a client resume. ssl_options.session_tickets sets it (0: none). */
+#define DEFAULT_TICKETS 1
+
+static void set_tickets(lua_State *L, ts_ctx *c, int t) {
+  lua_Integer n = DEFAULT_TICKETS;
+
+  if (lua_getfield(L, t, "session_tickets") != LUA_TNIL)
+    n = luaL_checkinteger(L, -1);
+  lua_pop(L, 1);
+  if (n < 0 || n > 16)
+    luaL_error(L, "ssl_options: session_tickets must be from 0 to 16");
+  SSL_CTX_set_num_tickets(c->ctx, (size_t)n);
+}
+
 /* core.ssl_context(opts): opts already checked and normalized in Lua. */
 static int l_ssl_context(lua_State *L) {
   ts_ctx *c;
@@ -635,6 +651,7 @@ static int l_ssl_context(lua_State *L) {
   set_verify(L, c, 1);
   set_alpn(L, c, 1);
   set_sni(L, c, 1);
+  set_tickets(L, c, 1);
   if (lua_getfield(L, 1, "sni_callback") == LUA_TFUNCTION) {
     c->sni_cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     SSL_CTX_set_tlsext_servername_callback(c->ctx, sni_select);

@@ -20,7 +20,7 @@ local KINDS = {
   certfile = "string", keyfile = "string", cafile = "string", capath = "string",
   ciphers = "string", verify = {string = true, table = true}, min_version = "string",
   protocol = "string", options = {string = true, table = true}, alpn = "table", sni = "table",
-  sni_callback = "function",
+  sni_callback = "function", session_tickets = "number",
 }
 
 local VERIFY = {none = true, optional = true, required = true}
