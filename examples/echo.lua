@@ -1,6 +1,6 @@
 -- Echo server: every line a client sends comes back.
 --   luahost examples/echo.lua [--port 8888] [--host 127.0.0.1]
---                             [--certfile cert.pem --keyfile key.pem]
+--                             [--certfile cert.pem --keyfile key.pem [--session-tickets N]]
 -- With a certificate and key it serves TLS. The old positional form
 -- `luahost examples/echo.lua PORT [CERTFILE KEYFILE]` works too.
 local tcpserver = require "tcpserver"
@@ -10,7 +10,7 @@ local log = require "tcpserver.log"
 -- --port/--host (and any other flag a script declares) with their
 -- defaults; false means "a string, optional".
 local opts = require("tcpserver.host").options(arg,
-  {port = 8888, host = "127.0.0.1", certfile = false, keyfile = false},
+  {port = 8888, host = "127.0.0.1", certfile = false, keyfile = false, session_tickets = 1},
   {"port", "certfile", "keyfile"})
 
 local EchoServer = tcpserver.TCPServer:extend()
@@ -25,7 +25,8 @@ function EchoServer:handle_stream(stream, address)
   end
 end
 
-local tls = opts.certfile and {certfile = opts.certfile, keyfile = opts.keyfile}
+local tls = opts.certfile and {certfile = opts.certfile, keyfile = opts.keyfile,
+                               session_tickets = opts.session_tickets}
 local server = EchoServer({ssl_options = tls or nil})
 local port = server:listen(opts.port, opts.host) -- the bound port (with 0: the kernel's pick)
 log.info("echo server listening on %s:%d%s", opts.host, port, tls and " (TLS)" or "")
