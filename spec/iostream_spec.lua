@@ -4,6 +4,17 @@ local ioloop = require "tcpserver.ioloop"
 
 local async = H.async
 
+-- A client that reads one line, then resets the connection (SO_LINGER 0).
+local function reset_after_line(port)
+  H.python([[
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.makefile("rb").readline()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+]], tostring(port))
+end
+
 -- A server that hands each stream to `fn` and a connected client stream.
 local function pair(fn, opts)
   local server, port = H.serve(fn, opts)
@@ -355,13 +366,7 @@ sys.stdout.write(data.decode())
         end
         result = result or "wrote everything"
       end)
-      H.python([[
-import socket, struct, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-s.makefile("rb").readline()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-s.close()
-]], tostring(port))
+      reset_after_line(port)
       H.wait_until(function() return result end)
       server:stop()
       restore()
@@ -708,13 +713,7 @@ describe("writers waiting when the stream closes", function()
       H.wait_until(function() return res end)
     end)
     finally(function() server:stop() end)
-    H.python([[
-import socket, struct, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-s.makefile("rb").readline()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-s.close()
-]], tostring(port))
+    reset_after_line(port)
     H.wait_until(function() return res end, 3)
     assert.same({nil, "closed"}, res)
   end))

@@ -321,12 +321,6 @@ void ts_waiter_wake_error(ts_waiter *w, const char *err) {
   ts_waiter_wake(w, 2);
 }
 
-void ts_waiter_cancel(ts_waiter *w) {
-  if (w->co != NULL)
-    luaL_unref(w->co, LUA_REGISTRYINDEX, w->ref);
-  ts_waiter_init(w);
-}
-
 /* ---- sleep: a task waits on a timer ---- */
 
 typedef struct sleeper {

@@ -78,7 +78,6 @@ int ts_waiter_park_anchored(ts_waiter *w, lua_State *L);
 /* Resumes the task with the `nres` values already pushed on w->co. */
 void ts_waiter_wake(ts_waiter *w, int nres);
 void ts_waiter_wake_error(ts_waiter *w, const char *err); /* nil, err */
-void ts_waiter_cancel(ts_waiter *w); /* forgets the task without waking it */
 
 /* ---- calling Lua from callbacks, and logs ---- */
 

@@ -867,13 +867,17 @@ static void flush_dirty(ts_loop *loop) {
   }
 }
 
-static int over_pending(ts_stream *s, size_t len) {
-  size_t pending = pending_writes(s);
-  return pending >= MAX_PENDING || len > MAX_PENDING - pending;
+/* Whether len more bytes on top of *pending pass MAX_PENDING; if not,
+ * they are counted in *pending. */
+static int over_pending(size_t *pending, size_t len) {
+  if (*pending >= MAX_PENDING || len > MAX_PENDING - *pending)
+    return 1;
+  *pending += len;
+  return 0;
 }
 
 /* write({...}): the strings of an array, in order. */
-static int append_array(lua_State *L, ts_stream *s) {
+static int append_array(lua_State *L, ts_stream *s, size_t *pending) {
   lua_Integer i, n;
   size_t len;
   const char *p;
@@ -885,7 +889,7 @@ static int append_array(lua_State *L, ts_stream *s) {
       return luaL_error(L, "bad argument #1 to 'write' (item %d is not a string)",
                         (int)i);
     p = lua_tolstring(L, -1, &len);
-    if (over_pending(s, len))
+    if (over_pending(pending, len))
       return UV_E2BIG;
     if (ts_buf_append(&s->wbuf, p, len) != 0)
       return UV_ENOMEM;
@@ -899,11 +903,11 @@ static int append_array(lua_State *L, ts_stream *s) {
  * straight from the Lua string: copying it into the write buffer first
  * would cost more than the syscall that batching saves. Returns 1 if it
  * does not apply, else 0 (the rest, if any, is appended) or an error. */
-static int write_direct(ts_stream *s, const char *p, size_t len) {
+static int write_direct(ts_stream *s, const char *p, size_t len, size_t pending) {
   uv_buf_t b;
   int n;
 
-  if (len < DIRECT_WRITE_MIN || len > INT_MAX || s->ops != NULL || pending_writes(s) > 0)
+  if (len < DIRECT_WRITE_MIN || len > INT_MAX || s->ops != NULL || pending > 0)
     return 1;
   b = uv_buf_init((char *)p, (unsigned)len);
   n = uv_try_write(&s->h.stream, &b, 1);
@@ -916,21 +920,22 @@ static int write_direct(ts_stream *s, const char *p, size_t len) {
   return ts_buf_append(&s->wbuf, p + n, len - (size_t)n) ? UV_ENOMEM : 0;
 }
 
-/* Queues one string (the common case, fetched once) or an array of them. */
-static int append_arg(lua_State *L, ts_stream *s) {
-  size_t len;
+/* Queues one string (the common case, fetched once) or an array of them.
+ * *pending: the unsent bytes before, and after (a direct write aside). */
+static int append_arg(lua_State *L, ts_stream *s, size_t *pending) {
+  size_t len, before = *pending;
   const char *p;
   int rc;
 
   if (lua_type(L, 2) != LUA_TSTRING) {
     ts_buf_adopt(&s->wbuf, &s->ctx->wpool);
-    return append_array(L, s);
+    return append_array(L, s, pending);
   }
   p = lua_tolstring(L, 2, &len);
-  if (over_pending(s, len))
+  if (over_pending(pending, len))
     return UV_E2BIG;
   count_out(s, len);
-  rc = write_direct(s, p, len);
+  rc = write_direct(s, p, len, before);
   if (rc != 1)
     return rc;
   ts_buf_adopt(&s->wbuf, &s->ctx->wpool);
@@ -939,13 +944,15 @@ static int append_arg(lua_State *L, ts_stream *s) {
 
 static int l_write(lua_State *L) {
   ts_stream *s = check_self(L);
+  size_t pending;
   int rc;
 
   if (s->flags & F_CLOSED) {
     luaL_checkany(L, 2);
     return push_error(L, ts__stream_error(s));
   }
-  rc = append_arg(L, s);
+  pending = pending_writes(s); /* once per write: the common path */
+  rc = append_arg(L, s, &pending);
   if (rc == UV_ENOMEM)
     return luaL_error(L, "write: out of memory");
   if (rc == UV_E2BIG) /* the stream stays open */
@@ -954,7 +961,9 @@ static int l_write(lua_State *L) {
     return push_error(L, ts__stream_error(s));
   if (ts_buf_len(&s->wbuf) > 0)
     mark_dirty(s);
-  if (pending_writes(s) > WRITE_HIGH_WATER && ts__in_task(L)) {
+  /* pending is an upper bound: a direct write may have sent some already */
+  if (pending > WRITE_HIGH_WATER && ts__in_task(L) &&
+      pending_writes(s) > WRITE_HIGH_WATER) {
     if (ts__stream_flush(s) != 0)
       return push_error(L, ts__stream_error(s));
     if (pending_writes(s) > WRITE_HIGH_WATER)

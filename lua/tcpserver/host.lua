@@ -72,6 +72,13 @@ local function count_arg(argv, i, flag)
   return n
 end
 
+-- The word after a flag, one of `allowed` (a set); `names` lists them.
+local function word_arg(argv, i, flag, allowed, names)
+  local v = argv[i + 1]
+  if not allowed[v or ""] then die("%s needs %s (try --help)", flag, names) end
+  return v
+end
+
 -- Parses the options; returns the settings and the index of the script.
 local function parse(argv)
   local i, opts = 1, {chunks = {}}
@@ -86,25 +93,18 @@ local function parse(argv)
       opts.workers = count_arg(argv, i, a)
       i = i + 1
     elseif a == "--gc" then
-      opts.gc = argv[i + 1]
-      if opts.gc ~= "generational" and opts.gc ~= "incremental" then
-        die("--gc needs generational or incremental (try --help)")
-      end
+      opts.gc = word_arg(argv, i, a, {generational = true, incremental = true},
+                         "generational or incremental")
       i = i + 1
     elseif a == "--max-restarts" then
       opts.max_restarts = count_arg(argv, i, a)
       i = i + 1
     elseif a == "--log-level" then
-      opts.log_level = argv[i + 1]
-      if not require("tcpserver.log").levels[opts.log_level or ""] then
-        die("--log-level needs debug, info, warning or error (try --help)")
-      end
+      opts.log_level = word_arg(argv, i, a, require("tcpserver.log").levels,
+                                "debug, info, warning or error")
       i = i + 1
     elseif a == "--log-format" then
-      opts.log_format = argv[i + 1]
-      if opts.log_format ~= "text" and opts.log_format ~= "json" then
-        die("--log-format needs text or json (try --help)")
-      end
+      opts.log_format = word_arg(argv, i, a, {text = true, json = true}, "text or json")
       i = i + 1
     elseif a == "--stats-port" then
       opts.stats_port = count_arg(argv, i, a)
