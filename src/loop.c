@@ -209,8 +209,9 @@ static int traceback(lua_State *L) {
   return 1;
 }
 
-void ts__pcall(ts_loop *loop, int narg) {
-  lua_State *L = loop->L;
+/* Calls the function under `narg` args on L, logging an error with its
+ * traceback. */
+void ts__pcall_on(lua_State *L, ts_loop *loop, int narg) {
   int base = lua_gettop(L) - narg;
 
   lua_pushcfunction(L, traceback);
@@ -223,13 +224,33 @@ void ts__pcall(ts_loop *loop, int narg) {
   settle(loop);
 }
 
+void ts__pcall(ts_loop *loop, int narg) {
+  ts__pcall_on(loop->L, loop, narg);
+}
+
 /* ---- tasks ----
  * A task's extra space holds its loop; other threads hold what the main
  * thread has: NULL, set when the module opens (threads made before that
  * hold what Lua left there, zero in practice but not by contract). */
 
+/* A task's extra space holds its loop, or for a task with an owner
+ * (ts__spawn_owned) the owner with the low bit set: an owner starts with
+ * its ts_loop *, and is aligned, so that bit is free. */
+#define OWNED_BIT ((uintptr_t)1)
+
+static uintptr_t extra_word(lua_State *co) {
+  uintptr_t w;
+  memcpy(&w, lua_getextraspace(co), sizeof w);
+  return w;
+}
+
+static void set_extra_word(lua_State *co, uintptr_t w) {
+  memcpy(lua_getextraspace(co), &w, sizeof w);
+}
+
 static ts_loop *task_loop(lua_State *co) {
-  return *(ts_loop **)lua_getextraspace(co);
+  uintptr_t w = extra_word(co);
+  return (w & OWNED_BIT) ? *(ts_loop **)(w & ~OWNED_BIT) : (ts_loop *)w;
 }
 
 int ts__in_task(lua_State *L) {
@@ -255,9 +276,11 @@ static void resume_from(lua_State *L, lua_State *co, int narg) {
   if (status == LUA_YIELD && !loop->parked) /* a bare coroutine.yield */
     resume_soon(loop, co);
   loop->parked = outer; /* a task that resumed another runs on */
-  if (status == LUA_OK || status == LUA_YIELD) {
+  if (status == LUA_OK || status == LUA_YIELD)
     lua_pop(co, nres);
-  } else {
+  if (status != LUA_YIELD && (extra_word(co) & OWNED_BIT)) {
+    loop->task_end(L, co, status, (void *)(extra_word(co) & ~OWNED_BIT));
+  } else if (status != LUA_OK && status != LUA_YIELD) {
     const char *msg = lua_tostring(co, -1);
     luaL_traceback(L, co, msg ? msg : "(error object)", 0);
     ts__report(loop, lua_tostring(L, -1));
@@ -273,15 +296,23 @@ static void resume_task(lua_State *co, int narg) {
   resume_from(task_loop(co)->L, co, narg);
 }
 
-void ts__spawn(lua_State *L, int narg) {
-  ts_loop *loop = ts__loop(L);
+static void spawn(lua_State *L, int narg, uintptr_t extra) {
   lua_State *co = lua_newthread(L);
 
-  *(ts_loop **)lua_getextraspace(co) = loop;
+  set_extra_word(co, extra);
   lua_insert(L, -(narg + 2));
   lua_xmove(L, co, narg + 1);
   resume_from(L, co, narg);
   lua_pop(L, 1);
+}
+
+void ts__spawn(lua_State *L, int narg) {
+  spawn(L, narg, (uintptr_t)ts__loop(L));
+}
+
+void ts__spawn_owned(lua_State *L, int narg, ts_loop **owner, ts_task_end end) {
+  (*owner)->task_end = end;
+  spawn(L, narg, (uintptr_t)owner | OWNED_BIT);
 }
 
 /* ---- waiters ---- */

@@ -15,6 +15,7 @@
 
 typedef struct ts_loop ts_loop;
 typedef void (*ts_hook)(ts_loop *loop);
+typedef void (*ts_task_end)(lua_State *L, lua_State *co, int status, void *owner);
 
 #define TS_MAX_HOOKS 4
 
@@ -35,6 +36,7 @@ struct ts_loop {
   size_t walked;      /* dead-thread walks since then (an upper bound) */
   size_t walk_budget; /* walks that cost about one full collection */
   uv_prepare_t full_collect;
+  ts_task_end task_end; /* see ts__spawn_owned */
 };
 
 /* The context of L's state, made on first use (on the host's loop if one
@@ -59,6 +61,12 @@ uint64_t ts__timeout_ms(double seconds);
 /* Runs the function under `narg` args on L's top in a new task, until it
  * first waits. */
 void ts__spawn(lua_State *L, int narg);
+/* As ts__spawn, for a task that serves `owner`, a C object whose first
+ * member is its ts_loop * (and that outlives the task). When the task
+ * returns or raises, the loop calls end(L, co, status, owner) instead of
+ * logging: on an error, co holds the error on top and the frames that
+ * raised it. One end per loop: the last one given. */
+void ts__spawn_owned(lua_State *L, int narg, ts_loop **owner, ts_task_end end);
 int ts__in_task(lua_State *L);
 /* Raises unless L is a task; used before a call may yield. */
 void ts__check_task(lua_State *L, const char *what);
@@ -83,6 +91,8 @@ void ts_waiter_wake_error(ts_waiter *w, const char *err); /* nil, err */
 
 /* Calls the function under `narg` args on loop->L, logging any error. */
 void ts__pcall(ts_loop *loop, int narg);
+/* The same on L, a thread of the loop's state. */
+void ts__pcall_on(lua_State *L, ts_loop *loop, int narg);
 void ts__log(ts_loop *loop, const char *level, const char *msg);
 void ts__report(ts_loop *loop, const char *msg); /* at level error */
 

@@ -37,7 +37,7 @@ typedef struct ts_listener {
   uv_timer_t backoff; /* restarts accepting after EMFILE */
   ts_loop *loop;
   int fd, family;
-  int handler_ref, self_ref, sock_ref;
+  int self_ref, sock_ref;
   int ctx_ref;        /* TLS context, or LUA_NOREF */
   int proxy_protocol; /* a PROXY header comes first */
   double handshake_timeout;
@@ -45,77 +45,86 @@ typedef struct ts_listener {
   uint64_t fds_logged; /* when running out of fds was last logged (ms) */
   size_t max_buffer, chunk;
   double timeout;
-  ts_counters *counters; /* over the streams it accepted */
+  ts_counters *counters; /* over the streams it accepted; holds the handler */
 } ts_listener;
 
 /* ---- the handler's task and its end ---- */
 
-/* handle_stream's error as {err, traceback}: the traceback is taken where
- * it was raised, before the stack unwinds. */
-static int capture_error(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
+/* {host=, port=} with the handler's Address metatable (at index h), which
+ * answers family = "inet"; other families are set. Two fields rather than
+ * three halve the table's hash part: idle connections are counted in
+ * bytes. */
+static void push_address(lua_State *L, int h, const char *host, int port, int family) {
+  const char *name = ts__addr_family(family);
+  int inet = strcmp(name, "inet") == 0;
 
-  lua_createtable(L, 2, 0);
-  lua_pushvalue(L, 1);
-  lua_rawseti(L, -2, 1);
-  luaL_traceback(L, L, msg ? msg : "(error object is not a string)", 1);
-  lua_rawseti(L, -2, 2);
-  return 1;
-}
-
-/* Stack: handler, stream, address, capture_error [, {err, traceback}]. */
-static int handler_end(lua_State *L, int status, lua_KContext ctx) {
-  int failed = status != LUA_OK && status != LUA_YIELD;
-
-  (void)ctx;
-  lua_getfield(L, 1, "done");
-  lua_pushvalue(L, 2);
-  lua_pushvalue(L, 3);
-  lua_pushboolean(L, failed);
-  if (failed) {
-    lua_rawgeti(L, 5, 1);
-    lua_rawgeti(L, 5, 2);
-  }
-  lua_call(L, failed ? 5 : 3, 0);
-  return 0;
-}
-
-/* The task: handler.server:handle_stream(stream, address), protected, so
- * that its end (even by an error) reaches handler_end in the same task. */
-static int run_handler(lua_State *L) {
-  lua_pushcfunction(L, capture_error);
-  lua_getfield(L, 1, "server");
-  lua_getfield(L, -1, "handle_stream");
-  lua_insert(L, -2);
-  lua_pushvalue(L, 2);
-  lua_pushvalue(L, 3);
-  return handler_end(L, lua_pcallk(L, 3, 0, 4, 0, handler_end), 0);
-}
-
-/* The handler table holds the server, begin(stream), done (see
- * handler_end) and Address (the metatable of addresses). */
-static void spawn_handler(lua_State *L, int handler_ref, ts_stream *s, const char *host,
-                          int port, int family) {
-  lua_pushcfunction(L, run_handler);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, handler_ref);
-  ts__stream_push(L, s);
-  lua_createtable(L, 0, 3);
+  h = lua_absindex(L, h);
+  lua_createtable(L, 0, inet ? 2 : 3);
   lua_pushstring(L, host);
   lua_setfield(L, -2, "host");
   lua_pushinteger(L, port);
   lua_setfield(L, -2, "port");
-  lua_pushstring(L, ts__addr_family(family));
-  lua_setfield(L, -2, "family");
-  lua_getfield(L, -3, "Address");
+  if (!inet) {
+    lua_pushstring(L, name);
+    lua_setfield(L, -2, "family");
+  }
+  lua_getfield(L, h, "Address");
   lua_setmetatable(L, -2);
-  ts__spawn(L, 3);
+}
+
+/* The handler of the listener that accepted s: its counters keep it. */
+static void push_handler(lua_State *L, ts_stream *s) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ts__stream_counters(s)->owner_ref);
+}
+
+/* The end of a handler task: done(stream, address, failed [, err,
+ * traceback]), then the stream may go. */
+static void handler_end(lua_State *L, lua_State *co, int status, void *owner) {
+  ts_stream *s = ts__stream_of_owner(owner);
+  int failed = status != LUA_OK;
+
+  if (failed)
+    lua_xmove(co, L, 1);
+  push_handler(L, s);
+  lua_getfield(L, -1, "done");
+  lua_remove(L, -2);
+  ts__stream_push(L, s);
+  ts__stream_push_kept(L, s);
+  lua_pushboolean(L, failed);
+  if (failed) {
+    const char *msg = lua_tostring(L, -5);
+    lua_rotate(L, -5, -1); /* the error after failed */
+    luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
+  }
+  ts__pcall_on(L, ts__stream_loop(s), failed ? 5 : 3);
+  ts__stream_disown(L, s);
+}
+
+/* The handler table holds the server, begin(stream), done and Address.
+ * The task runs server:handle_stream(stream, address) with no frame of
+ * ours under it (a frame costs an idle connection bytes); the stream keeps
+ * the address for handler_end, which runs when the task returns or
+ * raises. */
+static void spawn_handler(lua_State *L, ts_stream *s, const char *host, int port,
+                          int family) {
+  push_handler(L, s);
+  push_address(L, -1, host, port, family);
+  lua_pushvalue(L, -1);
+  ts__stream_keep(L, s);
+  lua_getfield(L, -2, "server");
+  lua_getfield(L, -1, "handle_stream");
+  lua_insert(L, -2);
+  ts__stream_push(L, s);
+  lua_pushvalue(L, -4);
+  ts__spawn_owned(L, 3, ts__stream_own(s), handler_end);
+  lua_pop(L, 2);
 }
 
 /* Calls handler.<fn>(stream), unprotected errors logged. */
-static void call_books(ts_loop *loop, int handler_ref, const char *fn, ts_stream *s) {
+static void call_books(ts_loop *loop, const char *fn, ts_stream *s) {
   lua_State *L = loop->L;
 
-  lua_rawgeti(L, LUA_REGISTRYINDEX, handler_ref);
+  push_handler(L, s);
   lua_getfield(L, -1, fn);
   lua_remove(L, -2);
   ts__stream_push(L, s);
@@ -144,7 +153,7 @@ typedef struct header_step {
   uv_timer_t timer; /* handshake_timeout; its close frees the step */
   ts_stream *s;
   ts_loop *loop;
-  int handler_ref, ctx_ref; /* its own: the listener may close meanwhile */
+  int ctx_ref; /* its own: the listener may close meanwhile */
   double handshake_timeout;
   ts_buf buf; /* the header so far, and what came after it */
 } header_step;
@@ -156,7 +165,6 @@ static void header_free(uv_handle_t *h) {
   lua_State *L = hs->loop->L;
 
   ts_buf_free(&hs->buf);
-  luaL_unref(L, LUA_REGISTRYINDEX, hs->handler_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, hs->ctx_ref);
   free(hs);
 }
@@ -225,7 +233,7 @@ static void header_done(header_step *hs, const ts_proxy_addr *a, size_t used) {
   } else if (ts__stream_deliver(s, rest, left) == 0) {
     ts__stream_on_data(s);
   }
-  spawn_handler(L, hs->handler_ref, s, host, port, family);
+  spawn_handler(L, s, host, port, family);
 }
 
 static void header_on_read(ts_stream *s, void *layer, const char *data, size_t n) {
@@ -264,7 +272,7 @@ static void header_closed(ts_stream *s, void *layer) {
 
   ts__stream_attach(s, NULL, NULL);
   uv_close((uv_handle_t *)&hs->timer, header_free);
-  call_books(hs->loop, hs->handler_ref, "done", s);
+  call_books(hs->loop, "done", s);
 }
 
 static const ts_layer_ops header_ops = {
@@ -282,8 +290,6 @@ static int header_begin(ts_listener *ls, ts_stream *s) {
   hs->s = s;
   hs->loop = ls->loop;
   hs->handshake_timeout = ls->handshake_timeout;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->handler_ref);
-  hs->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   hs->ctx_ref = LUA_NOREF;
   if (ls->ctx_ref != LUA_NOREF) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, ls->ctx_ref);
@@ -329,10 +335,10 @@ static void serve(ts_listener *ls, int fd, struct sockaddr_storage *ss) {
     ts__stream_abort(s);
     return;
   }
-  call_books(ls->loop, ls->handler_ref, "begin", s);
+  call_books(ls->loop, "begin", s);
   ts__stream_start(s);
   if (!ls->proxy_protocol)
-    spawn_handler(L, ls->handler_ref, s, host, port, is_pipe ? AF_UNIX : ss->ss_family);
+    spawn_handler(L, s, host, port, is_pipe ? AF_UNIX : ss->ss_family);
 }
 
 static void accept_cb(uv_poll_t *h, int status, int events);
@@ -404,11 +410,10 @@ static void listener_closed(uv_handle_t *h) {
 
   if (--ls->pending_closes > 0)
     return;
-  luaL_unref(L, LUA_REGISTRYINDEX, ls->handler_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->sock_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->ctx_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->self_ref);
-  ts__counters_release(ls->counters);
+  ts__counters_release(L, ls->counters);
   ls->counters = NULL;
 }
 
@@ -416,7 +421,7 @@ static void listener_closed(uv_handle_t *h) {
  * loop (a host must stop its servers before lua_close); its counts go. */
 static int l_listener_gc(lua_State *L) {
   ts_listener *ls = check_listener(L);
-  ts__counters_release(ls->counters);
+  ts__counters_release(L, ls->counters);
   ls->counters = NULL;
   return 0;
 }
@@ -442,7 +447,8 @@ static int l_listener_close(lua_State *L) {
 /* stats() -> {bytes_in=, bytes_out=, tls_handshake_failures=} */
 static int l_listener_stats(lua_State *L) {
   ts_listener *ls = check_listener(L);
-  ts_counters none = {0, 0, 0, 0}, *c = ls->counters ? ls->counters : &none;
+  static const ts_counters none;
+  const ts_counters *c = ls->counters ? ls->counters : &none;
 
   lua_createtable(L, 0, 3);
   lua_pushinteger(L, (lua_Integer)c->bytes_in);
@@ -500,11 +506,12 @@ static int l_listener(lua_State *L) {
   lua_getfield(L, 2, "proxy_protocol");
   ls->proxy_protocol = lua_toboolean(L, -1);
   lua_pop(L, 1);
-  /* Nothing raises past this point: the socket stays taken, and the
-   * counters are freed by the metatable's __gc. */
+  luaL_setmetatable(L, LISTENER_MT); /* its __gc frees the counters */
+  ls->counters = ts__counters_new();
+  if (ls->counters == NULL)
+    return luaL_error(L, "listener: out of memory");
+  /* Nothing raises past this point: the socket stays taken. */
   fd = ts__socket_take(L, 1, &family);
-  luaL_setmetatable(L, LISTENER_MT);
-  ls->counters = ts__counters_new(); /* NULL: no counts, no harm */
   ls->fd = fd;
   ls->family = family;
   lua_pushvalue(L, 4);
@@ -514,7 +521,7 @@ static int l_listener(lua_State *L) {
   uv_timer_init(loop->uv, &ls->backoff);
   ls->poll.data = ls->backoff.data = ls;
   lua_pushvalue(L, 3);
-  ls->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  ls->counters->owner_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushvalue(L, 1);
   ls->sock_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushvalue(L, 5);
@@ -523,12 +530,41 @@ static int l_listener(lua_State *L) {
   return 1;
 }
 
+/* Appends s to the list on top of L if its handler is the value under it. */
+static void collect_stream(ts_stream *s, void *arg) {
+  lua_State *L = arg;
+  ts_counters *c = ts__stream_counters(s);
+  int mine;
+
+  if (c == NULL || c->owner_ref == LUA_NOREF)
+    return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, c->owner_ref);
+  mine = lua_rawequal(L, -1, -3);
+  lua_pop(L, 1);
+  if (mine) {
+    ts__stream_push(L, s);
+    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  }
+}
+
+/* core.streams_of(handler) -> the open streams its listeners accepted,
+ * stopped listeners' too: the loop knows them all, so that a server need
+ * not keep a set of them (an idle connection would pay for its entry). */
+static int l_streams_of(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+  lua_newtable(L);
+  ts__stream_each(ts__loop(L), collect_stream, L);
+  return 1;
+}
+
 int ts__open_server(lua_State *L) {
   static const luaL_Reg methods[] = {{"close", l_listener_close},
                                      {"pause", l_listener_pause},
                                      {"stats", l_listener_stats},
                                      {NULL, NULL}};
-  static const luaL_Reg funcs[] = {{"listener", l_listener}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {
+      {"listener", l_listener}, {"streams_of", l_streams_of}, {NULL, NULL}};
 
   luaL_newmetatable(L, LISTENER_MT);
   lua_pushcfunction(L, l_listener_gc);

@@ -59,19 +59,20 @@ enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE, RD_FILL };
 
 enum {
   F_PIPE = 1 << 0,
-  F_READING = 1 << 1,   /* uv_read_start is active */
-  F_EOF = 1 << 2,       /* the peer finished sending */
-  F_CLOSED = 1 << 3,    /* close() was called or an error ended it */
-  F_HCLOSING = 1 << 4,  /* uv_close was called */
-  F_DONE = 1 << 5,      /* the close callback ran */
-  F_DIRTY = 1 << 6,     /* on the dirty list */
-  F_BORROWED = 1 << 7,  /* rbuf points into the shared buffer */
-  F_OVERBUDGET = 1 << 8 /* the read budget refused its buffer */
+  F_READING = 1 << 1,    /* uv_read_start is active */
+  F_EOF = 1 << 2,        /* the peer finished sending */
+  F_CLOSED = 1 << 3,     /* close() was called or an error ended it */
+  F_HCLOSING = 1 << 4,   /* uv_close was called */
+  F_DONE = 1 << 5,       /* the close callback ran */
+  F_DIRTY = 1 << 6,      /* on the dirty list */
+  F_BORROWED = 1 << 7,   /* rbuf points into the shared buffer */
+  F_OVERBUDGET = 1 << 8, /* the read budget refused its buffer */
+  F_OWNED = 1 << 9       /* pinned past close_cb until disowned */
 };
 
 struct ts_stream {
+  ts_loop *loop;   /* first: a task serving the stream is owned by it */
   const char *tag; /* identifies a live stream userdata cheaply */
-  stream_ctx *ctx;
   ts_buf rbuf;
   ts_buf wbuf;         /* filled by write() */
   write_req *inflight; /* the uv_write under way, with its bytes */
@@ -106,6 +107,10 @@ struct ts_stream {
   (offsetof(ts_stream, h) + ((is_pipe) ? sizeof(uv_pipe_t) : sizeof(uv_tcp_t)))
 
 static void stream_close(ts_stream *s, int err);
+
+static stream_ctx *sctx(ts_stream *s) {
+  return s->loop->streams;
+}
 static void update_reading(ts_stream *s);
 static void check_writers(ts_stream *s);
 
@@ -131,7 +136,7 @@ uv_stream_t *ts__stream_handle(ts_stream *s) {
 }
 
 ts_loop *ts__stream_loop(ts_stream *s) {
-  return s->ctx->loop;
+  return s->loop;
 }
 
 double ts__stream_timeout(ts_stream *s) {
@@ -165,25 +170,88 @@ static int push_error(lua_State *L, const char *err) {
   return 2;
 }
 
+/* ---- the owner ---- */
+
+/* After the close callback, and the owner's end if it has one. */
+static void unpin(lua_State *L, ts_stream *s) {
+  ts__counters_release(L, s->counters);
+  s->counters = NULL;
+  luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
+  s->self_ref = LUA_NOREF;
+}
+
+void ts__stream_keep(lua_State *L, ts_stream *s) {
+  ts__stream_push(L, s);
+  lua_insert(L, -2);
+  lua_setiuservalue(L, -2, 2);
+  lua_pop(L, 1);
+}
+
+void ts__stream_push_kept(lua_State *L, ts_stream *s) {
+  ts__stream_push(L, s);
+  lua_getiuservalue(L, -1, 2);
+  lua_remove(L, -2);
+}
+
+ts_loop **ts__stream_own(ts_stream *s) {
+  s->flags |= F_OWNED;
+  return &s->loop;
+}
+
+ts_stream *ts__stream_of_owner(void *owner) {
+  return owner; /* the address of its first member */
+}
+
+void ts__stream_disown(lua_State *L, ts_stream *s) {
+  s->flags &= ~F_OWNED;
+  if (s->flags & F_DONE)
+    unpin(L, s);
+}
+
+typedef struct each_arg {
+  void (*fn)(ts_stream *s, void *arg);
+  void *arg;
+} each_arg;
+
+/* A handle is a stream's when its data points at the struct around it
+ * (read before anything else of that struct, which may not exist). */
+static void each_cb(uv_handle_t *h, void *arg) {
+  each_arg *e = arg;
+  uintptr_t at = (uintptr_t)h - offsetof(ts_stream, h);
+  ts_stream *s = (ts_stream *)at;
+
+  if ((h->type == UV_TCP || h->type == UV_NAMED_PIPE) && (uintptr_t)h->data == at &&
+      s->tag == stream_tag && !(s->flags & F_CLOSED))
+    e->fn(s, e->arg);
+}
+
+void ts__stream_each(ts_loop *loop, void (*fn)(ts_stream *s, void *arg), void *arg) {
+  each_arg e = {fn, arg};
+  uv_walk(loop->uv, each_cb, &e);
+}
+
 /* ---- counters ---- */
 
 ts_counters *ts__counters_new(void) {
   ts_counters *c = calloc(1, sizeof(*c));
-  if (c != NULL)
+  if (c != NULL) {
     c->refs = 1;
+    c->owner_ref = LUA_NOREF;
+  }
   return c;
 }
 
-void ts__counters_release(ts_counters *c) {
-  if (c != NULL && --c->refs == 0)
-    free(c);
+void ts__counters_release(lua_State *L, ts_counters *c) {
+  if (c == NULL || --c->refs > 0)
+    return;
+  luaL_unref(L, LUA_REGISTRYINDEX, c->owner_ref);
+  free(c);
 }
 
+/* Once, on a new stream. */
 void ts__stream_count_into(ts_stream *s, ts_counters *c) {
-  if (c == NULL)
-    return;
-  c->refs++;
-  ts__counters_release(s->counters);
+  if (c != NULL)
+    c->refs++;
   s->counters = c;
 }
 
@@ -260,23 +328,23 @@ static int reserve(ts_stream *s, size_t room) {
     return 0;
   if (s->rbuf.cap - ts_buf_len(&s->rbuf) >= room) /* compacting will do */
     return ts_buf_reserve(&s->rbuf, room, s->max_buffer) ? UV_ENOMEM : 0;
-  if (over_budget(s->ctx, s, room))
+  if (over_budget(sctx(s), s, room))
     return UV_E2BIG;
   if (ts_buf_reserve(&s->rbuf, room, s->max_buffer) != 0)
     return UV_ENOMEM;
-  account(s->ctx, before, s->rbuf.cap);
+  account(sctx(s), before, s->rbuf.cap);
   return 0;
 }
 
 static void free_rbuf(ts_stream *s) {
-  account(s->ctx, s->rbuf.cap, 0);
+  account(sctx(s), s->rbuf.cap, 0);
   ts_buf_free(&s->rbuf);
 }
 
 /* Ends a stream whose buffer the budget refused; its reader, if any, gets
  * "too large" with what was read so far. */
 static void refuse_growth(ts_stream *s) {
-  stream_ctx *ctx = s->ctx;
+  stream_ctx *ctx = sctx(s);
   char msg[160];
 
   snprintf(msg, sizeof(msg),
@@ -317,7 +385,7 @@ static void unborrow(ts_stream *s) {
   if (!(s->flags & F_BORROWED))
     return;
   s->flags &= ~F_BORROWED;
-  s->ctx->borrower = NULL;
+  sctx(s)->borrower = NULL;
   ts_buf_init(&s->rbuf);
   if (ts_buf_len(&shared) == 0)
     return;
@@ -331,7 +399,7 @@ static void unborrow(ts_stream *s) {
 /* Lends the shared buffer as s's empty read buffer, unless another stream
  * holds it (its task may be running and reading it). */
 static int borrow(ts_stream *s) {
-  stream_ctx *ctx = s->ctx;
+  stream_ctx *ctx = sctx(s);
 
   if (ctx->borrower != NULL)
     return ctx->borrower == s;
@@ -430,7 +498,7 @@ static void wake_reader(ts_stream *s, int nres) {
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   ts_stream *s = h->data;
-  stream_ctx *ctx = s->ctx;
+  stream_ctx *ctx = sctx(s);
   size_t len = ts_buf_len(&s->rbuf), want = s->chunk, room;
 
   (void)suggested;
@@ -504,7 +572,7 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
     ops->on_read(s, s->layer, buf->base, (size_t)nread);
   } else if (nread > 0) {
     count_in(s, (size_t)nread);
-    if (buf->base == s->ctx->shared) {
+    if (buf->base == sctx(s)->shared) {
       borrow(s);
       s->rbuf.end = (size_t)nread;
     } else {
@@ -713,7 +781,7 @@ int ts__stream_flush(ts_stream *s) {
     if ((n = s->ops->encode(s, s->layer)) != 0)
       goto fail;
     if (ts_buf_len(&s->wbuf) == 0) /* idle streams hold no buffer */
-      ts_buf_release(&s->wbuf, &s->ctx->wpool);
+      ts_buf_release(&s->wbuf, &sctx(s)->wpool);
   }
   if (src == NULL)
     src = &s->wbuf;
@@ -722,7 +790,7 @@ int ts__stream_flush(ts_stream *s) {
   b = uv_buf_init(ts_buf_head(src), (unsigned)ts_buf_len(src));
   n = uv_try_write(&s->h.stream, &b, 1);
   if (n == (int)b.len) {
-    ts_buf_release(src, &s->ctx->wpool);
+    ts_buf_release(src, &sctx(s)->wpool);
     return 0;
   }
   if (n < 0 && n != UV_EAGAIN)
@@ -830,7 +898,7 @@ static void write_cb(uv_write_t *req, int status) {
 
   if (status < 0 && status != UV_ECANCELED)
     stream_close(s, status); /* with these bytes still counted unsent */
-  ts_buf_release(&w->buf, &s->ctx->wpool);
+  ts_buf_release(&w->buf, &sctx(s)->wpool);
   free(w);
   s->inflight = NULL;
   if (status < 0)
@@ -844,7 +912,7 @@ static void write_cb(uv_write_t *req, int status) {
 }
 
 static void mark_dirty(ts_stream *s) {
-  stream_ctx *ctx = s->ctx;
+  stream_ctx *ctx = sctx(s);
 
   if (s->flags & F_DIRTY)
     return;
@@ -928,7 +996,7 @@ static int append_arg(lua_State *L, ts_stream *s, size_t *pending) {
   int rc;
 
   if (lua_type(L, 2) != LUA_TSTRING) {
-    ts_buf_adopt(&s->wbuf, &s->ctx->wpool);
+    ts_buf_adopt(&s->wbuf, &sctx(s)->wpool);
     return append_array(L, s, pending);
   }
   p = lua_tolstring(L, 2, &len);
@@ -938,7 +1006,7 @@ static int append_arg(lua_State *L, ts_stream *s, size_t *pending) {
   rc = write_direct(s, p, len, before);
   if (rc != 1)
     return rc;
-  ts_buf_adopt(&s->wbuf, &s->ctx->wpool);
+  ts_buf_adopt(&s->wbuf, &sctx(s)->wpool);
   return ts_buf_append(&s->wbuf, p, len) ? UV_ENOMEM : 0;
 }
 
@@ -997,7 +1065,7 @@ static void timer_free(uv_handle_t *h) {
 static void unlink_dirty(ts_stream *s) {
   ts_stream **p;
 
-  for (p = &s->ctx->dirty; *p != NULL; p = &(*p)->next_dirty) {
+  for (p = &sctx(s)->dirty; *p != NULL; p = &(*p)->next_dirty) {
     if (*p == s) {
       *p = s->next_dirty;
       break;
@@ -1010,9 +1078,10 @@ static void unlink_dirty(ts_stream *s) {
  * callback, and unpin (a task still running on the stream keeps it). */
 static void close_cb(uv_handle_t *h) {
   ts_stream *s = h->data;
-  stream_ctx *ctx = s->ctx;
+  stream_ctx *ctx = sctx(s);
   lua_State *L = ctx->loop->L;
 
+  ts__stream_push(L, s); /* held here: a task that ends may disown it */
   if (s->flags & F_DIRTY)
     unlink_dirty(s);
   ts_buf_release(&s->wbuf, &ctx->wpool);
@@ -1022,11 +1091,9 @@ static void close_cb(uv_handle_t *h) {
   if (ts_waiter_waiting(&s->reader))
     wake_reader(s, try_read(s, s->reader.co));
   if (!ts_waiter_waiting(&s->reader)) { /* an ended task must not stay */
-    ts__stream_push(L, s);              /* anchored in an open-ended */
-    lua_pushnil(L);                     /* stream (the collector would */
-    lua_setiuservalue(L, -2, 1);        /* walk it again and again) */
-    lua_pop(L, 1);
-  }
+    lua_pushnil(L);                     /* anchored in an open-ended */
+    lua_setiuservalue(L, -2, 1);        /* stream (the collector would */
+  }                                     /* walk it again and again) */
   if (ts_buf_len(&s->rbuf) == 0 && !(s->flags & F_BORROWED))
     free_rbuf(s); /* out of the read budget now */
   check_writers(s);
@@ -1041,10 +1108,9 @@ static void close_cb(uv_handle_t *h) {
     s->close_cb_ref = LUA_NOREF;
     ts__pcall(ctx->loop, 0);
   }
-  ts__counters_release(s->counters);
-  s->counters = NULL;
-  luaL_unref(L, LUA_REGISTRYINDEX, s->self_ref);
-  s->self_ref = LUA_NOREF;
+  if (!(s->flags & F_OWNED))
+    unpin(L, s);
+  lua_pop(L, 1);
 }
 
 static void handle_close(ts_stream *s) {
@@ -1078,7 +1144,7 @@ static void stream_close(ts_stream *s, int err) {
     if (!ts__quiet_error(err) && err != UV_ECANCELED && err != UV_E2BIG) {
       char msg[128];
       snprintf(msg, sizeof(msg), "stream error: %s", uv_strerror(err));
-      ts__report(s->ctx->loop, msg);
+      ts__report(s->loop, msg);
     }
   }
   if (s->flags & F_READING) {
@@ -1147,7 +1213,7 @@ static int l_gc(lua_State *L) {
   if (s->ops != NULL && s->ops->free != NULL)
     s->ops->free(L, s->layer);
   s->ops = NULL;
-  ts__counters_release(s->counters); /* if close_cb never ran (lua_close) */
+  ts__counters_release(L, s->counters); /* if close_cb never ran (lua_close) */
   s->counters = NULL;
   return 0;
 }
@@ -1299,11 +1365,11 @@ void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk, double 
 ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
   stream_ctx *ctx = ctx_of(L);
   size_t size = STREAM_SIZE(is_pipe);
-  ts_stream *s = lua_newuserdatauv(L, size, 1);
+  ts_stream *s = lua_newuserdatauv(L, size, 2); /* reader, kept */
 
   memset(s, 0, size);
   s->tag = stream_tag;
-  s->ctx = ctx;
+  s->loop = ctx->loop;
   luaL_setmetatable(L, TS_STREAM_MT);
   if (is_pipe) {
     uv_pipe_init(ctx->loop->uv, &s->h.pipe, 0);

@@ -36,16 +36,18 @@ typedef struct ts_layer_ops {
   void (*free)(lua_State *L, void *layer); /* the stream is collected */
 } ts_layer_ops;
 
-/* What a listener counts over the streams it accepted, closed ones too.
- * Shared: the listener and each stream hold a reference. */
+/* What a listener counts over the streams it accepted, closed ones too,
+ * and a registry ref it keeps for them (its handler) while any holds the
+ * counters. Shared: the listener and each stream hold a reference. */
 typedef struct ts_counters {
   int refs;
+  int owner_ref;                /* released with the counters */
   uint64_t bytes_in, bytes_out; /* application bytes: after TLS */
   uint64_t tls_handshake_failures;
 } ts_counters;
 
 ts_counters *ts__counters_new(void);
-void ts__counters_release(ts_counters *c);
+void ts__counters_release(lua_State *L, ts_counters *c);
 void ts__stream_count_into(ts_stream *s, ts_counters *c); /* takes a ref */
 ts_counters *ts__stream_counters(ts_stream *s);           /* or NULL */
 
@@ -57,6 +59,17 @@ void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk, double 
 int ts__stream_start(ts_stream *s); /* starts reading: 0 or a libuv error */
 void ts__stream_push(lua_State *L, ts_stream *s);
 ts_stream *ts__check_stream(lua_State *L, int idx);
+/* Calls fn on every open stream of the loop (fn must not close any). */
+void ts__stream_each(ts_loop *loop, void (*fn)(ts_stream *s, void *arg), void *arg);
+
+/* The owner of a stream (server.c: a handler task, ts__spawn_owned) keeps
+ * a value with it (pops it), and keeps it pinned past its close callback
+ * until disown. The owner pointer is the stream's ts_loop * member. */
+void ts__stream_keep(lua_State *L, ts_stream *s);
+void ts__stream_push_kept(lua_State *L, ts_stream *s);
+ts_loop **ts__stream_own(ts_stream *s);
+ts_stream *ts__stream_of_owner(void *owner);
+void ts__stream_disown(lua_State *L, ts_stream *s);
 
 /* Closing */
 void ts__stream_close(ts_stream *s, int err); /* 0: flush first; else drop */

@@ -97,7 +97,7 @@ local function init(self, opts)
     options.ssl_context = require("tcpserver.ssl").server_context(options.ssl_options)
   end
   local state = {
-    options = options, listeners = {}, pending = {}, streams = {},
+    options = options, listeners = {}, pending = {},
     nstreams = 0, paused = false, drained = {},
     connections_total = 0, handler_errors = 0, closed_counts = {},
   }
@@ -139,7 +139,10 @@ function TCPServer:handle_stream(stream, address) -- luacheck: ignore 212
   error("handle_stream is not implemented: override it in a subclass", 2)
 end
 
-local Address = {}
+-- The host and port of a peer; family is "inet" unless the table says
+-- otherwise (the core leaves it out for IPv4: one field less per idle
+-- connection).
+local Address = {family = "inet"}
 Address.__index = Address
 function Address:__tostring()
   if self.family == "inet6" then return ("[%s]:%d"):format(self.host, self.port) end
@@ -165,26 +168,24 @@ function TCPServer:_report(err, traceback, address)
 end
 
 -- What the core needs to serve a connection: handle_stream runs in a task
--- of its own (the core resumes it; no Lua frame wraps it, which keeps an
--- idle connection's stack small); begin and done keep the books.
+-- of its own (no frame wraps it, which keeps an idle connection small);
+-- begin and done keep the books. The core calls done when the task ends.
 local function make_handler(self, state)
   local max = state.options.max_connections
   local handler = {server = self, Address = Address}
 
   function handler.begin(stream)
-    state.streams[stream] = true
     state.nstreams = state.nstreams + 1
     state.connections_total = state.connections_total + 1
     if max and state.nstreams >= max then set_paused(state, true) end
   end
 
   function handler.done(stream, address, failed, err, traceback)
-    if failed then
+    if failed then -- in a task of its own: on_error may wait
       state.handler_errors = state.handler_errors + 1
-      self:_report(err, traceback, address)
+      core.spawn(self._report, self, err, traceback, address)
     end
     stream:close()
-    state.streams[stream] = nil
     state.nstreams = state.nstreams - 1
     if max and state.nstreams < max and not state.stopped then set_paused(state, false) end
     if state.nstreams == 0 and #state.drained > 0 then
@@ -307,7 +308,7 @@ function TCPServer:shutdown(timeout, done)
   local timer = ioloop.current():call_later(timeout, function()
     log.info("shutdown_timeout (%g s) expired: closing %d connection%s", timeout,
              state.nstreams, state.nstreams == 1 and "" or "s")
-    for stream in pairs(state.streams) do stream:close() end
+    for _, stream in ipairs(core.streams_of(state.handler)) do stream:close() end
   end)
   state.drained[#state.drained + 1] = function()
     timer:cancel()
