@@ -166,6 +166,42 @@ sys.stdout.write((f.readline() + f.readline()).decode())
       assert.same({}, logs)
     end))
 
+    it("lets on_error wait: it runs in a task of its own", async(function()
+      local done = locks.Event()
+      local server, port = H.serve(function() error("boom") end, {
+        on_error = function()
+          ioloop.sleep(0.01)
+          done:set()
+        end,
+      })
+      H.connect(port):read_until_close()
+      assert.is_true(done:wait(5))
+      server:stop()
+      assert.same({}, logs)
+    end))
+
+    it("closes and reports the right stream when handle_stream reassigned its arguments",
+       async(function()
+      -- The core keeps the stream and address for the end of the task; the
+      -- handler's own parameters may point elsewhere by then.
+      local seen
+      local server, port = H.serve(function(_, stream, address) -- luacheck: ignore 212
+        stream:read_until("\n")
+        stream, address = nil, "elsewhere" -- luacheck: ignore 311
+        error("boom")
+      end, {on_error = function(_, _, _, address) seen = address end})
+      local client = H.connect(port)
+      local _, client_port = client:getsockname()
+      client:write("go\n")
+      assert.equal("", client:read_until_close())
+      H.wait_until(function() return seen end)
+      assert.equal("127.0.0.1", seen.host)
+      assert.equal(client_port, seen.port)
+      assert.equal("inet", seen.family)
+      assert.equal(0, server:connection_count())
+      server:stop()
+    end))
+
     it("reports a missing handle_stream", async(function()
       local server = TCPServer()
       local port = server:listen(0, "127.0.0.1")
@@ -342,6 +378,38 @@ sys.stdout.write((f.readline() + f.readline()).decode())
     assert.is_true(drained:wait(5))
     assert.is_true(finished)
     assert.equal("", idle:read_until_close())
+  end))
+end)
+
+describe("TCPServer idle connections", function()
+  -- Bytes of the Lua heap, not timing: counted by Lua itself, the same on
+  -- any machine. The stream, its task (stack and frames), the address and
+  -- the books; docs/PERFORMANCE.md breaks them down.
+  it("cost at most 1,700 bytes of Lua heap each while their handler reads", async(function()
+    local n = 400
+    local server, port = H.serve(function(_, stream)
+      while stream:read_until("\n") do end
+    end)
+    collectgarbage()
+    collectgarbage()
+    local before = collectgarbage("count")
+    local clients = require("tcpserver.process").Subprocess({H.PYTHON, "-c", [[
+import socket, sys
+socks = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in range(int(sys.argv[2]))]
+print("open", flush=True)
+sys.stdin.read()
+]], tostring(port), tostring(n)}, {stdin = "pipe", stdout = "pipe"})
+    assert.equal("open\n", clients.stdout:read_until("\n"))
+    H.wait_until(function() return server:connection_count() == n end)
+    collectgarbage()
+    collectgarbage()
+    local per = (collectgarbage("count") - before) * 1024 / n
+    clients.stdin:close()
+    clients:wait_for_exit()
+    H.wait_until(function() return server:connection_count() == 0 end)
+    server:stop()
+    assert.is_true(per <= 1700, ("%.0f bytes per idle connection"):format(per))
+    assert.is_true(per >= 1000, "the count missed the connections")
   end))
 end)
 

@@ -37,18 +37,24 @@ int ts_buf_reserve(ts_buf *b, size_t room, size_t limit) {
 
   if (ts_buf_room(b) >= room)
     return 0;
+  if (room > TS_BUF_MAX - len)
+    return -1;
   /* Compacting is cheap when little is left; it also avoids growing. */
   if (b->start > 0 && b->cap - len >= room) {
     memmove(b->data, ts_buf_head(b), len);
     b->start = 0;
-    b->end = len;
+    b->end = (uint32_t)len;
     return 0;
   }
   cap = b->cap ? b->cap : 1024;
   while (cap - len < room)
     cap *= 2;
+  if (limit > TS_BUF_MAX)
+    limit = TS_BUF_MAX;
   if (cap > limit && limit >= len + room)
     cap = limit;
+  if (cap > TS_BUF_MAX)
+    cap = TS_BUF_MAX;
   if (b->start > 0) {
     p = malloc(cap);
     if (p == NULL)
@@ -61,9 +67,9 @@ int ts_buf_reserve(ts_buf *b, size_t room, size_t limit) {
       return -1;
   }
   b->data = p;
-  b->cap = cap;
+  b->cap = (uint32_t)cap;
   b->start = 0;
-  b->end = len;
+  b->end = (uint32_t)len;
   return 0;
 }
 
@@ -73,12 +79,12 @@ int ts_buf_append(ts_buf *b, const char *p, size_t n) {
   if (ts_buf_reserve(b, n, (size_t)-1) != 0)
     return -1;
   memcpy(ts_buf_tail(b), p, n);
-  b->end += n;
+  b->end += (uint32_t)n;
   return 0;
 }
 
 void ts_buf_consume(ts_buf *b, size_t n) {
-  b->start += n;
+  b->start += (uint32_t)n;
   if (b->start == b->end)
     b->start = b->end = 0;
 }

@@ -3,18 +3,23 @@
 #define TS_BUF_H
 
 #include <stddef.h>
+#include <stdint.h>
 
+/* Offsets are 32 bits, which keeps a stream (two of these) small: no
+ * buffer of ours reaches 4 GiB (max_buffer_size and the write limits are
+ * below), and reserve refuses to grow past TS_BUF_MAX. */
+#define TS_BUF_MAX ((size_t)UINT32_MAX)
 typedef struct ts_buf {
   char *data;
-  size_t cap;   /* bytes allocated */
-  size_t start; /* first unconsumed byte */
-  size_t end;   /* one past the last byte written */
+  uint32_t cap;   /* bytes allocated */
+  uint32_t start; /* first unconsumed byte */
+  uint32_t end;   /* one past the last byte written */
 } ts_buf;
 
-#define ts_buf_len(b) ((b)->end - (b)->start)
+#define ts_buf_len(b) ((size_t)((b)->end - (b)->start))
 #define ts_buf_head(b) ((b)->data + (b)->start)
 #define ts_buf_tail(b) ((b)->data + (b)->end)
-#define ts_buf_room(b) ((b)->cap - (b)->end)
+#define ts_buf_room(b) ((size_t)((b)->cap - (b)->end))
 
 /* Drained write buffers kept for reuse, so that a stream that writes a
  * reply per message neither holds a buffer while idle nor calls malloc
@@ -33,7 +38,8 @@ void ts_buf_release(ts_buf *b, ts_buf_pool *pool);
 void ts_buf_adopt(ts_buf *b, ts_buf_pool *pool);
 void ts_buf_free(ts_buf *b);
 /* Makes at least `room` bytes free at the tail, compacting before growing.
- * The capacity never exceeds max(limit, current). Returns 0 or -1 (ENOMEM). */
+ * The capacity never exceeds max(limit, current) or TS_BUF_MAX. Returns 0
+ * or -1 (out of memory, or past TS_BUF_MAX). */
 int ts_buf_reserve(ts_buf *b, size_t room, size_t limit);
 int ts_buf_append(ts_buf *b, const char *p, size_t n);
 void ts_buf_consume(ts_buf *b, size_t n);

@@ -322,16 +322,20 @@ void ts_waiter_init(ts_waiter *w) {
   w->ref = LUA_NOREF;
 }
 
-int ts_waiter_park_anchored(ts_waiter *w, lua_State *L) {
-  w->co = L;
+int ts__park(lua_State *L) {
   task_loop(L)->parked = 1;
   return lua_yield(L, 0);
+}
+
+void ts__wake(lua_State *co, int nres) {
+  resume_task(co, nres);
 }
 
 int ts_waiter_park(ts_waiter *w, lua_State *L) {
   lua_pushthread(L);
   w->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  return ts_waiter_park_anchored(w, L);
+  w->co = L;
+  return ts__park(L);
 }
 
 /* The anchor goes after the resume: the task may have parked again on

@@ -81,8 +81,11 @@ typedef struct ts_waiter {
 #define ts_waiter_waiting(w) ((w)->co != NULL)
 void ts_waiter_init(ts_waiter *w);
 int ts_waiter_park(ts_waiter *w, lua_State *L);
-/* As park, for an owner that keeps L alive itself (a cheaper anchor). */
-int ts_waiter_park_anchored(ts_waiter *w, lua_State *L);
+/* The bare form, for an owner that holds the task and keeps it alive
+ * itself (a cheaper anchor than a ref): `return ts__park(L);` waits,
+ * ts__wake resumes it with the `nres` values pushed on co. */
+int ts__park(lua_State *L);
+void ts__wake(lua_State *co, int nres);
 /* Resumes the task with the `nres` values already pushed on w->co. */
 void ts_waiter_wake(ts_waiter *w, int nres);
 void ts_waiter_wake_error(ts_waiter *w, const char *err); /* nil, err */

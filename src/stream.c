@@ -27,7 +27,8 @@
 /* What the streams of one loop share. */
 typedef struct stream_ctx {
   ts_loop *loop;
-  ts_stream *dirty;    /* streams with unflushed writes */
+  ts_stream **dirty;   /* streams with unflushed writes (a stack: a */
+  size_t ndirty, cap;  /* pointer per stream costs idle ones bytes) */
   ts_stream *borrower; /* the stream whose rbuf is `shared` right now */
   ts_buf_pool wpool;   /* drained write buffers */
   size_t rbuf_bytes;   /* held by streams' own read buffers */
@@ -49,11 +50,17 @@ typedef struct write_waiter {
   uint64_t until;
 } write_waiter;
 
-typedef struct write_queue {
-  int n, cap;
+/* What few streams need, made on first use (an idle stream is counted
+ * in bytes): the wait timer, the writers waiting, a close callback and a
+ * timeout. Freed when the handle closes. */
+typedef struct stream_rare {
+  uv_timer_t *timer; /* wait timeouts and close linger; lazy */
+  int n, cap;        /* the writers */
   write_waiter *w;
   uint64_t sent_at_close; /* bytes_sent when the stream closed */
-} write_queue;
+  int close_cb_ref;
+  float timeout; /* seconds; 0 means none */
+} stream_rare;
 
 enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE, RD_FILL };
 
@@ -70,29 +77,27 @@ enum {
   F_OWNED = 1 << 9       /* pinned past close_cb until disowned */
 };
 
+/* Every byte here is paid by each idle connection: what few streams use
+ * is in `rare`, and sizes are 32 bits (buffers stay under 4 GiB). */
 struct ts_stream {
-  ts_loop *loop;   /* first: a task serving the stream is owned by it */
-  const char *tag; /* identifies a live stream userdata cheaply */
+  ts_loop *loop; /* first: a task serving the stream is owned by it */
   ts_buf rbuf;
-  ts_buf wbuf;         /* filled by write() */
-  write_req *inflight; /* the uv_write under way, with its bytes */
-  uv_timer_t *timer;   /* wait timeouts and close linger; lazy */
-  ts_stream *next_dirty;
-  ts_waiter reader;        /* anchored in the user value */
-  write_queue *wq;         /* tasks waiting for the write buffer; lazy */
+  ts_buf wbuf;             /* filled by write() */
+  write_req *inflight;     /* the uv_write under way, with its bytes */
+  lua_State *reader;       /* a task waiting to read: held by the user value */
+  stream_rare *rare;       /* or NULL */
   uint64_t wtotal;         /* bytes ever passed to write() */
   const ts_layer_ops *ops; /* the layer, or NULL */
   ts_counters *counters;   /* its listener's, or NULL */
   void *layer;
-  int self_ref, close_cb_ref;
-  int err; /* the libuv error that ended the stream */
+  const char *delim; /* lives on the waiting task's stack */
+  int self_ref;
+  int err;                    /* the libuv error that ended the stream */
+  uint32_t rn;                /* read_bytes count or read_until max_bytes */
+  uint32_t dlen, scan;        /* the delimiter; how far it was looked for */
+  uint32_t max_buffer, chunk; /* < 4 GiB: see init.lua */
   uint16_t flags;
   uint8_t rmode;
-  size_t rn;         /* read_bytes count or read_until max_bytes */
-  const char *delim; /* lives on the waiting task's stack */
-  size_t dlen, scan;
-  uint32_t max_buffer, chunk, read_high_water; /* < 4 GiB: see init.lua */
-  float timeout;                               /* seconds; 0 means none */
   /* Last, so that a TCP stream is allocated without a pipe's extra bytes
    * (see STREAM_SIZE): idle connections are counted in bytes. */
   union {
@@ -114,17 +119,15 @@ static stream_ctx *sctx(ts_stream *s) {
 static void update_reading(ts_stream *s);
 static void check_writers(ts_stream *s);
 
-/* The address every stream carries in `tag`. */
-static const char stream_tag[] = TS_STREAM_MT;
-
-/* Runs on every read and write: a userdata of our size that carries our
- * tag is a stream (luaL_checkudata's lookup of the metatable by name cost
- * a third of the echo path). Anything else gets luaL_checkudata's error. */
+/* Runs on every read and write: a userdata of our size whose handle
+ * points back at it is a stream (luaL_checkudata's lookup of the metatable
+ * by name cost a third of the echo path). Anything else gets
+ * luaL_checkudata's error. */
 ts_stream *ts__check_stream(lua_State *L, int idx) {
   ts_stream *s = lua_touserdata(L, idx);
   size_t size = s != NULL ? lua_rawlen(L, idx) : 0;
 
-  if ((size != STREAM_SIZE(0) && size != STREAM_SIZE(1)) || s->tag != stream_tag)
+  if ((size != STREAM_SIZE(0) && size != STREAM_SIZE(1)) || s->h.handle.data != s)
     return luaL_checkudata(L, idx, TS_STREAM_MT);
   return s;
 }
@@ -139,8 +142,41 @@ ts_loop *ts__stream_loop(ts_stream *s) {
   return s->loop;
 }
 
+/* The rare part, made if need be; NULL once the handle closed, or when
+ * out of memory (then the stream does without). */
+static stream_rare *rare(ts_stream *s) {
+  stream_rare *r = s->rare;
+
+  if (r != NULL || (s->flags & F_DONE))
+    return r;
+  r = s->rare = calloc(1, sizeof(*r));
+  if (r != NULL)
+    r->close_cb_ref = LUA_NOREF;
+  return r;
+}
+
+/* The timer is closed already (handle_close) or never was (lua_close). */
+static void free_rare(ts_stream *s) {
+  free(s->rare->w);
+  free(s->rare);
+  s->rare = NULL;
+}
+
+static void set_timeout(ts_stream *s, double seconds) {
+  stream_rare *r = ts__timeout_ms(seconds) > 0 ? rare(s) : s->rare;
+
+  if (r != NULL)
+    r->timeout = ts__timeout_ms(seconds) > 0 ? (float)seconds : 0;
+}
+
+/* Reading goes on while fewer bytes than this wait unread. */
+static size_t read_high_water(ts_stream *s) {
+  size_t mark = READ_HIGH_WATER_CHUNKS * (size_t)s->chunk;
+  return mark < s->max_buffer ? mark : s->max_buffer;
+}
+
 double ts__stream_timeout(ts_stream *s) {
-  return s->timeout;
+  return s->rare != NULL ? s->rare->timeout : 0;
 }
 
 int ts__stream_closed(ts_stream *s) {
@@ -214,14 +250,14 @@ typedef struct each_arg {
 } each_arg;
 
 /* A handle is a stream's when its data points at the struct around it
- * (read before anything else of that struct, which may not exist). */
+ * (checked before anything else of that struct, which may not exist). */
 static void each_cb(uv_handle_t *h, void *arg) {
   each_arg *e = arg;
   uintptr_t at = (uintptr_t)h - offsetof(ts_stream, h);
   ts_stream *s = (ts_stream *)at;
 
   if ((h->type == UV_TCP || h->type == UV_NAMED_PIPE) && (uintptr_t)h->data == at &&
-      s->tag == stream_tag && !(s->flags & F_CLOSED))
+      !(s->flags & F_CLOSED))
     e->fn(s, e->arg);
 }
 
@@ -275,29 +311,33 @@ static void count_out(ts_stream *s, size_t n) {
 static void wait_timer_cb(uv_timer_t *t);
 
 static void start_timer(ts_stream *s, uint64_t ms) {
-  if (s->timer == NULL) {
-    s->timer = malloc(sizeof(*s->timer));
-    if (s->timer == NULL)
-      return; /* no timeout then, rather than no stream */
-    uv_timer_init(s->h.handle.loop, s->timer);
-    s->timer->data = s;
+  stream_rare *r = rare(s);
+
+  if (r == NULL)
+    return; /* no timeout then, rather than no stream */
+  if (r->timer == NULL) {
+    r->timer = malloc(sizeof(*r->timer));
+    if (r->timer == NULL)
+      return;
+    uv_timer_init(s->h.handle.loop, r->timer);
+    r->timer->data = s;
   }
-  uv_timer_start(s->timer, wait_timer_cb, ms, 0);
+  uv_timer_start(r->timer, wait_timer_cb, ms, 0);
 }
 
 static void start_wait_timer(ts_stream *s) {
-  if (s->timeout > 0)
-    start_timer(s, ts__timeout_ms(s->timeout));
+  if (s->rare != NULL && s->rare->timeout > 0)
+    start_timer(s, ts__timeout_ms(s->rare->timeout));
 }
 
 static int writing(ts_stream *s) {
-  return s->wq != NULL && s->wq->n > 0;
+  return s->rare != NULL && s->rare->n > 0;
 }
 
 static void stop_timer(ts_stream *s) {
-  if (s->timer != NULL && !ts_waiter_waiting(&s->reader) && !writing(s) &&
+  if (s->rare != NULL && s->rare->timer != NULL && s->reader == NULL && !writing(s) &&
       !(s->flags & F_CLOSED))
-    uv_timer_stop(s->timer);
+    uv_timer_stop(s->rare->timer);
 }
 
 /* ---- the read budget: the loop's private read buffers together ---- */
@@ -451,7 +491,9 @@ static int try_read(ts_stream *s, lua_State *L) {
 
   switch (s->rmode) {
   case RD_UNTIL:
-    at = ts_buf_find(&s->rbuf, s->delim, s->dlen, &s->scan);
+    size_t scan = s->scan;
+    at = ts_buf_find(&s->rbuf, s->delim, s->dlen, &scan);
+    s->scan = (uint32_t)scan; /* under max_buffer */
     if (at >= 0) {
       if (s->rn > 0 && (size_t)at + s->dlen > s->rn)
         return fail_too_large(s, L);
@@ -492,8 +534,11 @@ static int try_read(ts_stream *s, lua_State *L) {
 }
 
 static void wake_reader(ts_stream *s, int nres) {
+  lua_State *co = s->reader;
+
   stop_timer(s);
-  ts_waiter_wake(&s->reader, nres);
+  s->reader = NULL;
+  ts__wake(co, nres);
 }
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
@@ -532,7 +577,7 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 static void on_data(ts_stream *s) {
   int n;
 
-  if (ts_waiter_waiting(&s->reader) && (n = try_read(s, s->reader.co)) > 0)
+  if ((s->reader != NULL) && (n = try_read(s, s->reader)) > 0)
     wake_reader(s, n);
   unborrow(s);
   update_reading(s);
@@ -540,11 +585,11 @@ static void on_data(ts_stream *s) {
 
 static void on_eof(ts_stream *s) {
   s->flags |= F_EOF;
-  if (ts_waiter_waiting(&s->reader))
-    wake_reader(s, try_read(s, s->reader.co));
+  if (s->reader != NULL)
+    wake_reader(s, try_read(s, s->reader));
   /* Nothing left to read: closed now, not at the next read (a TLS record
    * brings data and close_notify together). */
-  if (!ts_waiter_waiting(&s->reader) && ts_buf_len(&s->rbuf) == 0)
+  if (s->reader == NULL && ts_buf_len(&s->rbuf) == 0)
     stream_close(s, 0);
   /* What nobody read yet must leave the shared buffer: the next read of
    * any stream overwrites it. */
@@ -574,9 +619,9 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
     count_in(s, (size_t)nread);
     if (buf->base == sctx(s)->shared) {
       borrow(s);
-      s->rbuf.end = (size_t)nread;
+      s->rbuf.end = (uint32_t)nread;
     } else {
-      s->rbuf.end += (size_t)nread;
+      s->rbuf.end += (uint32_t)nread;
     }
     on_data(s);
   } else if (nread == UV_EOF && ops != NULL && ops->on_eof != NULL) {
@@ -599,7 +644,7 @@ static void update_reading(ts_stream *s) {
   /* A layer's own bytes (a PROXY header, TLS records) are not in rbuf: it
    * reads until what it decoded reaches the mark, as a plain stream. */
   int want = !(s->flags & (F_EOF | F_CLOSED)) &&
-             (ts_waiter_waiting(&s->reader) || ts_buf_len(&s->rbuf) < s->read_high_water);
+             (s->reader != NULL || ts_buf_len(&s->rbuf) < read_high_water(s));
   int err;
 
   if (want && !(s->flags & F_READING)) {
@@ -619,12 +664,12 @@ static void update_reading(ts_stream *s) {
 static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
   int r, lent;
 
-  if (ts_waiter_waiting(&s->reader))
+  if (s->reader != NULL)
     return luaL_error(L, "already reading");
   s->rmode = mode;
-  s->rn = n;
-  lent = (s->flags & F_BORROWED) != 0;        /* by on_data, which wakes us */
-  if (s->ops != NULL && s->ops->pump != NULL) /* what it held back */
+  s->rn = (uint32_t)(n < UINT32_MAX ? n : UINT32_MAX); /* max_buffer is less */
+  lent = (s->flags & F_BORROWED) != 0;                 /* by on_data, which wakes us */
+  if (s->ops != NULL && s->ops->pump != NULL)          /* what it held back */
     s->ops->pump(s, s->layer);
   r = try_read(s, L);
   if (!lent)
@@ -637,9 +682,9 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
     s->rmode = RD_NONE;
     ts__check_task(L, "read");
   }
-  s->reader.co = L; /* a reader reads past the high-water mark */
+  s->reader = L; /* a reader reads past the high-water mark */
   update_reading(s);
-  s->reader.co = NULL;
+  s->reader = NULL;
   if (s->flags & F_CLOSED) /* update_reading failed */
     return try_read(s, L);
   /* A reader, the common wait, is anchored in the stream's user value: a
@@ -648,7 +693,8 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
   lua_pushthread(L);
   lua_setiuservalue(L, 1, 1);
   start_wait_timer(s);
-  return ts_waiter_park_anchored(&s->reader, L);
+  s->reader = L;
+  return ts__park(L);
 }
 
 static int l_read_until(lua_State *L) {
@@ -658,10 +704,11 @@ static int l_read_until(lua_State *L) {
   lua_Integer max = luaL_optinteger(L, 3, 0);
 
   luaL_argcheck(L, dlen > 0, 2, "empty delimiter");
+  luaL_argcheck(L, dlen < UINT32_MAX, 2, "delimiter too long");
   luaL_argcheck(L, max >= 0, 3, "max_bytes must not be negative");
-  if (!ts_waiter_waiting(&s->reader)) {
+  if (s->reader == NULL) {
     s->delim = delim;
-    s->dlen = dlen;
+    s->dlen = (uint32_t)dlen;
     s->scan = 0;
   }
   return read_request(L, s, RD_UNTIL, (size_t)max);
@@ -673,7 +720,7 @@ static int l_read_bytes(lua_State *L) {
   int partial = lua_toboolean(L, 3);
 
   luaL_argcheck(L, n >= 0, 2, "byte count must not be negative");
-  if (n == 0 && !ts_waiter_waiting(&s->reader)) {
+  if (n == 0 && s->reader == NULL) {
     lua_pushliteral(L, "");
     return 1;
   }
@@ -712,7 +759,7 @@ void *ts__stream_layer(ts_stream *s, const ts_layer_ops *ops) {
 }
 
 const char *ts__stream_busy(ts_stream *s) {
-  if (ts_waiter_waiting(&s->reader) || writing(s))
+  if ((s->reader != NULL) || writing(s))
     return "a read or write is pending";
   if (ts_buf_len(&s->rbuf) > 0 || ts_buf_len(&s->wbuf) > 0 || s->inflight != NULL)
     return "plain data is buffered";
@@ -755,7 +802,7 @@ int ts__stream_deliver(ts_stream *s, const char *data, size_t n) {
 
 void ts__stream_read_commit(ts_stream *s, size_t n) {
   count_in(s, n);
-  s->rbuf.end += n;
+  s->rbuf.end += (uint32_t)n;
 }
 
 ts_buf *ts__stream_plain(ts_stream *s) {
@@ -822,17 +869,17 @@ fail:
 static uint64_t bytes_sent(ts_stream *s) {
   size_t left = pending_writes(s);
 
-  if ((s->flags & F_CLOSED) && s->wq != NULL)
-    return s->wq->sent_at_close; /* the buffers go before close_cb */
+  if ((s->flags & F_CLOSED) && s->rare != NULL)
+    return s->rare->sent_at_close; /* the buffers go before close_cb */
   return left < s->wtotal ? s->wtotal - left : 0;
 }
 
 /* Queues the task L to wake once `until` bytes are sent. */
 static int wait_written(lua_State *L, ts_stream *s, uint64_t until) {
-  write_queue *q = s->wq;
+  stream_rare *q = rare(s);
   write_waiter *w;
 
-  if (q == NULL && (q = s->wq = calloc(1, sizeof(*q))) == NULL)
+  if (q == NULL)
     return luaL_error(L, "write: out of memory");
   if (q->n == q->cap) {
     int cap = q->cap ? 2 * q->cap : 4;
@@ -851,7 +898,7 @@ static int wait_written(lua_State *L, ts_stream *s, uint64_t until) {
 
 /* Removes writer i and resumes it with `err` (NULL: success). */
 static void wake_writer(ts_stream *s, int i, const char *err) {
-  write_queue *q = s->wq;
+  stream_rare *q = s->rare;
   ts_waiter w = q->w[i].w;
 
   memmove(&q->w[i], &q->w[i + 1], (size_t)(q->n - i - 1) * sizeof(q->w[0]));
@@ -870,8 +917,8 @@ static void wake_writer(ts_stream *s, int i, const char *err) {
 static void wake_writers(ts_stream *s, const char *err) {
   int i = 0;
 
-  while (s->wq != NULL && i < s->wq->n) {
-    if (err != NULL || bytes_sent(s) >= s->wq->w[i].until) {
+  while (s->rare != NULL && i < s->rare->n) {
+    if (err != NULL || bytes_sent(s) >= s->rare->w[i].until) {
       wake_writer(s, i, err);
       i = 0;
     } else {
@@ -916,9 +963,18 @@ static void mark_dirty(ts_stream *s) {
 
   if (s->flags & F_DIRTY)
     return;
+  if (ctx->ndirty == ctx->cap) {
+    size_t cap = ctx->cap ? 2 * ctx->cap : 64;
+    ts_stream **d = realloc(ctx->dirty, cap * sizeof(*d));
+    if (d == NULL) { /* no room to defer it: flush now */
+      ts__stream_flush(s);
+      return;
+    }
+    ctx->dirty = d;
+    ctx->cap = cap;
+  }
   s->flags |= F_DIRTY;
-  s->next_dirty = ctx->dirty;
-  ctx->dirty = s;
+  ctx->dirty[ctx->ndirty++] = s;
 }
 
 /* The loop's settle hook: one flush per stream per wake-up. */
@@ -926,8 +982,8 @@ static void flush_dirty(ts_loop *loop) {
   stream_ctx *ctx = loop->streams;
   ts_stream *s;
 
-  while ((s = ctx->dirty) != NULL) {
-    ctx->dirty = s->next_dirty;
+  while (ctx->ndirty > 0) {
+    s = ctx->dirty[--ctx->ndirty];
     s->flags &= ~F_DIRTY;
     ts__stream_flush(s);
     if (s->flags & F_CLOSED) /* writers closed on (see stream_close) */
@@ -1063,11 +1119,13 @@ static void timer_free(uv_handle_t *h) {
 }
 
 static void unlink_dirty(ts_stream *s) {
-  ts_stream **p;
+  stream_ctx *ctx = sctx(s);
+  size_t i;
 
-  for (p = &sctx(s)->dirty; *p != NULL; p = &(*p)->next_dirty) {
-    if (*p == s) {
-      *p = s->next_dirty;
+  for (i = 0; i < ctx->ndirty; i++) {
+    if (ctx->dirty[i] == s) {
+      memmove(ctx->dirty + i, ctx->dirty + i + 1, (ctx->ndirty - i - 1) * sizeof(s));
+      ctx->ndirty--;
       break;
     }
   }
@@ -1088,25 +1146,23 @@ static void close_cb(uv_handle_t *h) {
   s->flags |= F_DONE;
   if (s->ops != NULL && s->ops->closed != NULL)
     s->ops->closed(s, s->layer);
-  if (ts_waiter_waiting(&s->reader))
-    wake_reader(s, try_read(s, s->reader.co));
-  if (!ts_waiter_waiting(&s->reader)) { /* an ended task must not stay */
-    lua_pushnil(L);                     /* anchored in an open-ended */
-    lua_setiuservalue(L, -2, 1);        /* stream (the collector would */
-  }                                     /* walk it again and again) */
+  if (s->reader != NULL)
+    wake_reader(s, try_read(s, s->reader));
+  if (s->reader == NULL) {       /* an ended task must not stay */
+    lua_pushnil(L);              /* anchored in an open-ended */
+    lua_setiuservalue(L, -2, 1); /* stream (the collector would */
+  }                              /* walk it again and again) */
   if (ts_buf_len(&s->rbuf) == 0 && !(s->flags & F_BORROWED))
     free_rbuf(s); /* out of the read budget now */
   check_writers(s);
-  if (s->wq != NULL) { /* woken writers cannot wait again: closed */
-    free(s->wq->w);
-    free(s->wq);
-    s->wq = NULL;
-  }
-  if (s->close_cb_ref != LUA_NOREF) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, s->close_cb_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, s->close_cb_ref);
-    s->close_cb_ref = LUA_NOREF;
-    ts__pcall(ctx->loop, 0);
+  if (s->rare != NULL) { /* woken writers cannot wait again: closed */
+    int ref = s->rare->close_cb_ref;
+    free_rare(s);
+    if (ref != LUA_NOREF) {
+      lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+      luaL_unref(L, LUA_REGISTRYINDEX, ref);
+      ts__pcall(ctx->loop, 0);
+    }
   }
   if (!(s->flags & F_OWNED))
     unpin(L, s);
@@ -1117,9 +1173,9 @@ static void handle_close(ts_stream *s) {
   if (s->flags & F_HCLOSING)
     return;
   s->flags |= F_HCLOSING;
-  if (s->timer != NULL) {
-    uv_close((uv_handle_t *)s->timer, timer_free);
-    s->timer = NULL;
+  if (s->rare != NULL && s->rare->timer != NULL) {
+    uv_close((uv_handle_t *)s->rare->timer, timer_free);
+    s->rare->timer = NULL;
   }
   uv_close(&s->h.handle, close_cb);
 }
@@ -1135,7 +1191,7 @@ static void stream_close(ts_stream *s, int err) {
   if (writing(s)) {
     /* Their fate is told after the current task or callback (the dirty
      * list): close() may run inside a task, which must not resume others. */
-    s->wq->sent_at_close = bytes_sent(s);
+    s->rare->sent_at_close = bytes_sent(s);
     mark_dirty(s);
   }
   s->flags |= F_CLOSED;
@@ -1188,10 +1244,10 @@ static void wait_timer_cb(uv_timer_t *t) {
   }
   /* Only those that waited when it fired: a woken task may wait again at
    * once (re-arming the timer), and that wait has its own time. */
-  reader = s->reader.co;
-  for (n = s->wq != NULL ? s->wq->n : 0; n > 0 && writing(s); n--)
+  reader = s->reader;
+  for (n = s->rare != NULL ? s->rare->n : 0; n > 0 && writing(s); n--)
     wake_writer(s, 0, "timeout");
-  if (reader != NULL && s->reader.co == reader) {
+  if (reader != NULL && s->reader == reader) {
     read_failed(s, reader, "timeout");
     wake_reader(s, 2);
     update_reading(s); /* not for a write-only pipe: it cannot read */
@@ -1213,6 +1269,8 @@ static int l_gc(lua_State *L) {
   if (s->ops != NULL && s->ops->free != NULL)
     s->ops->free(L, s->layer);
   s->ops = NULL;
+  if (s->rare != NULL) /* close_cb never ran (lua_close) */
+    free_rare(s);
   ts__counters_release(L, s->counters); /* if close_cb never ran (lua_close) */
   s->counters = NULL;
   return 0;
@@ -1226,17 +1284,20 @@ static int l_closed(lua_State *L) {
 static int l_set_close_callback(lua_State *L) {
   ts_stream *s = check_self(L);
 
+  stream_rare *r;
+
   if (!lua_isnoneornil(L, 2))
     luaL_checktype(L, 2, LUA_TFUNCTION);
-  luaL_unref(L, LUA_REGISTRYINDEX, s->close_cb_ref);
-  s->close_cb_ref = LUA_NOREF;
   lua_settop(L, 2);
   if (s->flags & F_DONE) {
     if (!lua_isnil(L, 2))
       lua_call(L, 0, 0);
-  } else if (!lua_isnil(L, 2)) {
-    s->close_cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return 0;
   }
+  if ((r = rare(s)) == NULL)
+    return luaL_error(L, "set_close_callback: out of memory");
+  luaL_unref(L, LUA_REGISTRYINDEX, r->close_cb_ref);
+  r->close_cb_ref = lua_isnil(L, 2) ? LUA_NOREF : luaL_ref(L, LUA_REGISTRYINDEX);
   return 0;
 }
 
@@ -1246,7 +1307,7 @@ static int l_settimeout(lua_State *L) {
   ts_stream *s = check_self(L);
   lua_Number t = luaL_optnumber(L, 2, 0);
   luaL_argcheck(L, t >= 0, 2, "timeout must not be negative");
-  s->timeout = ts__timeout_ms(t) > 0 ? (float)t : 0;
+  set_timeout(s, t);
   return 0;
 }
 
@@ -1331,6 +1392,7 @@ static void free_ctx(ts_loop *loop) {
 
   for (i = 0; i < ctx->wpool.n; i++)
     ts_buf_free(&ctx->wpool.item[i]);
+  free(ctx->dirty);
   free(ctx);
   loop->streams = NULL;
 }
@@ -1356,10 +1418,7 @@ static stream_ctx *ctx_of(lua_State *L) {
 void ts__stream_configure(ts_stream *s, size_t max_buffer, size_t chunk, double timeout) {
   s->max_buffer = (uint32_t)(max_buffer < UINT32_MAX ? max_buffer : UINT32_MAX);
   s->chunk = (uint32_t)(chunk < s->max_buffer ? chunk : s->max_buffer);
-  s->read_high_water = READ_HIGH_WATER_CHUNKS * (size_t)s->chunk < s->max_buffer
-                           ? READ_HIGH_WATER_CHUNKS * s->chunk
-                           : s->max_buffer;
-  s->timeout = ts__timeout_ms(timeout) > 0 ? (float)timeout : 0;
+  set_timeout(s, timeout);
 }
 
 ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
@@ -1368,7 +1427,6 @@ ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
   ts_stream *s = lua_newuserdatauv(L, size, 2); /* reader, kept */
 
   memset(s, 0, size);
-  s->tag = stream_tag;
   s->loop = ctx->loop;
   luaL_setmetatable(L, TS_STREAM_MT);
   if (is_pipe) {
@@ -1378,8 +1436,6 @@ ts_stream *ts__stream_new(lua_State *L, int is_pipe) {
     uv_tcp_init(ctx->loop->uv, &s->h.tcp);
   }
   s->h.handle.data = s;
-  ts_waiter_init(&s->reader);
-  s->close_cb_ref = LUA_NOREF;
   /* The Lua layer passes its defaults; these only make a bare stream work. */
   ts__stream_configure(s, 100 * 1024 * 1024, 64 * 1024, 0);
   /* Pinned until the close callback: libuv owns the handle until then. */

@@ -113,7 +113,7 @@ static int move_out(ts_tls *t) {
     return UV_ENOMEM;
   n = BIO_read(t->wbio, ts_buf_tail(&t->xbuf), (int)pending);
   if (n > 0)
-    t->xbuf.end += (size_t)n;
+    t->xbuf.end += (uint32_t)n;
   return 0;
 }
 

@@ -174,7 +174,7 @@ local function make_handler(self, state)
   local max = state.options.max_connections
   local handler = {server = self, Address = Address}
 
-  function handler.begin(stream)
+  function handler.begin()
     state.nstreams = state.nstreams + 1
     state.connections_total = state.connections_total + 1
     if max and state.nstreams >= max then set_paused(state, true) end
