@@ -185,7 +185,7 @@ sys.stdout.write((f.readline() + f.readline()).decode())
       -- The core keeps the stream and address for the end of the task; the
       -- handler's own parameters may point elsewhere by then.
       local seen
-      local server, port = H.serve(function(_, stream, address) -- luacheck: ignore 212
+      local server, port = H.serve(function(_, stream, address) -- luacheck: ignore 232
         stream:read_until("\n")
         stream, address = nil, "elsewhere" -- luacheck: ignore 311
         error("boom")
