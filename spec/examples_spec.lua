@@ -167,6 +167,65 @@ describe("examples/kv.lua", function()
   end))
 end)
 
+describe("examples/kv.lua's parser", function()
+  -- Raw RESP over one connection: the short-command fast path and the
+  -- general parser must agree on what is a command, where it ends and
+  -- what is an error, however the bytes are split.
+  local p, port
+  before_each(async(function() p, port = P.example("kv", {"--port", 0}) end))
+  after_each(async(function() stop(p) end))
+
+  local function exchange(chunks, want)
+    local c = H.connect(port)
+    for _, chunk in ipairs(chunks) do
+      c:write(chunk)
+      c:flush()
+    end
+    local got = c:read_bytes(#want)
+    c:close()
+    return got
+  end
+
+  local function cmd(...)
+    local out = {"*" .. select("#", ...) .. "\r\n"}
+    for _, a in ipairs {...} do out[#out + 1] = "$" .. #a .. "\r\n" .. a .. "\r\n" end
+    return table.concat(out)
+  end
+
+  it("reads values of every length, with CRLF inside, split anywhere", async(function()
+    for _, len in ipairs {0, 1, 9, 10, 99, 100, 1000, 70000} do
+      local value = ("v\r\n"):rep(len):sub(1, len)
+      local req = cmd("SET", "k" .. len, value) .. cmd("GET", "k" .. len)
+      local want = "+OK\r\n$" .. len .. "\r\n" .. value .. "\r\n"
+      assert.equal(want, exchange({req}, want), "length " .. len)
+      local bytes = {}
+      for i = 1, #req, 7 do bytes[#bytes + 1] = req:sub(i, i + 6) end
+      assert.equal(want, exchange(bytes, want), "length " .. len .. ", split")
+    end
+  end))
+
+  it("answers a pipelined batch in order, inline commands too", async(function()
+    local req = cmd("SET", "a", "1") .. "PING\r\n" .. cmd("INCR", "a") .. cmd("GET", "nope")
+                .. cmd("ECHO", ("x"):rep(12))
+    local want = "+OK\r\n+PONG\r\n:2\r\n$-1\r\n$12\r\n" .. ("x"):rep(12) .. "\r\n"
+    assert.equal(want, exchange({req}, want))
+  end))
+
+  it("refuses malformed commands with Redis's errors", async(function()
+    local cases = {
+      {"*2\r\n$3\r\nGET\r\n$1\r\nkXY", "bulk string without CRLF"},
+      {"*2\r\n$3\r\nGETxx$1\r\nk\r\n", "invalid bulk length"},
+      {"*2\r\n$3\r\nGET\r\n$x\r\n", "invalid bulk length"},
+      {"*-1\r\n", "invalid multibulk length"},
+      {"*1x\r\n", "invalid multibulk length"},
+    }
+    for _, case in ipairs(cases) do
+      local want = "-ERR Protocol error: " .. case[2] .. "\r\n"
+      assert.equal(want, exchange({case[1]}, want), case[1])
+    end
+  end))
+end)
+
 describe("examples/http.lua", function()
   -- `curl -s args...` against the server: its stdout.
   local function curl(args, input)
