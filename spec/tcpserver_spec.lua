@@ -384,7 +384,7 @@ end)
 describe("TCPServer idle connections", function()
   -- Bytes of the Lua heap, not timing: counted by Lua itself, the same on
   -- any machine. The stream, its task (stack and frames), the address and
-  -- the books; docs/PERFORMANCE.md breaks them down.
+  -- the books; docs/ARCHITECTURE.md breaks them down.
   it("cost at most 1,700 bytes of Lua heap each while their handler reads", async(function()
     local n = 400
     local server, port = H.serve(function(_, stream)
