@@ -229,13 +229,12 @@ void ts__pcall(ts_loop *loop, int narg) {
 }
 
 /* ---- tasks ----
- * A task's extra space holds its loop; other threads hold what the main
- * thread has: NULL, set when the module opens (threads made before that
- * hold what Lua left there, zero in practice but not by contract). */
-
-/* A task's extra space holds its loop, or for a task with an owner
+ * A task's extra space holds its loop, or for a task with an owner
  * (ts__spawn_owned) the owner with the low bit set: an owner starts with
- * its ts_loop *, and is aligned, so that bit is free. */
+ * its ts_loop *, and is aligned, so that bit is free. Other threads hold
+ * what the main thread has: NULL, set when the module opens (threads made
+ * before that hold what Lua left there, zero in practice but not by
+ * contract). */
 #define OWNED_BIT ((uintptr_t)1)
 
 static uintptr_t extra_word(lua_State *co) {
