@@ -6,7 +6,7 @@ PREFIX     ?= /usr/local
 BUILD      ?= build
 CC         ?= cc
 CFLAGS     ?= -O2 -g
-WARN        = -std=c11 -Wall -Wextra -Werror
+WARN        = -std=c11 -pedantic -Wall -Wextra -Werror
 PKGS        = lua5.4 libuv openssl
 CPPFLAGS   += -D_POSIX_C_SOURCE=200809L -Iinclude -Isrc \
               $(shell pkg-config --cflags $(PKGS) 2>/dev/null || echo -I/usr/include/lua5.4)

@@ -487,11 +487,11 @@ static int fail_closed(ts_stream *s, lua_State *L) {
 static int try_read(ts_stream *s, lua_State *L) {
   size_t len = ts_buf_len(&s->rbuf);
   int ended = (s->flags & (F_EOF | F_CLOSED)) != 0;
+  size_t scan = s->scan;
   long at;
 
   switch (s->rmode) {
   case RD_UNTIL:
-    size_t scan = s->scan;
     at = ts_buf_find(&s->rbuf, s->delim, s->dlen, &scan);
     s->scan = (uint32_t)scan; /* under max_buffer */
     if (at >= 0) {
