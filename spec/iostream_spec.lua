@@ -459,6 +459,23 @@ sys.stdout.write(data.decode())
       assert.equal(1, calls)
     end))
 
+    it("lets a reader woken by the close replace the close callback", async(function()
+      -- The reader wakes inside the close, before the callback would run:
+      -- what it sets then is what counts.
+      local calls, done = {}, locks.Event()
+      local server, port = H.serve(function(_, stream)
+        stream:set_close_callback(function() calls[#calls + 1] = "first" end)
+        stream:write("go\n")
+        assert.is_nil(stream:read_until("\n")) -- the peer resets
+        stream:set_close_callback(function() calls[#calls + 1] = "second" end)
+        done:set()
+      end)
+      finally(function() server:stop() end)
+      reset_after_line(port)
+      assert.is_true(done:wait(5))
+      assert.same({"second"}, calls)
+    end))
+
     it("wakes a reader in another task with 'closed'", async(function()
       local result
       local client = pair(function(_, stream)

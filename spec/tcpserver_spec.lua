@@ -202,6 +202,35 @@ sys.stdout.write((f.readline() + f.readline()).decode())
       server:stop()
     end))
 
+    it("closes the handler's to-be-closed variables when it raises", async(function()
+      local closed_with
+      local server, port = H.serve(function(_, stream)
+        local guard <close> = -- luacheck: ignore 211
+          setmetatable({}, {__close = function(_, err) closed_with = err end})
+        stream:read_until("\n")
+        error("boom", 0)
+      end)
+      local client = H.connect(port)
+      client:write("go\n")
+      client:read_until_close()
+      server:stop()
+      assert.equal("boom", closed_with)
+      assert.matches("boom", logs[1])
+    end))
+
+    it("lets a finished handler's coroutine outlive its stream", async(function()
+      -- its extra space pointed at the stream: core.resume must not read it
+      local core = require "tcpserver.core"
+      local co
+      local server, port = H.serve(function() co = coroutine.running() end)
+      H.connect(port):read_until_close()
+      server:stop()
+      H.wait_until(function() return co and coroutine.status(co) == "dead" end)
+      collectgarbage()
+      collectgarbage()
+      assert.is_false(pcall(core.resume, co))
+    end))
+
     it("reports a missing handle_stream", async(function()
       local server = TCPServer()
       local port = server:listen(0, "127.0.0.1")

@@ -266,6 +266,39 @@ void ts__check_task(lua_State *L, const char *what) {
 
 static void resume_soon(ts_loop *loop, lua_State *co);
 
+#if LUA_VERSION_RELEASE_NUM >= 50406
+#define close_thread(co, L) lua_closethread(co, L)
+#else
+#define close_thread(co, L) lua_resetthread(co)
+#endif
+
+/* A task that raised: its error and the traceback from where it was
+ * raised go on L, then its pending to-be-closed variables are closed, as
+ * a protected call would have done while unwinding. Closing returns the
+ * task's error again, or a new one raised by a __close, which is logged. */
+static void take_error(lua_State *L, lua_State *co) {
+  const char *msg = lua_tostring(co, -1);
+
+  luaL_checkstack(L, 3, NULL);
+  luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
+  if (!lua_checkstack(co, 1)) { /* a stack overflow: nothing is left to close */
+    lua_xmove(co, L, 1);
+    lua_insert(L, -2);
+    return;
+  }
+  lua_pushvalue(co, -1);
+  lua_xmove(co, L, 1);
+  lua_insert(L, -2); /* err, traceback */
+  if (close_thread(co, L) != LUA_OK) {
+    lua_xmove(co, L, 1);
+    if (!lua_rawequal(L, -1, -3)) {
+      msg = lua_tostring(L, -1);
+      ts__report(task_loop(co), msg ? msg : "(error object of a __close)");
+    }
+    lua_pop(L, 1);
+  }
+}
+
 static void resume_from(lua_State *L, lua_State *co, int narg) {
   ts_loop *loop = task_loop(co);
   int nres, status, outer = loop->parked;
@@ -277,13 +310,14 @@ static void resume_from(lua_State *L, lua_State *co, int narg) {
   loop->parked = outer; /* a task that resumed another runs on */
   if (status == LUA_OK || status == LUA_YIELD)
     lua_pop(co, nres);
+  else
+    take_error(L, co);
   if (status != LUA_YIELD && (extra_word(co) & OWNED_BIT)) {
-    loop->task_end(L, co, status, (void *)(extra_word(co) & ~OWNED_BIT));
+    loop->task_end(L, status, (void *)(extra_word(co) & ~OWNED_BIT));
+    set_extra_word(co, (uintptr_t)loop); /* the owner may go now */
   } else if (status != LUA_OK && status != LUA_YIELD) {
-    const char *msg = lua_tostring(co, -1);
-    luaL_traceback(L, co, msg ? msg : "(error object)", 0);
     ts__report(loop, lua_tostring(L, -1));
-    lua_pop(L, 1);
+    lua_pop(L, 2);
   }
   settle(loop);
   if (status != LUA_YIELD)

@@ -15,7 +15,7 @@
 
 typedef struct ts_loop ts_loop;
 typedef void (*ts_hook)(ts_loop *loop);
-typedef void (*ts_task_end)(lua_State *L, lua_State *co, int status, void *owner);
+typedef void (*ts_task_end)(lua_State *L, int status, void *owner);
 
 #define TS_MAX_HOOKS 4
 
@@ -63,9 +63,10 @@ uint64_t ts__timeout_ms(double seconds);
 void ts__spawn(lua_State *L, int narg);
 /* As ts__spawn, for a task that serves `owner`, a C object whose first
  * member is its ts_loop * (and that outlives the task). When the task
- * returns or raises, the loop calls end(L, co, status, owner) instead of
- * logging: on an error, co holds the error on top and the frames that
- * raised it. One end per loop: the last one given. */
+ * returns or raises, the loop calls end(L, status, owner) instead of
+ * logging: on an error, L holds the error and its traceback on top, and
+ * the task's to-be-closed variables are closed. One end per loop: the
+ * last one given. */
 void ts__spawn_owned(lua_State *L, int narg, ts_loop **owner, ts_task_end end);
 int ts__in_task(lua_State *L);
 /* Raises unless L is a task; used before a call may yield. */

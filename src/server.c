@@ -78,24 +78,20 @@ static void push_handler(lua_State *L, ts_stream *s) {
 }
 
 /* The end of a handler task: done(stream, address, failed [, err,
- * traceback]), then the stream may go. */
-static void handler_end(lua_State *L, lua_State *co, int status, void *owner) {
+ * traceback]), then the stream may go. On an error, err and traceback are
+ * on L's top (see ts__spawn_owned). */
+static void handler_end(lua_State *L, int status, void *owner) {
   ts_stream *s = ts__stream_of_owner(owner);
   int failed = status != LUA_OK;
 
-  if (failed)
-    lua_xmove(co, L, 1);
   push_handler(L, s);
   lua_getfield(L, -1, "done");
   lua_remove(L, -2);
   ts__stream_push(L, s);
   ts__stream_push_kept(L, s);
   lua_pushboolean(L, failed);
-  if (failed) {
-    const char *msg = lua_tostring(L, -5);
-    lua_rotate(L, -5, -1); /* the error after failed */
-    luaL_traceback(L, co, msg ? msg : "(error object is not a string)", 0);
-  }
+  if (failed)
+    lua_rotate(L, -6, 4); /* done, stream, address, failed, err, traceback */
   ts__pcall_on(L, ts__stream_loop(s), failed ? 5 : 3);
   ts__stream_disown(L, s);
 }
@@ -530,31 +526,47 @@ static int l_listener(lua_State *L) {
   return 1;
 }
 
-/* Appends s to the list on top of L if its handler is the value under it. */
-static void collect_stream(ts_stream *s, void *arg) {
-  lua_State *L = arg;
-  ts_counters *c = ts__stream_counters(s);
-  int mine;
+typedef struct stream_list {
+  ts_stream **s; /* NULL: count only */
+  size_t n, cap;
+} stream_list;
 
-  if (c == NULL || c->owner_ref == LUA_NOREF)
+/* Counts or gathers the streams of the walk. Nothing here may raise: a Lua
+ * error would jump out of uv_walk, which links the loop's handles to its
+ * own stack frame meanwhile. */
+static void gather_stream(ts_stream *s, void *arg) {
+  stream_list *l = arg;
+
+  if (ts__stream_counters(s) == NULL)
     return;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, c->owner_ref);
-  mine = lua_rawequal(L, -1, -3);
-  lua_pop(L, 1);
-  if (mine) {
-    ts__stream_push(L, s);
-    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
-  }
+  if (l->s != NULL && l->n < l->cap)
+    l->s[l->n] = s;
+  l->n++;
 }
 
 /* core.streams_of(handler) -> the open streams its listeners accepted,
  * stopped listeners' too: the loop knows them all, so that a server need
  * not keep a set of them (an idle connection would pay for its entry). */
 static int l_streams_of(lua_State *L) {
+  stream_list l = {NULL, 0, 0};
+  size_t i;
+  lua_Integer n = 0;
+
   luaL_checktype(L, 1, LUA_TTABLE);
-  lua_settop(L, 1);
-  lua_newtable(L);
-  ts__stream_each(ts__loop(L), collect_stream, L);
+  ts__stream_each(ts__loop(L), gather_stream, &l);
+  l.cap = l.n;
+  l.s = lua_newuserdatauv(L, (l.cap ? l.cap : 1) * sizeof(*l.s), 0); /* 2 */
+  l.n = 0;
+  ts__stream_each(ts__loop(L), gather_stream, &l); /* no Lua ran between */
+  lua_createtable(L, (int)l.cap, 0);               /* 3 */
+  for (i = 0; i < l.n && i < l.cap; i++) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ts__stream_counters(l.s[i])->owner_ref);
+    if (lua_rawequal(L, -1, 1)) {
+      ts__stream_push(L, l.s[i]);
+      lua_rawseti(L, 3, ++n);
+    }
+    lua_pop(L, 1);
+  }
   return 1;
 }
 

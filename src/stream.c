@@ -1289,7 +1289,11 @@ static int l_set_close_callback(lua_State *L) {
   if (!lua_isnoneornil(L, 2))
     luaL_checktype(L, 2, LUA_TFUNCTION);
   lua_settop(L, 2);
-  if (s->flags & F_DONE) {
+  if (s->flags & F_DONE) { /* now; and the one close_cb has yet to run goes */
+    if (s->rare != NULL) {
+      luaL_unref(L, LUA_REGISTRYINDEX, s->rare->close_cb_ref);
+      s->rare->close_cb_ref = LUA_NOREF;
+    }
     if (!lua_isnil(L, 2))
       lua_call(L, 0, 0);
     return 0;

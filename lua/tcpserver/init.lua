@@ -68,7 +68,7 @@ local function check_option(k, v, subclass_takes_unknown)
           .. "' (a subclass takes options of its own in initialize(opts))", 4)
   end
   local ok
-  if kind == "size" then ok = math.type(v) == "integer" and v > 0 and v < 1 << 32
+  if kind == "size" then ok = math.type(v) == "integer" and v > 0 and v < (1 << 32) - 1
   elseif kind == "seconds" then ok = type(v) == "number" and v > 0
   elseif kind == "ssl" then ok = type(v) == "table" or type(v) == "userdata"
   else ok = type(v) == kind end
