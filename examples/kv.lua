@@ -65,8 +65,12 @@ local function integer(n)
   return ":" .. n .. "\r\n"
 end
 
+local HEADER = {} -- "$<n>\r\n" made once for short values: no number formatting per SET
+for n = 0, 127 do HEADER[n] = "$" .. n .. "\r\n" end
+
 local function bulk(s)
-  return "$" .. #s .. "\r\n" .. s .. "\r\n"
+  local n = #s
+  return (HEADER[n] or "$" .. n .. "\r\n") .. s .. "\r\n"
 end
 
 local function err(msg)
