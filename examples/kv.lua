@@ -216,16 +216,6 @@ function commands.CONFIG(argv, argc)
   return "*2\r\n" .. bulk(key) .. bulk(CONFIG[key])
 end
 
-local function dispatch(argv, argc)
-  local name = argv[1]
-  local fn = commands[name]
-  if not fn then
-    fn = commands[upper(name)]
-    if not fn then return err("unknown command '" .. name .. "'") end
-  end
-  return fn(argv, argc)
-end
-
 -- ---- the parser: one command from buf at pos --------------------------------
 
 local PROTOCOL = {}  -- a unique value: "protocol error" (reply, then close)
@@ -354,11 +344,11 @@ function KV:handle_stream(stream)
             replies[n], quit = OK, true
             break
           end
-          local fn = commands[name]
+          local fn = commands[name] or commands[upper(name)]
           if fn then
             replies[n] = fn(argv, argc)
           else
-            replies[n] = dispatch(argv, argc)
+            replies[n] = err("unknown command '" .. name .. "'")
           end
         end
         for i = argc + 1, top do argv[i] = nil end

@@ -55,8 +55,7 @@ typedef struct ts_listener {
  * three halve the table's hash part: idle connections are counted in
  * bytes. */
 static void push_address(lua_State *L, int h, const char *host, int port, int family) {
-  const char *name = ts__addr_family(family);
-  int inet = strcmp(name, "inet") == 0;
+  int inet = family == AF_INET;
 
   h = lua_absindex(L, h);
   lua_createtable(L, 0, inet ? 2 : 3);
@@ -65,7 +64,7 @@ static void push_address(lua_State *L, int h, const char *host, int port, int fa
   lua_pushinteger(L, port);
   lua_setfield(L, -2, "port");
   if (!inet) {
-    lua_pushstring(L, name);
+    lua_pushstring(L, ts__addr_family(family));
     lua_setfield(L, -2, "family");
   }
   lua_getfield(L, h, "Address");

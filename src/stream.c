@@ -163,10 +163,11 @@ static void free_rare(ts_stream *s) {
 }
 
 static void set_timeout(ts_stream *s, double seconds) {
-  stream_rare *r = ts__timeout_ms(seconds) > 0 ? rare(s) : s->rare;
+  int on = ts__timeout_ms(seconds) > 0;
+  stream_rare *r = on ? rare(s) : s->rare;
 
   if (r != NULL)
-    r->timeout = ts__timeout_ms(seconds) > 0 ? (float)seconds : 0;
+    r->timeout = on ? (float)seconds : 0;
 }
 
 /* Reading goes on while fewer bytes than this wait unread. */
@@ -577,7 +578,7 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 static void on_data(ts_stream *s) {
   int n;
 
-  if ((s->reader != NULL) && (n = try_read(s, s->reader)) > 0)
+  if (s->reader != NULL && (n = try_read(s, s->reader)) > 0)
     wake_reader(s, n);
   unborrow(s);
   update_reading(s);
@@ -759,7 +760,7 @@ void *ts__stream_layer(ts_stream *s, const ts_layer_ops *ops) {
 }
 
 const char *ts__stream_busy(ts_stream *s) {
-  if ((s->reader != NULL) || writing(s))
+  if (s->reader != NULL || writing(s))
     return "a read or write is pending";
   if (ts_buf_len(&s->rbuf) > 0 || ts_buf_len(&s->wbuf) > 0 || s->inflight != NULL)
     return "plain data is buffered";
