@@ -34,8 +34,12 @@ local function parse_head(head)
   if not method then return nil end
   local headers = {}
   while at < #head - 1 do -- the head ends with the empty line's "\r\n"
-    local name, value, nxt = head:match("^([!#$%%&'*+.^_`|~%w-]+):[ \t]*(.-)[ \t]*\r\n()", at)
-    if not name then return nil end -- no folded lines, no space before ":"
+    -- no folded lines, no space before ":", no bare CR or LF in a value
+    -- (%w first in the set: most names are letters, and the set is tried in order)
+    local name, value, nxt = head:match("^([%w!#$%%&'*+.^_`|~-]+):[ \t]*([^\r\n]*)\r\n()", at)
+    if not name then return nil end
+    local last = value:byte(-1)
+    if last == 32 or last == 9 then value = value:match("^(.-)[ \t]*$") end -- trailing space
     name = name:lower()
     if headers[name] and name ~= "content-length" then
       value = headers[name] .. ", " .. value -- repeated headers combine
@@ -47,7 +51,7 @@ local function parse_head(head)
   local path, query = target:match("^(/[^?#]*)%??([^#]*)")
   if not path then return nil end
   return {method = method, target = target, path = path, query = query,
-          version = "1." .. minor, headers = headers}
+          version = minor == "1" and "1.1" or "1.0", headers = headers}
 end
 
 -- A chunked body: hex size lines, each chunk followed by CRLF, a zero
@@ -95,28 +99,35 @@ end
 -- Whether the client asked to close after this request: HTTP/1.1 keeps
 -- the connection unless told `close`, HTTP/1.0 closes unless told `keep-alive`.
 local function wants_close(req)
-  local connection = (req.headers.connection or ""):lower()
+  local connection = req.headers.connection
+  if not connection then return req.version == "1.0" end
+  connection = connection:lower()
   if req.version == "1.0" then return not connection:find("keep-alive", 1, true) end
   return connection:find("close", 1, true) ~= nil
 end
 
 -- ---- responding ---------------------------------------------------------------
 
--- Writes a whole response as one array (one writev); HEAD gets no body.
+-- "HTTP/1.1 200 OK\r\n" and the others, made once rather than per response.
+local STATUS_LINES = setmetatable({}, {__index = function(lines, status)
+  lines[status] = ("HTTP/1.1 %d %s\r\n"):format(status, REASONS[status] or "Unknown")
+  return lines[status]
+end})
+
+-- Writes a whole response; HEAD gets no body. The writes are buffered
+-- and leave in one system call when the handler next waits.
 local function respond(stream, req, status, body, headers, close)
-  headers = headers or {}
-  local out = {
-    ("HTTP/1.1 %d %s\r\n"):format(status, REASONS[status] or "Unknown"),
-    "Content-Type: ", headers["Content-Type"] or "text/plain; charset=utf-8",
-    "\r\nContent-Length: ", tostring(#body), "\r\n",
-  }
-  if close then out[#out + 1] = "Connection: close\r\n" end
-  for name, value in pairs(headers) do
-    if name ~= "Content-Type" then out[#out + 1] = name .. ": " .. value .. "\r\n" end
+  local head = STATUS_LINES[status] ..
+    "Content-Type: " .. (headers and headers["Content-Type"] or "text/plain; charset=utf-8") ..
+    "\r\nContent-Length: " .. #body .. (close and "\r\nConnection: close\r\n" or "\r\n")
+  if headers then
+    for name, value in pairs(headers) do
+      if name ~= "Content-Type" then head = head .. name .. ": " .. value .. "\r\n" end
+    end
   end
-  out[#out + 1] = "\r\n"
-  if not (req and req.method == "HEAD") then out[#out + 1] = body end
-  return stream:write(out)
+  local ok, err = stream:write(head .. "\r\n")
+  if not ok or (req and req.method == "HEAD") then return ok, err end
+  return stream:write(body)
 end
 
 -- ---- the application ----------------------------------------------------------

@@ -296,11 +296,15 @@ describe("examples/http.lua", function()
       "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n",
       "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
       "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n0\r\n\r\n",
+      "GET / HTTP/1.1\r\nHost: x\r\nX-Bare: a\rb\r\n\r\n",             -- a bare CR in a value
     } do
       assert.matches("^HTTP/1.1 400 Bad Request\r\n.*Connection: close\r\n", raw(port, bad), nil, bad)
     end
-    -- and still serves
+    -- and still serves; a value loses the spaces and tabs around it
     assert.equal("Hello, world!\n", curl({"http://127.0.0.1:" .. port .. "/"}))
+    assert.matches("\r\nContent%-Type: text/x\r\n.*\r\n\r\nab$",
+                   raw(port, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: \t text/x \t\r\n" ..
+                             "Content-Length: 2\r\nConnection: close\r\n\r\nab"))
     stop(p)
   end))
 
