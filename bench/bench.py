@@ -428,13 +428,21 @@ def workload_names(rest):
     return rest[-1] if rest and isinstance(rest[-1], list) and rest[-1] and isinstance(rest[-1][0], str) else None
 
 
+def rotated(live, r):
+    """The servers in an order that moves on by one each run, so that no
+    server is always measured first after the quiet wait, or always last."""
+    items = list(live.items())
+    k = r % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
 def interleave(live, workloads, samples, label):
-    """Runs are interleaved (a, b, c, a, b, c, ...) so a slow spell hits
-    every server alike instead of skewing the ratios."""
+    """Runs are interleaved (a, b, c, b, c, a, c, a, b, ...) so a slow spell
+    hits every server alike instead of skewing the ratios."""
     for wname, args, *rest in workloads:
         names = workload_names(rest)
         for r in range(RUNS):
-            for name, s in live.items():
+            for name, s in rotated(live, r):
                 if names is not None and name not in names:
                     continue
                 PROGRESS.step(label, "%s: %s, run %d/%d, %s" % (label, wname, r + 1, RUNS, name))
@@ -558,7 +566,7 @@ def kv_phase(live, kv):
         return
     for P, test in KV_TESTS:
         for r in range(RUNS):
-            for name, s in live.items():
+            for name, s in rotated(live, r):
                 if not s.alive():
                     continue
                 PROGRESS.step("kv", "kv: %s -P %d, run %d/%d, %s" % (test, P, r + 1, RUNS, name))
@@ -723,7 +731,7 @@ def http_phase(http):
             live["openresty"] = s
     try:
         for r in range(RUNS):
-            for name, s in live.items():
+            for name, s in rotated(live, r):
                 if not s.alive():
                     continue
                 PROGRESS.step("http", "http: wrk, run %d/%d, %s" % (r + 1, RUNS, name))
@@ -785,7 +793,7 @@ def report(parts, echo_names, meta, elapsed):
     w("- **host: %s, %d CPUs, kernel %s**; git %s; load average (1/5/15 min) %s at the start, "
       "%s at the end" % (meta["cpu"], os.cpu_count(), meta["kernel"], meta["git"], meta["load0"],
                          meta["load1"]))
-    w("- %d runs x %gs (bulk: %gs; +%gs warm-up) per server and workload, interleaved; tables show "
+    w("- %d runs x %gs (bulk: %gs; +%gs warm-up) per server and workload, interleaved (the servers' order rotates each run); tables show "
       "medians, the targets min / **median** / max over the runs; "
       "server on CPU %s, loadgen on CPU %s; TCP_NODELAY on both sides everywhere; all on 127.0.0.1"
       % (RUNS, SECS, SECS * BULK_SECS_FACTOR, WARMUP, SERVER_CPU, LOADGEN_CPU))
