@@ -44,6 +44,21 @@ describe("IOStream", function()
       assert.same({"abcdefghij\n", "klmnopq\n", "r\n"}, got)
     end))
 
+    it("finds a multi-byte delimiter after many bytes that only begin it", async(function()
+      for _, chunk in ipairs {3, 64} do
+        local got = {}
+        local client = pair(function(_, stream)
+          got[1] = stream:read_until("\r\n")
+          got[2] = stream:read_until("\r\n")
+          stream:write("ok\n")
+        end, {read_chunk_size = chunk})
+        client:write(("\r"):rep(40) .. "\r\n" .. ("a\r"):rep(20) .. "\r\n")
+        assert.equal("ok\n", client:read_until("\n"))
+        assert.same({("\r"):rep(40) .. "\r\n", ("a\r"):rep(20) .. "\r\n"}, got, "read_chunk_size " .. chunk)
+        client:close()
+      end
+    end))
+
     it("finds a multi-byte delimiter split across read boundaries", async(function()
       for chunk = 1, 7 do
         local got = {}

