@@ -437,6 +437,41 @@ sys.stdout.write(data.decode())
       assert.same({"late\n"}, result[2])
     end))
 
+    -- The timer armed for one wait stays armed past it (restarting it per
+    -- wait cost two heap operations per request); the next wait must
+    -- still get its own time, and none once timeouts are off.
+    it("gives a wait that begins while an earlier wait's timer is armed its whole time", async(function()
+      local res, loop = {}, ioloop.current()
+      local client = pair(function(_, stream)
+        stream:set_timeout(0.4)
+        res[1] = stream:read_until("\n") -- comes 0.2 s into the 0.4 s
+        local t0 = loop:time()
+        res[2] = {stream:read_until("\n")}
+        res.waited = loop:time() - t0
+      end)
+      ioloop.sleep(0.2)
+      client:write("one\n")
+      client:read_until_close()
+      assert.same({"one\n", {nil, "timeout"}}, {res[1], res[2]})
+      assert.is_true(res.waited >= 0.39, "waited " .. res.waited)
+    end))
+
+    it("times out no wait after timeouts are turned off", async(function()
+      local res = {}
+      local client = pair(function(_, stream)
+        stream:set_timeout(0.1)
+        res[1] = stream:read_until("\n")
+        stream:set_timeout(0)
+        res[2] = {stream:read_until("\n")} -- past the 0.1 s armed for the first
+        stream:write("done\n")
+      end)
+      client:write("one\n")
+      ioloop.sleep(0.3)
+      client:write("two\n")
+      assert.equal("done\n", client:read_until("\n"))
+      assert.same({"one\n", {"two\n"}}, res)
+    end))
+
     it("applies idle_timeout to every stream of a server", async(function()
       local result
       local client = pair(function(_, stream)

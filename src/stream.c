@@ -59,7 +59,8 @@ typedef struct stream_rare {
   write_waiter *w;
   uint64_t sent_at_close; /* bytes_sent when the stream closed */
   int close_cb_ref;
-  float timeout; /* seconds; 0 means none */
+  float timeout;       /* seconds; 0 means none */
+  uint64_t wait_start; /* loop time (ms) the latest wait began */
 } stream_rare;
 
 enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE, RD_FILL };
@@ -324,21 +325,38 @@ static void start_timer(ts_stream *s, uint64_t ms) {
     r->timer->data = s;
   }
   uv_timer_start(r->timer, wait_timer_cb, ms, 0);
+  uv_ref((uv_handle_t *)r->timer); /* stop_timer may have unref'd it */
 }
 
+/* A wait begins. A timer still armed from an earlier wait is kept if it
+ * fires no later than this one ends: the callback then arms it for the
+ * rest. Restarting it per wait cost two timer-heap operations per
+ * request (a read per request, a stop per wake). */
 static void start_wait_timer(ts_stream *s) {
-  if (s->rare != NULL && s->rare->timeout > 0)
-    start_timer(s, ts__timeout_ms(s->rare->timeout));
+  stream_rare *r = s->rare;
+  uint64_t ms;
+
+  if (r == NULL || r->timeout <= 0)
+    return;
+  ms = ts__timeout_ms(r->timeout);
+  r->wait_start = uv_now(s->h.handle.loop);
+  if (r->timer != NULL && uv_is_active((uv_handle_t *)r->timer) &&
+      uv_timer_get_due_in(r->timer) <= ms)
+    uv_ref((uv_handle_t *)r->timer);
+  else
+    start_timer(s, ms);
 }
 
 static int writing(ts_stream *s) {
   return s->rare != NULL && s->rare->n > 0;
 }
 
+/* No one waits: the timer may stay armed (the next wait will likely keep
+ * it, see start_wait_timer) but no longer keeps the loop running. */
 static void stop_timer(ts_stream *s) {
   if (s->rare != NULL && s->rare->timer != NULL && s->reader == NULL && !writing(s) &&
       !(s->flags & F_CLOSED))
-    uv_timer_stop(s->rare->timer);
+    uv_unref((uv_handle_t *)s->rare->timer);
 }
 
 /* ---- the read budget: the loop's private read buffers together ---- */
@@ -537,8 +555,8 @@ static int try_read(ts_stream *s, lua_State *L) {
 static void wake_reader(ts_stream *s, int nres) {
   lua_State *co = s->reader;
 
-  stop_timer(s);
   s->reader = NULL;
+  stop_timer(s);
   ts__wake(co, nres);
 }
 
@@ -1236,11 +1254,21 @@ void ts__stream_abort(ts_stream *s) {
 
 static void wait_timer_cb(uv_timer_t *t) {
   ts_stream *s = t->data;
+  stream_rare *r = s->rare;
   lua_State *reader;
+  uint64_t ms, waited;
   int n;
 
   if (s->flags & F_CLOSED) { /* the linger ran out */
     handle_close(s);
+    return;
+  }
+  if ((s->reader == NULL && !writing(s)) || r->timeout <= 0)
+    return; /* armed for a wait that is over, or timeouts are off now */
+  ms = ts__timeout_ms(r->timeout);
+  waited = uv_now(t->loop) - r->wait_start;
+  if (waited < ms) { /* armed for an earlier wait: this one has time left */
+    uv_timer_start(t, wait_timer_cb, ms - waited, 0);
     return;
   }
   /* Only those that waited when it fired: a woken task may wait again at
