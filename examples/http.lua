@@ -34,12 +34,16 @@ local function parse_head(head)
   if not method then return nil end
   local headers = {}
   while at < #head - 1 do -- the head ends with the empty line's "\r\n"
-    -- no folded lines, no space before ":", no bare CR or LF in a value
-    -- (%w first in the set: most names are letters, and the set is tried in order)
-    local name, value, nxt = head:match("^([%w!#$%%&'*+.^_`|~-]+):[ \t]*([^\r\n]*)\r\n()", at)
+    -- no folded lines, no space before ":", no NUL or bare CR or LF in a
+    -- value. Two anchored matches, and a greedy trim: a pattern that could
+    -- backtrack across the value would take seconds on a 64 KiB one.
+    -- (%w comes first in the set: a set is tried item by item.)
+    local name, from = head:match("^([%w!#$%%&'*+.^_`|~-]+):[ \t]*()", at)
     if not name then return nil end
+    local value, nxt = head:match("^([^\0\r\n]*)\r\n()", from)
+    if not value then return nil end
     local last = value:byte(-1)
-    if last == 32 or last == 9 then value = value:match("^(.-)[ \t]*$") end -- trailing space
+    if last == 32 or last == 9 then value = value:match("^(.*[^ \t])") or "" end
     name = name:lower()
     if headers[name] and name ~= "content-length" then
       value = headers[name] .. ", " .. value -- repeated headers combine

@@ -308,6 +308,18 @@ describe("examples/http.lua", function()
     stop(p)
   end))
 
+  it("parses a 60 KB header of spaces in linear time, good or bad", async(function()
+    -- patterns that backtracked across a value took 20-35 s on these
+    local p, port = P.example("http", {"--port", 0})
+    local spaces = (" "):rep(60000)
+    assert.matches("^HTTP/1.1 200 OK\r\n", raw(port, "GET / HTTP/1.1\r\nHost: x\r\nX: a" .. spaces ..
+                                                     "b \r\nConnection: close\r\n\r\n"))
+    assert.matches("^HTTP/1.1 400 Bad Request\r\n", raw(port, "GET / HTTP/1.1\r\nHost: x\r\nX:" .. spaces ..
+                                                              "\rb\r\n\r\n"))
+    assert.matches("^HTTP/1.1 400 Bad Request\r\n", raw(port, "GET / HTTP/1.1\r\nHost: x\r\nX: \0a\r\n\r\n"))
+    stop(p)
+  end))
+
   it("holds a short wrk run without errors", async(function()
     local p, port = P.example("http", {"--port", 0})
     local out, status = H.run({"wrk", "-t", "1", "-c", "8", "-d", "1", "http://127.0.0.1:" .. port .. "/"})
