@@ -71,7 +71,8 @@ function SMTP:handle_stream(stream, address)
   while true do
     local line = read_line(stream)
     if not line then return end
-    local verb, rest = line:match("^(%a+)%s*(.-)%s*$")
+    local verb, rest = line:match("^(%a+)%s*(.*)") -- then a greedy trim: a lazy
+    rest = rest and (rest:match("^(.*%S)") or "") -- (.-)%s*$ is quadratic in spaces
     verb = verb and verb:upper()
     if verb == "EHLO" or verb == "HELO" then
       greeted, from, rcpts = true, nil, {}

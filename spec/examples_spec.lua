@@ -421,6 +421,17 @@ s.quit()
     stop(p)
   end))
 
+  it("reads a command line full of spaces in linear time", async(function()
+    -- a lazy (.-)%s*$ took ~10 ms per such line: 2,000 of them, 20 s
+    local p, port = start()
+    local c = connect(port)
+    c:write(("NOOP a" .. (" "):rep(990) .. "x\r\n"):rep(2000) .. "QUIT\r\n")
+    local reply = c:read_until_close()
+    assert.equal(2000, select(2, reply:gsub("\r\n250 OK", "")))
+    assert.matches("221 Bye\r\n$", reply)
+    stop(p)
+  end))
+
   it("closes a connection that pipelines plain text after STARTTLS", async(function()
     local p, port = start()
     local c = connect(port)
