@@ -428,10 +428,11 @@ def workload_names(rest):
     return rest[-1] if rest and isinstance(rest[-1], list) and rest[-1] and isinstance(rest[-1][0], str) else None
 
 
-def rotated(live, r):
-    """The servers in an order that moves on by one each run, so that no
-    server is always measured first after the quiet wait, or always last."""
-    items = list(live.items())
+def rotated(live, r, names=None):
+    """The servers (those in names, if given) in an order that moves on by
+    one each run, so that no server always runs right after the same other
+    one, or first in a round."""
+    items = [(n, s) for n, s in live.items() if names is None or n in names]
     k = r % len(items) if items else 0
     return items[k:] + items[:k]
 
@@ -442,9 +443,7 @@ def interleave(live, workloads, samples, label):
     for wname, args, *rest in workloads:
         names = workload_names(rest)
         for r in range(RUNS):
-            for name, s in rotated(live, r):
-                if names is not None and name not in names:
-                    continue
+            for name, s in rotated(live, r, names):
                 PROGRESS.step(label, "%s: %s, run %d/%d, %s" % (label, wname, r + 1, RUNS, name))
                 measure(s, wname, args, samples)
     PROGRESS.finish(label)
