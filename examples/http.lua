@@ -121,15 +121,15 @@ end})
 -- Writes a whole response; HEAD gets no body. The writes are buffered
 -- and leave in one system call when the handler next waits.
 local function respond(stream, req, status, body, headers, close)
-  local head = STATUS_LINES[status] ..
-    "Content-Type: " .. (headers and headers["Content-Type"] or "text/plain; charset=utf-8") ..
-    "\r\nContent-Length: " .. #body .. (close and "\r\nConnection: close\r\n" or "\r\n")
+  local extra = close and "Connection: close\r\n" or ""
   if headers then
     for name, value in pairs(headers) do
-      if name ~= "Content-Type" then head = head .. name .. ": " .. value .. "\r\n" end
+      if name ~= "Content-Type" then extra = extra .. name .. ": " .. value .. "\r\n" end
     end
   end
-  local ok, err = stream:write(head .. "\r\n")
+  local ok, err = stream:write(STATUS_LINES[status] ..
+    "Content-Type: " .. (headers and headers["Content-Type"] or "text/plain; charset=utf-8") ..
+    "\r\nContent-Length: " .. #body .. "\r\n" .. extra .. "\r\n") -- one string, one concatenation
   if not ok or (req and req.method == "HEAD") then return ok, err end
   return stream:write(body)
 end

@@ -44,34 +44,34 @@ describe("IOStream", function()
       assert.same({"abcdefghij\n", "klmnopq\n", "r\n"}, got)
     end))
 
+    -- What two read_until(delim) return of `data`, sent at once and read
+    -- chunk bytes at a time.
+    local function two_reads(delim, data, chunk)
+      local got = {}
+      local client = pair(function(_, stream)
+        got[1] = stream:read_until(delim)
+        got[2] = stream:read_until(delim)
+        stream:write("ok\n")
+      end, {read_chunk_size = chunk})
+      client:write(data)
+      assert.equal("ok\n", client:read_until("\n"))
+      client:close()
+      return got
+    end
+
     it("finds a multi-byte delimiter after many bytes that only begin it", async(function()
       for _, chunk in ipairs {3, 64} do
-        local got = {}
-        local client = pair(function(_, stream)
-          got[1] = stream:read_until("\r\n")
-          got[2] = stream:read_until("\r\n")
-          stream:write("ok\n")
-        end, {read_chunk_size = chunk})
-        client:write(("\r"):rep(40) .. "\r\n" .. ("a\r"):rep(20) .. "\r\n")
-        assert.equal("ok\n", client:read_until("\n"))
-        assert.same({("\r"):rep(40) .. "\r\n", ("a\r"):rep(20) .. "\r\n"}, got, "read_chunk_size " .. chunk)
-        client:close()
+        assert.same({("\r"):rep(40) .. "\r\n", ("a\r"):rep(20) .. "\r\n"},
+                    two_reads("\r\n", ("\r"):rep(40) .. "\r\n" .. ("a\r"):rep(20) .. "\r\n", chunk),
+                    "read_chunk_size " .. chunk)
       end
     end))
 
     it("finds a multi-byte delimiter split across read boundaries", async(function()
       for chunk = 1, 7 do
-        local got = {}
-        local client = pair(function(_, stream)
-          got[1] = stream:read_until("\r\n\r\n")
-          got[2] = stream:read_until("\r\n\r\n")
-          stream:write("ok\n")
-        end, {read_chunk_size = chunk})
-        client:write("GET / HTTP/1.0\r\nHost: x\r\n\r\nab\r\n\r\r\n\r\n")
-        assert.equal("ok\n", client:read_until("\n"))
-        assert.same({"GET / HTTP/1.0\r\nHost: x\r\n\r\n", "ab\r\n\r\r\n\r\n"}, got,
+        assert.same({"GET / HTTP/1.0\r\nHost: x\r\n\r\n", "ab\r\n\r\r\n\r\n"},
+                    two_reads("\r\n\r\n", "GET / HTTP/1.0\r\nHost: x\r\n\r\nab\r\n\r\r\n\r\n", chunk),
                     "read_chunk_size " .. chunk)
-        client:close()
       end
     end))
 
