@@ -102,8 +102,10 @@ local function broadcast(line, except)
     if client ~= except and not client:send(line) then slow[#slow + 1] = client end
   end
   for _, client in ipairs(slow) do
-    client:drop("too slow")
-    leave(client, " (dropped: too slow)")
+    if not client.dropped then -- leave's own broadcast may have dropped it
+      client:drop("too slow")
+      leave(client, " (dropped: too slow)")
+    end
   end
 end
 

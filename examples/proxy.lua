@@ -13,8 +13,11 @@
 -- Each stream is written by one task only: the handler's task writes
 -- upstream, a second task writes to the client.
 --
--- Limit: when one side closes, the other is closed after what is pending
--- is delivered (streams have no half-close).
+-- Limit: streams have no half-close (as Tornado's). When either side ends
+-- its sending, both connections close once what is already written is
+-- delivered; what the other side would still have sent is lost. So a
+-- client that shuts down its sending half and then waits for the answer
+-- (`nc -N`, an upload ended by EOF) gets nothing back through this proxy.
 local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
 local locks = require "tcpserver.locks"

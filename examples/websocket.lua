@@ -13,6 +13,8 @@ local log = require "tcpserver.log"
 local opts = require("tcpserver.host").options(arg, {port = 8765, host = "127.0.0.1"})
 
 local MAX_MESSAGE = 1024 * 1024 -- a longer message closes with 1009
+local FRAGMENT_COST = 64        -- what a fragment counts for beyond its bytes
+local HANDSHAKE_TIMEOUT = 10    -- seconds for the upgrade request
 local GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11" -- RFC 6455's constant
 
 local pack, unpack = string.pack, string.unpack
@@ -84,8 +86,9 @@ local function handshake(stream)
     http_error(stream, "426 Upgrade Required", "Upgrade: websocket\r\n")
     return false
   end
-  local key = headers["sec-websocket-key"]
-  if not token("connection", "upgrade") or not key or #key ~= 24 then
+  local key = headers["sec-websocket-key"] -- base64 of 16 bytes
+  if not token("connection", "upgrade") or not headers.host or not key or
+     not key:match("^" .. ("[%w+/]"):rep(21) .. "[AQgw]==$") then
     http_error(stream, "400 Bad Request")
     return false
   end
@@ -102,14 +105,24 @@ end
 
 local CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
 
--- XORs the payload with the 4-byte mask, 4 bytes at a time.
+-- XORs the payload with the 4-byte mask: 64 bytes (eight 64-bit
+-- integers) per unpack and pack, then 4 at a time, then bytes.
+local BLOCK = "<" .. ("i8"):rep(8)
+
 local function unmask(data, key)
-  local m, out, n = unpack("<I4", key), {}, #data
-  for i = 1, n - 3, 4 do
-    out[#out + 1] = pack("<I4", unpack("<I4", data, i) ~ m)
+  local m4 = unpack("<I4", key)
+  local m, out, n, i = m4 | m4 << 32, {}, #data, 1
+  while i + 63 <= n do
+    local a, b, c, d, e, f, g, h = unpack(BLOCK, data, i)
+    out[#out + 1] = pack(BLOCK, a ~ m, b ~ m, c ~ m, d ~ m, e ~ m, f ~ m, g ~ m, h ~ m)
+    i = i + 64
   end
-  for i = n - n % 4 + 1, n do
-    out[#out + 1] = string.char(data:byte(i) ~ key:byte((i - 1) % 4 + 1))
+  while i + 3 <= n do
+    out[#out + 1] = pack("<I4", unpack("<I4", data, i) ~ m4)
+    i = i + 4
+  end
+  for j = i, n do -- i - 1 is a multiple of 4: the mask starts over
+    out[#out + 1] = string.char(data:byte(j) ~ key:byte(j - i + 1))
   end
   return table.concat(out)
 end
@@ -134,7 +147,8 @@ local function read_frame(stream)
   if len >= 126 then
     local ext = stream:read_bytes(len == 126 and 2 or 8)
     if not ext then return nil end
-    len = unpack(len == 126 and ">I2" or ">I8", ext)
+    len = unpack(len == 126 and ">I2" or ">i8", ext)
+    if len < 0 then return nil, 1002 end -- the top bit must be 0
   end
   if len > MAX_MESSAGE then return nil, 1009 end
   local rest = stream:read_bytes(4 + len) -- the mask, then the payload
@@ -152,8 +166,28 @@ function WebSocketServer:on_message(opcode, message, send) -- luacheck: ignore 2
   send(opcode, message)
 end
 
+-- Whether a close frame may carry this code (RFC 6455 7.4: 1005, 1006
+-- and 1015 are never sent; 1004 and 1016-2999 are reserved).
+local function valid_close_code(code)
+  return (code >= 1000 and code <= 1003) or (code >= 1007 and code <= 1014) or
+         (code >= 3000 and code <= 4999)
+end
+
+-- The code to answer a close frame's payload with: its own, 1000 if it
+-- has none, 1002 or 1007 if it is malformed.
+local function close_reply(payload)
+  if #payload == 0 then return 1000 end
+  if #payload == 1 then return 1002 end
+  local code = unpack(">I2", payload)
+  if not valid_close_code(code) then return 1002 end
+  if not utf8.len(payload, 3) then return 1007 end -- the reason must be UTF-8
+  return code
+end
+
 function WebSocketServer:handle_stream(stream)
+  stream:set_timeout(HANDSHAKE_TIMEOUT)
   if not handshake(stream) then return end
+  stream:set_timeout(nil) -- a WebSocket may stay quiet for long
   local function send(opcode, payload) return stream:write(frame(opcode, payload)) end
   local kind, parts, size = nil, {}, 0 -- the message being assembled
   while true do
@@ -165,8 +199,8 @@ function WebSocketServer:handle_stream(stream)
     if opcode == PING then
       send(PONG, payload)
     elseif opcode == CLOSE then
-      -- echo the code back (1000 if none); then the server closes the TCP connection
-      send(CLOSE, #payload >= 2 and payload:sub(1, 2) or pack(">I2", 1000))
+      -- answer with the code; then the server closes the TCP connection
+      send(CLOSE, pack(">I2", close_reply(payload)))
       return
     elseif opcode == PONG then -- luacheck: ignore 542
       -- unsolicited pongs are allowed; nothing to do
@@ -175,8 +209,9 @@ function WebSocketServer:handle_stream(stream)
         send(CLOSE, pack(">I2", 1002))
         return
       end
+      local cost = kind and FRAGMENT_COST or 0 -- a continuation costs memory even when empty
       kind = kind or opcode
-      parts[#parts + 1], size = payload, size + #payload
+      parts[#parts + 1], size = payload, size + #payload + cost
       if size > MAX_MESSAGE then
         send(CLOSE, pack(">I2", 1009))
         return

@@ -117,6 +117,38 @@ describe("examples/chat.lua", function()
     for _, c in ipairs {alice, bob, dave} do c:close() end
     stop(p)
   end))
+
+  it("keeps a member who reads while another sends 800 KB at once", async(function()
+    -- the sender's 800 KB used to be read and broadcast, up to 2 MiB, before
+    -- any writer task ran: every outbox passed --max-queue and the room emptied
+    local p, port = P.example("chat", {"--port", 0})
+    local out, status = H.python([[
+import socket, sys
+port, line = int(sys.argv[1]), b"x" * 3999 + b"\n"
+def join(nick):
+    s = socket.create_connection(("127.0.0.1", port))
+    f = s.makefile("rb")
+    f.readline()
+    s.sendall(nick + b"\n")
+    f.readline()
+    return s, f
+alice, _ = join(b"alice")
+bob, bob_in = join(b"bob")
+alice.sendall(line * 200)
+bob.settimeout(10)
+got = 0
+for l in bob_in:
+    if l == b"<alice> " + line:
+        got += 1
+        if got == 200: break
+    elif not l.startswith(b"* "):
+        break
+print(got)
+]], tostring(port))
+    assert.same({"200\n", 0}, {out, status})
+    stop(p)
+    assert.no.matches("dropping", p.err:text())
+  end))
 end)
 
 describe("examples/kv.lua", function()
@@ -297,6 +329,13 @@ describe("examples/http.lua", function()
       "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
       "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n0\r\n\r\n",
       "GET / HTTP/1.1\r\nHost: x\r\nX-Bare: a\rb\r\n\r\n",             -- a bare CR in a value
+      "GET / HTTP/1.1\r\nHost: x\r\nX-Ctl: a\1b\r\n\r\n",               -- a control character
+      "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",                    -- two Hosts (RFC 9112 3.2)
+      -- chunk-size lines with a bare CR or LF, a bad trailer, chunked in HTTP/1.0 (RFC 9112 6.1)
+      "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\rzz\r\nabc\r\n0\r\n\r\n",
+      "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;\nxx\r\nabc\r\n0\r\n\r\n",
+      "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nno colon\r\n\r\n",
+      "POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
     } do
       assert.matches("^HTTP/1.1 400 Bad Request\r\n.*Connection: close\r\n", raw(port, bad), nil, bad)
     end
@@ -306,6 +345,49 @@ describe("examples/http.lua", function()
                    raw(port, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: \t text/x \t\r\n" ..
                              "Content-Length: 2\r\nConnection: close\r\n\r\nab"))
     stop(p)
+  end))
+
+  it("takes absolute-form targets, a CRLF before the request, trailers, and keep-alive from HTTP/1.0",
+     async(function()
+    local p, port = P.example("http", {"--port", 0})
+    assert.matches("^HTTP/1.1 200 OK\r\n.*\r\n\r\nHello, world!\n$",
+                   raw(port, "GET http://x/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    assert.matches("^HTTP/1.1 200 OK\r\n.*\r\n\r\nHello, world!\n$",
+                   raw(port, "\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    assert.matches("^HTTP/1.1 200 OK\r\n.*\r\n\r\nabc$",
+                   raw(port, "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n" ..
+                             "Connection: close\r\n\r\n3;a=b\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"))
+    local c = connect(port) -- HTTP/1.0 keep-alive: said in the reply, and the connection stays
+    for _ = 1, 2 do
+      c:write("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+      assert.matches("\r\nConnection: keep%-alive\r\n", c:read_until("\r\n\r\n"))
+      assert.equal("Hello, world!\n", c:read_bytes(14))
+    end
+    c:close()
+    stop(p)
+  end))
+
+  it("answers 408 when a body stops coming, not while it keeps coming; a client leaving is no error",
+     async(function()
+    local p, port = P.example("http", {"--port", 0, "--idle", 1})
+    local c = connect(port) -- 1.6 s in all, never 1 s without a byte
+    c:write("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n")
+    for _, piece in ipairs {"a", "b", "c", "d"} do
+      require("tcpserver.ioloop").sleep(0.4)
+      c:write(piece)
+    end
+    assert.matches("^HTTP/1.1 200 OK\r\n.*\r\n\r\nabcd$", c:read_until_close())
+    c:close()
+    assert.matches("^HTTP/1.1 408 Request Timeout\r\n.*Connection: close\r\n",
+                   raw(port, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"))
+    assert.matches("^HTTP/1.1 408 Request Timeout\r\n",
+                   raw(port, "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n"))
+    c = connect(port) -- leaves in the middle of a body
+    c:write("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    c:close()
+    assert.matches("Hello", raw(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    stop(p)
+    assert.no.matches("rror", p.err:text()) -- an uncaught one used to be logged per such client
   end))
 
   it("parses a 60 KB header of spaces in linear time, good or bad", async(function()
@@ -559,6 +641,72 @@ asyncio.run(main())
     c = upgraded(port)
     c:write("\x81\x82\0\0\0\0\xff\xfe") -- masked (with zeros), invalid UTF-8
     assert.equal("\x88\x02\x03\xef", c:read_until_close()) -- close, 1007
+    stop(p)
+  end))
+
+  -- A masked frame from the client (the mask: 1, 2, 3, 4).
+  local function masked(b1, payload)
+    local key, n = "\1\2\3\4", #payload
+    local len = n < 126 and string.char(0x80 | n) or
+                n < 65536 and string.pack(">BI2", 0xfe, n) or string.pack(">BI8", 0xff, n)
+    local out = {}
+    for i = 1, n do out[i] = string.char(payload:byte(i) ~ key:byte((i - 1) % 4 + 1)) end
+    return string.char(b1) .. len .. key .. table.concat(out)
+  end
+
+  it("unmasks every length, answers close codes as RFC 6455 says, refuses negative lengths",
+     async(function()
+    local p, port = P.example("websocket", {"--port", 0})
+    local c = upgraded(port)
+    for _, n in ipairs {0, 1, 3, 4, 5, 63, 64, 65, 127, 131, 70000} do
+      local payload = ("%d:"):format(n):rep(n):sub(1, n)
+      c:write(masked(0x82, payload))
+      local head = c:read_bytes(n < 126 and 2 or n < 65536 and 4 or 10)
+      assert.equal(payload, c:read_bytes(n), "length " .. n)
+      assert.equal(0x82, head:byte(1))
+    end
+    c:close()
+    for payload, reply in pairs {
+      [""] = 1000, ["\3\232"] = 1000, ["\15\160bye"] = 4000, ["\3"] = 1002, -- one byte: malformed
+      ["\3\237"] = 1002, ["\3\236"] = 1002, ["\3\231"] = 1002, ["\11\183"] = 1002, -- 1005, 1004, 999, 2999
+      ["\3\232\xff"] = 1007, -- a reason that is not UTF-8
+    } do
+      c = upgraded(port)
+      c:write(masked(0x88, payload))
+      assert.equal("\x88\x02" .. string.pack(">I2", reply), c:read_until_close(), ("%q"):format(payload))
+    end
+    c = upgraded(port) -- a 64-bit length with the top bit set
+    c:write("\x82\xff\xff\xff\xff\xff\xff\xff\xff\xff\1\2\3\4")
+    assert.equal("\x88\x02\x03\xea", c:read_until_close())
+    stop(p)
+    assert.no.matches("rror", p.err:text()) -- these raised in the handler before
+  end))
+
+  it("counts a fragment's cost, not just its bytes, against the message limit", async(function()
+    -- empty continuation frames grew the server by ~7 bytes per byte sent, without bound
+    local p, port = P.example("websocket", {"--port", 0})
+    local c = upgraded(port)
+    local empty = masked(0x00, "")
+    c:write(masked(0x01, "a"))
+    for _ = 1, 20 do
+      if not c:write(empty:rep(1024)) then break end
+    end
+    assert.equal("\x88\x02\x03\xf1", c:read_until_close()) -- close, 1009
+    stop(p)
+  end))
+
+  it("refuses a bad Sec-WebSocket-Key or a missing Host with 400", async(function()
+    local p, port = P.example("websocket", {"--port", 0})
+    for _, head in ipairs {
+      "GET / HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Key: !!!!!!!!!!!!!!!!!!!!!!!!\r\n",
+      "GET / HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZR==\r\n", -- 17 bytes' worth
+      "GET / HTTP/1.1\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+    } do
+      local c = connect(port)
+      c:write(head .. "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
+      assert.matches("^HTTP/1.1 400 Bad Request\r\n", c:read_until_close(), head)
+      c:close()
+    end
     stop(p)
   end))
 

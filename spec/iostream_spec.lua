@@ -294,26 +294,51 @@ describe("IOStream", function()
       assert.same({"yz"}, result)
     end))
 
-    it("still accepts writes until the handler reads EOF (half-close)", async(function()
-      local out = H.python([[
-import socket, sys
+    -- Python's client: sends argv[2], shuts down its sending half (TCP's
+    -- FIN only, also over TLS: SSLSocket's shutdown would drop TLS), then
+    -- prints all it gets. argv[3] "tls" with argv[4] the CA speaks TLS.
+    local HALF_CLOSE = [[
+import socket, ssl, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-s.sendall(b"one\ntwo\n")
-s.shutdown(socket.SHUT_WR)
+if sys.argv[3] == "tls":
+    s = ssl.create_default_context(cafile=sys.argv[4]).wrap_socket(s, server_hostname="localhost")
+s.sendall(sys.argv[2].encode())
+socket.socket.shutdown(s, socket.SHUT_WR)
 data = b""
 while True:
     chunk = s.recv(100)
     if not chunk: break
     data += chunk
 sys.stdout.write(data.decode())
-]], tostring(select(2, H.serve(function(_, stream)
+]]
+
+    it("keeps a stream open for a reply written after a pause (half-close, plain and TLS)",
+       async(function()
+      -- the core read ahead, saw the FIN while the handler was busy, and
+      -- closed the stream: the reply was lost (`nc -N` clients)
+      local C = H.certs()
+      for _, ssl_options in ipairs {false, {certfile = C.server.certfile, keyfile = C.server.keyfile}} do
+        local result = {}
+        local _, port = H.serve(function(_, stream)
+          local line = stream:read_until("\n")
+          ioloop.sleep(0.2) -- some work (a database, an upstream) before the reply
+          result = {stream:write("reply to " .. line)}
+        end, {ssl_options = ssl_options or nil})
+        local mode = ssl_options and "tls" or "plain"
+        assert.equal("reply to GET /\n", H.python(HALF_CLOSE, tostring(port), "GET /\n", mode, C.cafile), mode)
+        assert.same({true}, result)
+      end
+    end))
+
+    it("still accepts writes until the handler reads EOF (half-close)", async(function()
+      local _, port = H.serve(function(_, stream)
         while true do
           local line = stream:read_until("\n")
           if not line then break end
           stream:write(line:upper())
         end
-      end))))
-      assert.equal("ONE\nTWO\n", out)
+      end)
+      assert.equal("ONE\nTWO\n", H.python(HALF_CLOSE, tostring(port), "one\ntwo\n", "plain"))
     end))
   end)
 
@@ -456,6 +481,47 @@ sys.stdout.write(data.decode())
       assert.is_true(res.waited >= 0.39, "waited " .. res.waited)
     end))
 
+    -- Each wait has its own start. They shared one: any new wait on the
+    -- stream put off the others' timeouts, for as long as waits came.
+    it("times out a waiting write while reads on the stream keep coming", async(function()
+      local res
+      local client = pair(function(_, stream)
+        stream:set_timeout(0.3)
+        ioloop.current():spawn(function()
+          local big, ok, err = ("x"):rep(1024 * 1024), true, nil
+          while ok do ok, err = stream:write(big) end -- the client reads nothing
+          res = {ok, err}
+        end)
+        while not res and stream:read_until("\n") do end -- a line every 0.1 s
+      end)
+      for _ = 1, 50 do -- 5 s at most
+        if res then break end
+        ioloop.sleep(0.1)
+        client:write("line\n")
+      end
+      assert.same({nil, "timeout"}, res)
+      client:close()
+    end))
+
+    it("times out a waiting read while writes on the stream keep waiting", async(function()
+      local res, stop
+      local client = pair(function(_, stream)
+        stream:set_timeout(0.3)
+        ioloop.current():spawn(function()
+          local big = ("x"):rep(1024 * 1024)
+          while not stop and stream:write(big) do end -- waits, the client reads, again
+        end)
+        res = {stream:read_until("\n")} -- no line comes
+        stop = true
+      end)
+      local deadline = ioloop.current():time() + 5
+      while not res and ioloop.current():time() < deadline do
+        client:read_bytes(65536, true)
+      end
+      assert.same({nil, "timeout"}, res)
+      client:close()
+    end))
+
     it("times out no wait after timeouts are turned off", async(function()
       local res = {}
       local client = pair(function(_, stream)
@@ -581,6 +647,36 @@ end)
 -- Defects found by Tornado's ported tests and real clients (issue 10); each
 -- of these failed before its fix.
 describe("IOStream regressions", function()
+  it("lets the loop turn between full 64 KiB reads that wake a reader", async(function()
+    -- libuv reads on while a read fills its buffer, up to 2 MiB at a time:
+    -- one sender's burst ran its handler that long before any other
+    -- callback (a chat room dropped its fast readers as too slow)
+    local total, got, most = 16 * 1024 * 1024, 0, 0
+    local _, port = H.serve(function(_, stream)
+      local asked -- bytes read when a callback was last added
+      while got < total do
+        local data = stream:read_bytes(65536, true)
+        if not data then return end
+        got = got + #data
+        data:upper() -- some work per chunk: meanwhile the sender fills the socket
+        if not asked then -- how much more is read before the callback runs?
+          asked = got
+          H.loop:add_callback(function() most, asked = math.max(most, got - asked), nil end)
+        end
+      end
+      stream:write("done\n")
+    end)
+    local out, status = H.python([[
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"x" * int(sys.argv[2]))
+print(s.makefile().readline().strip())
+]], tostring(port), tostring(total))
+    assert.same({"done\n", 0}, {out, status})
+    -- at most one more read before the callback's turn (there were up to 32)
+    assert.is_true(most <= 65536, "read before a callback ran: " .. most)
+  end))
+
   it("resumes reading for a request made past the read high-water mark", async(function()
     local got
     local n = 64 * 1024

@@ -30,6 +30,8 @@ typedef struct stream_ctx {
   ts_stream **dirty;   /* streams with unflushed writes (a stack: a */
   size_t ndirty, cap;  /* pointer per stream costs idle ones bytes) */
   ts_stream *borrower; /* the stream whose rbuf is `shared` right now */
+  ts_stream *yielding; /* its task ran on a full read: no more this turn */
+  unsigned wakes;      /* readers woken so far (they ran Lua code) */
   ts_buf_pool wpool;   /* drained write buffers */
   size_t rbuf_bytes;   /* held by streams' own read buffers */
   size_t rbuf_count;   /* streams holding one */
@@ -48,6 +50,7 @@ typedef struct write_req {
 typedef struct write_waiter {
   ts_waiter w;
   uint64_t until;
+  uint64_t start; /* loop time (ms) its wait began, or NO_LIMIT */
 } write_waiter;
 
 /* What few streams need, made on first use (an idle stream is counted
@@ -60,8 +63,11 @@ typedef struct stream_rare {
   uint64_t sent_at_close; /* bytes_sent when the stream closed */
   int close_cb_ref;
   float timeout;       /* seconds; 0 means none */
-  uint64_t wait_start; /* loop time (ms) the latest wait began */
+  uint64_t read_start; /* loop time (ms) the reader's wait began, or NO_LIMIT */
 } stream_rare;
+
+/* The start of a wait that began with no timeout set: it has none. */
+#define NO_LIMIT UINT64_MAX
 
 enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE, RD_FILL };
 
@@ -151,8 +157,10 @@ static stream_rare *rare(ts_stream *s) {
   if (r != NULL || (s->flags & F_DONE))
     return r;
   r = s->rare = calloc(1, sizeof(*r));
-  if (r != NULL)
+  if (r != NULL) {
     r->close_cb_ref = LUA_NOREF;
+    r->read_start = NO_LIMIT;
+  }
   return r;
 }
 
@@ -328,18 +336,21 @@ static void start_timer(ts_stream *s, uint64_t ms) {
   uv_ref((uv_handle_t *)r->timer); /* stop_timer may have unref'd it */
 }
 
-/* A wait begins. A timer still armed from an earlier wait is kept if it
- * fires no later than this one ends: the callback then arms it for the
- * rest. Restarting it per wait cost two timer-heap operations per
- * request (a read per request, a stop per wake). */
-static void start_wait_timer(ts_stream *s) {
+/* A wait begins; *start is when (NO_LIMIT without a timeout). Each wait
+ * has its own start: a reader and writers wait at once. A timer still
+ * armed from an earlier wait is kept if it fires no later than this one
+ * ends: the callback then arms it for the rest. Restarting it per wait
+ * cost two timer-heap operations per request (a read per request, a stop
+ * per wake). */
+static void start_wait_timer(ts_stream *s, uint64_t *start) {
   stream_rare *r = s->rare;
   uint64_t ms;
 
+  *start = NO_LIMIT;
   if (r == NULL || r->timeout <= 0)
     return;
   ms = ts__timeout_ms(r->timeout);
-  r->wait_start = uv_now(s->h.handle.loop);
+  *start = uv_now(s->h.handle.loop);
   if (r->timer != NULL && uv_is_active((uv_handle_t *)r->timer) &&
       uv_timer_get_due_in(r->timer) <= ms)
     uv_ref((uv_handle_t *)r->timer);
@@ -555,6 +566,7 @@ static int try_read(ts_stream *s, lua_State *L) {
 static void wake_reader(ts_stream *s, int nres) {
   lua_State *co = s->reader;
 
+  sctx(s)->wakes++;
   s->reader = NULL;
   stop_timer(s);
   ts__wake(co, nres);
@@ -566,6 +578,14 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   size_t len = ts_buf_len(&s->rbuf), want = s->chunk, room;
 
   (void)suggested;
+  if (ctx->yielding != NULL) { /* set for this very call of uv__read, or stale */
+    int turn_over = ctx->yielding == s;
+    ctx->yielding = NULL;
+    if (turn_over) { /* UV_ENOBUFS: read_cb keeps reading, libuv goes on */
+      *buf = uv_buf_init(NULL, 0);
+      return;
+    }
+  }
   if (s->ops != NULL) { /* raw bytes: the layer takes them at once */
     *buf = uv_buf_init(ctx->shared, SHARED_READ_SIZE);
     return;
@@ -606,9 +626,12 @@ static void on_eof(ts_stream *s) {
   s->flags |= F_EOF;
   if (s->reader != NULL)
     wake_reader(s, try_read(s, s->reader));
-  /* Nothing left to read: closed now, not at the next read (a TLS record
-   * brings data and close_notify together). */
-  if (s->reader == NULL && ts_buf_len(&s->rbuf) == 0)
+  /* The next read gets EOF and closes the stream; until then it can be
+   * written, as the peer may only have shut down its sending half (a
+   * reply written after a pause must still go). With a close callback
+   * the user asked to hear of the end now, as in Tornado. */
+  if (s->reader == NULL && ts_buf_len(&s->rbuf) == 0 && s->rare != NULL &&
+      s->rare->close_cb_ref != LUA_NOREF)
     stream_close(s, 0);
   /* What nobody read yet must leave the shared buffer: the next read of
    * any stream overwrites it. */
@@ -628,10 +651,18 @@ void ts__stream_on_eof(ts_stream *s) {
   check_writers(s);
 }
 
+/* libuv reads on while a read fills its buffer, up to 32 times (2 MiB)
+ * before the loop turns. After a full read that ran a task, the next
+ * alloc_cb of this stream passes (yielding): other connections' and the
+ * loop's callbacks run before the next 64 KiB, as in Tornado and nginx.
+ * A full read that only buffered goes on. */
 static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
   ts_stream *s = h->data;
   const ts_layer_ops *ops = s->ops;
+  unsigned wakes = sctx(s)->wakes;
 
+  if (nread > 0 && (size_t)nread == buf->len)
+    sctx(s)->yielding = s; /* cleared below if no task ran */
   if (nread > 0 && ops != NULL) {
     ops->on_read(s, s->layer, buf->base, (size_t)nread);
   } else if (nread > 0) {
@@ -656,6 +687,8 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
       ops->on_error(s, s->layer, (int)nread);
     stream_close(s, (int)nread);
   }
+  if (sctx(s)->yielding == s && sctx(s)->wakes == wakes)
+    sctx(s)->yielding = NULL;
   unborrow(s); /* the shared buffer is free between callbacks */
 }
 
@@ -711,7 +744,8 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
    * stays there: it is running then, and the next wait overwrites it. */
   lua_pushthread(L);
   lua_setiuservalue(L, 1, 1);
-  start_wait_timer(s);
+  if (s->rare != NULL)
+    start_wait_timer(s, &s->rare->read_start);
   s->reader = L;
   return ts__park(L);
 }
@@ -911,7 +945,7 @@ static int wait_written(lua_State *L, ts_stream *s, uint64_t until) {
   w = &q->w[q->n++];
   w->until = until;
   ts_waiter_init(&w->w);
-  start_wait_timer(s);
+  start_wait_timer(s, &w->start);
   return ts_waiter_park(&w->w, L);
 }
 
@@ -1161,6 +1195,8 @@ static void close_cb(uv_handle_t *h) {
   ts__stream_push(L, s); /* held here: a task that ends may disown it */
   if (s->flags & F_DIRTY)
     unlink_dirty(s);
+  if (ctx->yielding == s) /* a new stream may come at this address */
+    ctx->yielding = NULL;
   ts_buf_release(&s->wbuf, &ctx->wpool);
   s->flags |= F_DONE;
   if (s->ops != NULL && s->ops->closed != NULL)
@@ -1252,35 +1288,49 @@ void ts__stream_abort(ts_stream *s) {
   stream_close(s, UV_ECANCELED);
 }
 
+/* Whether a wait that began at `start` has run out at `now`; if not,
+ * what it has left goes to *next when that is sooner. */
+static int expired(uint64_t start, uint64_t now, uint64_t ms, uint64_t *next) {
+  if (start == NO_LIMIT)
+    return 0;
+  if (now - start >= ms)
+    return 1;
+  if (start + ms - now < *next)
+    *next = start + ms - now;
+  return 0;
+}
+
 static void wait_timer_cb(uv_timer_t *t) {
   ts_stream *s = t->data;
   stream_rare *r = s->rare;
-  lua_State *reader;
-  uint64_t ms, waited;
-  int n;
+  lua_State *reader = s->reader;
+  uint64_t ms, now = uv_now(t->loop), next = NO_LIMIT;
+  int i;
 
   if (s->flags & F_CLOSED) { /* the linger ran out */
     handle_close(s);
     return;
   }
-  if ((s->reader == NULL && !writing(s)) || r->timeout <= 0)
+  if ((reader == NULL && !writing(s)) || r->timeout <= 0)
     return; /* armed for a wait that is over, or timeouts are off now */
   ms = ts__timeout_ms(r->timeout);
-  waited = uv_now(t->loop) - r->wait_start;
-  if (waited < ms) { /* armed for an earlier wait: this one has time left */
-    uv_timer_start(t, wait_timer_cb, ms - waited, 0);
-    return;
+  /* Each wait by its own start: one that goes on (a reader while writers
+   * come and go) must not be put off by the others. A woken task may
+   * wait again at once: that wait starts now, so it has not run out. */
+  for (i = 0; writing(s) && i < r->n;) {
+    if (expired(r->w[i].start, now, ms, &next))
+      wake_writer(s, i, "timeout");
+    else
+      i++;
   }
-  /* Only those that waited when it fired: a woken task may wait again at
-   * once (re-arming the timer), and that wait has its own time. */
-  reader = s->reader;
-  for (n = s->rare != NULL ? s->rare->n : 0; n > 0 && writing(s); n--)
-    wake_writer(s, 0, "timeout");
-  if (reader != NULL && s->reader == reader) {
+  if (reader != NULL && s->reader == reader && expired(r->read_start, now, ms, &next)) {
     read_failed(s, reader, "timeout");
     wake_reader(s, 2);
     update_reading(s); /* not for a write-only pipe: it cannot read */
   }
+  if (next != NO_LIMIT && !(s->flags & F_CLOSED) &&
+      (!uv_is_active((uv_handle_t *)t) || uv_timer_get_due_in(t) > next))
+    uv_timer_start(t, wait_timer_cb, next, 0);
 }
 
 static int l_close(lua_State *L) {
