@@ -118,6 +118,29 @@ describe("examples/chat.lua", function()
     stop(p)
   end))
 
+  it("drops two members who stop reading once each", async(function()
+    -- the second was dropped by the first one's "left" message, then again
+    local p, port = P.example("chat", {"--port", 0, "--max-queue", 16 * 1024})
+    local alice, bob, carol = join(port, "alice"), join(port, "bob"), join(port, "carol")
+    assert.equal("* bob joined\n", alice:read_until("\n"))
+    assert.equal("* carol joined\n", alice:read_until("\n"))
+    local text, left = ("x"):rep(4000), {}
+    require("tcpserver.ioloop").current():spawn(function()
+      for i = 1, 20000 do -- 80 MB at most; bob and carol read nothing
+        if #left == 2 or not alice:write(("%d %s\n"):format(i, text)) then break end
+      end
+    end)
+    while #left < 2 do
+      left[#left + 1] = alice:read_until("\n"):match("^%* (%a+) left")
+    end
+    table.sort(left)
+    assert.same({"bob", "carol"}, left)
+    for _, c in ipairs {alice, bob, carol} do c:close() end
+    stop(p)
+    local _, drops = p.err:text():gsub("dropping %a+: too slow", "")
+    assert.equal(2, drops)
+  end))
+
   it("keeps a member who reads while another sends 800 KB at once", async(function()
     -- the sender's 800 KB used to be read and broadcast, up to 2 MiB, before
     -- any writer task ran: every outbox passed --max-queue and the room emptied
