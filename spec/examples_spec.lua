@@ -206,6 +206,17 @@ describe("examples/kv.lua", function()
     stop(p)
   end))
 
+  it("sweeps keys nobody asks for by their deadline, not one given up since", async(function()
+    local p, port = P.example("kv", {"--port", 0})
+    cli(port, "set", "k1", "v", "px", "100")
+    cli(port, "set", "k2", "v", "px", "100")
+    assert.equal("1\n", cli(port, "pexpire", "k2", "100000")) -- its first deadline must not count
+    cli(port, "set", "k3", "v")
+    H.wait_until(function() return cli(port, "dbsize") == "2\n" end) -- DBSIZE touches no key
+    assert.equal("1\n", cli(port, "exists", "k2"))
+    stop(p)
+  end))
+
   it("survives redis-benchmark, pipelined or not", async(function()
     local p, port = P.example("kv", {"--port", 0})
     for _, pipeline in ipairs {"1", "16"} do
@@ -266,18 +277,42 @@ describe("examples/kv.lua's parser", function()
     assert.equal(want, exchange({req}, want))
   end))
 
-  it("refuses malformed commands with Redis's errors", async(function()
-    local cases = {
-      {"*2\r\n$3\r\nGET\r\n$1\r\nkXY", "bulk string without CRLF"},
-      {"*2\r\n$3\r\nGETxx$1\r\nk\r\n", "invalid bulk length"},
-      {"*2\r\n$3\r\nGET\r\n$x\r\n", "invalid bulk length"},
-      {"*-1\r\n", "invalid multibulk length"},
-      {"*1x\r\n", "invalid multibulk length"},
-    }
-    for _, case in ipairs(cases) do
-      local want = "-ERR Protocol error: " .. case[2] .. "\r\n"
-      assert.equal(want, exchange({case[1]}, want), case[1])
-    end
+  -- Differences from redis-server 7.0 that an outside differential test found.
+  it("reads as Redis does: bare-LF inline commands, empty arrays, QUIT in any case", async(function()
+    local want = "+OK\r\n$1\r\n1\r\n+PONG\r\n+PONG\r\n"
+    assert.equal(want, exchange({"SET a 1\nGET a\nPING\nPING\r\n"}, want)) -- was no reply at all
+    assert.equal("+PONG\r\n", exchange({"*-1\r\n*0\r\n" .. cmd("PING")}, "+PONG\r\n"))
+    local c = H.connect(port)
+    c:write(cmd("Quit") .. cmd("PING"))
+    assert.equal("+OK\r\n", c:read_until_close()) -- then closed
+    c:close()
+  end))
+
+  it("keeps replies whole: no float TTL, no CR/LF from a command name", async(function()
+    local req = cmd("SET", "h", "v", "EX", "100000000000000000") .. cmd("SET", "e", "1") ..
+                cmd("EXPIRE", "e", "9223372036854775") .. cmd("EXPIRE", "e", "-9223372036854775808") ..
+                cmd("PTTL", "h") .. "*1\r\n$9\r\nx\r\n:42\r\nX\r\n" .. cmd("PING")
+    local want = "-ERR invalid expire time in 'set' command\r\n+OK\r\n" ..
+                 "-ERR invalid expire time in 'expire' command\r\n" ..
+                 "-ERR invalid expire time in 'expire' command\r\n:-2\r\n" ..
+                 "-ERR unknown command 'x  :42  X'\r\n+PONG\r\n"
+    assert.equal(want, exchange({req}, want)) -- was ":1e+20", and a reply split in three
+    req = cmd("FLUSHALL", "junk") .. cmd("GET", "e") .. cmd("DBSIZE", "x") .. cmd("SET", "i", "007") ..
+          cmd("INCR", "i")
+    want = "-ERR syntax error\r\n$1\r\n1\r\n-ERR wrong number of arguments for 'dbsize' command\r\n" ..
+           "+OK\r\n-ERR value is not an integer or out of range\r\n"
+    assert.equal(want, exchange({req}, want))
+  end))
+
+  it("parses a command of many arguments once, not again per read", async(function()
+    -- EXISTS with 1,000,000 keys in 16 KiB pieces took 31 s (Redis: 0.2 s)
+    -- and stalled every other client; the spec's 10 s limit catches that
+    local n, parts = 1000000, {}
+    for i = 1, n do parts[i] = "$1\r\nk\r\n" end
+    local req = "*" .. (n + 1) .. "\r\n$6\r\nEXISTS\r\n" .. table.concat(parts)
+    local chunks = {}
+    for i = 1, #req, 16384 do chunks[#chunks + 1] = req:sub(i, i + 16383) end
+    assert.equal(":0\r\n", exchange(chunks, ":0\r\n"))
   end))
 end)
 
