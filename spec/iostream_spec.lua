@@ -522,6 +522,20 @@ sys.stdout.write(data.decode())
       client:close()
     end))
 
+    it("refuses a negative or NaN timeout, saying so", async(function()
+      local errs = {}
+      local client = pair(function(_, stream)
+        for _, bad in ipairs {-1, 0 / 0} do
+          errs[#errs + 1] = select(2, pcall(stream.set_timeout, stream, bad))
+        end
+        stream:write("done\n")
+      end)
+      assert.equal("done\n", client:read_until("\n"))
+      for _, e in ipairs(errs) do assert.matches("set_timeout: seconds must be 0 or more", e) end
+      assert.equal(2, #errs)
+      client:close()
+    end))
+
     it("times out no wait after timeouts are turned off", async(function()
       local res = {}
       local client = pair(function(_, stream)

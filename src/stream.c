@@ -1403,7 +1403,7 @@ static int l_set_close_callback(lua_State *L) {
 static int l_settimeout(lua_State *L) {
   ts_stream *s = check_self(L);
   lua_Number t = luaL_optnumber(L, 2, 0);
-  luaL_argcheck(L, t >= 0, 2, "timeout must not be negative");
+  luaL_argcheck(L, t >= 0, 2, "set_timeout: seconds must be 0 or more"); /* NaN is not */
   set_timeout(s, t);
   return 0;
 }
