@@ -7,10 +7,12 @@
 -- (`luahost examples/kv.lua PORT` works too.)
 --
 -- Requests are RESP arrays of bulk strings ("*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
--- or inline commands ("PING\r\n"). The handler takes whatever the client
--- has sent so far (read_bytes with partial = true), parses every complete
--- command in it, and answers the whole batch with one write of an array of
--- replies: a pipelined batch costs one read and one write, however long.
+-- or inline commands ("PING\r\n", with quotes as Redis reads them). The
+-- handler takes whatever the client has sent so far (read_bytes with
+-- partial = true), parses every complete command in it (an incomplete one
+-- is taken up where it stopped), and answers the whole batch with one
+-- write of an array of replies: a pipelined batch costs one read and one
+-- write, however long.
 -- Values are stored already encoded as bulk replies ("$3\r\nbar\r\n"), so
 -- GET answers with the stored string itself.
 --
@@ -281,16 +283,79 @@ end
 
 local PROTOCOL = {}  -- a unique value: "protocol error" (reply, then close)
 
--- An inline command ("PING\r\n", "SET k v\n"): words split on spaces
--- (no quotes), ended by LF with an optional CR, as Redis reads them.
+local ESCAPES = {n = "\n", r = "\r", t = "\t", b = "\b", a = "\a"}
+
+-- Splits an inline line with quotes as Redis's sdssplitargs does: "..."
+-- with \n \r \t \b \a \xHH and \<any>, '...' with \' only, a closing
+-- quote followed by a space or the end. Returns argc, or nil if a quote
+-- is unbalanced.
+local function split_quoted(line, argv)
+  local argc, i, n = 0, 1, #line
+  while true do
+    i = find(line, "[^ \t\r\n\0]", i) -- Redis skips isspace(); NUL ends a word
+    if not i then return argc end
+    local word, quote = {}, nil
+    while true do
+      local c = sub(line, i, i)
+      if quote == '"' then
+        local hex = c == "\\" and line:match("^x(%x%x)", i + 1)
+        if hex then
+          word[#word + 1], i = string.char(tonumber(hex, 16)), i + 3
+        elseif c == "\\" and i < n then
+          i = i + 1
+          local e = sub(line, i, i)
+          word[#word + 1] = ESCAPES[e] or e
+        elseif c == '"' then
+          if i < n and not find(sub(line, i + 1, i + 1), "%s") then return nil end
+          i = i + 1
+          break
+        elseif c == "" then
+          return nil -- unterminated
+        else
+          word[#word + 1] = c
+        end
+      elseif quote == "'" then
+        if c == "\\" and sub(line, i + 1, i + 1) == "'" then
+          word[#word + 1], i = "'", i + 1
+        elseif c == "'" then
+          if i < n and not find(sub(line, i + 1, i + 1), "%s") then return nil end
+          i = i + 1
+          break
+        elseif c == "" then
+          return nil
+        else
+          word[#word + 1] = c
+        end
+      elseif c == "" or find(c, "[ \t\r\n\0]") then
+        break
+      elseif c == '"' or c == "'" then
+        quote = c
+      else
+        word[#word + 1] = c
+      end
+      i = i + 1
+    end
+    argc = argc + 1
+    argv[argc] = table.concat(word)
+  end
+end
+
+-- An inline command ("PING\r\n", "SET k v\n", 'SET k "a b"\r\n'): words
+-- ended by LF with an optional CR, as Redis reads them.
 local function parse_inline(buf, pos, argv)
   local eol = find(buf, "\n", pos, true)
   if (eol or #buf + 1) - pos > MAX_LINE then return PROTOCOL, "too big inline request" end
   if not eol then return nil, #buf - pos + 2, pos end
-  local argc = 0
-  for word in sub(buf, pos, eol - 1):gmatch("%S+") do
-    argc = argc + 1
-    argv[argc] = word
+  local line, argc = sub(buf, pos, eol - 1), 0
+  if find(line, "[\"']") then
+    if byte(line, -1) == 13 then line = sub(line, 1, -2) end -- the line ends before CRLF
+    argc = split_quoted(line, argv)
+    if not argc then return PROTOCOL, "unbalanced quotes in request" end
+  else
+    for word in line:gmatch("%S+") do
+      argc = argc + 1
+      argv[argc] = word
+    end
   end
   return argc, eol + 1
 end

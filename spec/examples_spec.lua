@@ -288,6 +288,16 @@ describe("examples/kv.lua's parser", function()
     c:close()
   end))
 
+  it("splits inline commands with quotes as Redis does", async(function()
+    -- `SET q "a b"` from telnet was a syntax error
+    local req = 'SET q "a b"\r\nGET q\r\nECHO \'it\\\'s\'\r\nECHO "\\x41\\tB"\r\nECHO a"b c"\r\n'
+    local want = "+OK\r\n$3\r\na b\r\n$4\r\nit's\r\n$3\r\nA\tB\r\n$4\r\nab c\r\n"
+    assert.equal(want, exchange({req}, want))
+    want = "-ERR Protocol error: unbalanced quotes in request\r\n"
+    assert.equal(want, exchange({'ECHO "open\r\n'}, want))
+    assert.equal(want, exchange({'ECHO "a"b\r\n'}, want))
+  end))
+
   it("keeps replies whole: no float TTL, no CR/LF from a command name", async(function()
     local req = cmd("SET", "h", "v", "EX", "100000000000000000") .. cmd("SET", "e", "1") ..
                 cmd("EXPIRE", "e", "9223372036854775") .. cmd("EXPIRE", "e", "-9223372036854775808") ..
