@@ -165,8 +165,11 @@ static stream_rare *rare(ts_stream *s) {
   return r;
 }
 
-/* The timer is closed already (handle_close) or never was (lua_close). */
+/* The timer is closed already (handle_close made it NULL) or never will
+ * be: at lua_close the loop runs no more, and a stream still open then
+ * (one whose peer ended while nobody read) takes its timer along. */
 static void free_rare(ts_stream *s) {
+  free(s->rare->timer);
   free(s->rare->w);
   free(s->rare);
   s->rare = NULL;
