@@ -330,6 +330,48 @@ sys.stdout.write(data.decode())
       end
     end))
 
+    -- A server's stream stays open at EOF while its handler runs (above);
+    -- what else it must not hold on to, found in review:
+    it("runs a close callback set after the end came, or before it with data left", async(function()
+      local fired = {}
+      for _, case in ipairs {"after", "data first"} do
+        local _, port = H.serve(function(_, stream)
+          if case ~= "after" then stream:set_close_callback(function() fired[case] = true end) end
+          H.wait_until(function() return stream:buffer_sizes() > 0 or case == "after" end)
+          ioloop.sleep(0.2) -- the client's end arrives meanwhile
+          if case == "after" then
+            stream:set_close_callback(function() fired[case] = true end)
+          else
+            stream:read_bytes(3)
+          end
+          H.wait_until(function() return fired[case] end)
+        end)
+        local c = H.connect(port)
+        if case ~= "after" then c:write("abc") end
+        c:close()
+      end
+      H.wait_until(function() return fired.after and fired["data first"] end)
+    end))
+
+    it("closes pipes and client streams at the end: dropped, they keep no descriptor", async(function()
+      local process = require "tcpserver.process"
+      local function descriptors()
+        local n = 0
+        for _ in io.popen("ls /proc/" .. process.getpid() .. "/fd"):lines() do n = n + 1 end
+        return n
+      end
+      local _, port = H.serve(function(_, stream) stream:write("bye\n") end)
+      local before = descriptors()
+      for _ = 1, 20 do
+        local p = process.Subprocess({"echo", "hi"}, {stdout = "pipe", stderr = "pipe"})
+        assert.equal("hi\n", p.stdout:read_until_close()) -- stderr: never read
+        assert.equal(0, p:wait_for_exit())
+        local c = H.connect(port)
+        assert.equal("bye\n", c:read_until("\n")) -- then dropped, not closed
+      end
+      H.wait_until(function() return descriptors() <= before + 2 end) -- was 40 more
+    end))
+
     it("still accepts writes until the handler reads EOF (half-close)", async(function()
       local _, port = H.serve(function(_, stream)
         while true do

@@ -626,17 +626,26 @@ static void on_data(ts_stream *s) {
   update_reading(s);
 }
 
+/* The peer ended, nobody reads and nothing is left to read. A server's
+ * stream stays open while its handler runs: the peer may have shut down
+ * only its sending half, a reply written after a pause must still go, and
+ * the handler's end closes it (or its next read, which gets the end).
+ * Other streams close now: a client stream or a pipe nobody closes would
+ * keep its descriptor. So does one with a close callback: its owner asked
+ * to hear of the end at once, as in Tornado. */
+static void close_if_ended(ts_stream *s) {
+  if ((s->flags & (F_EOF | F_CLOSED)) != F_EOF || s->reader != NULL ||
+      ts_buf_len(&s->rbuf) != 0)
+    return;
+  if (!(s->flags & F_OWNED) || (s->rare != NULL && s->rare->close_cb_ref != LUA_NOREF))
+    stream_close(s, 0);
+}
+
 static void on_eof(ts_stream *s) {
   s->flags |= F_EOF;
   if (s->reader != NULL)
     wake_reader(s, try_read(s, s->reader));
-  /* The next read gets EOF and closes the stream; until then it can be
-   * written, as the peer may only have shut down its sending half (a
-   * reply written after a pause must still go). With a close callback
-   * the user asked to hear of the end now, as in Tornado. */
-  if (s->reader == NULL && ts_buf_len(&s->rbuf) == 0 && s->rare != NULL &&
-      s->rare->close_cb_ref != LUA_NOREF)
-    stream_close(s, 0);
+  close_if_ended(s);
   /* What nobody read yet must leave the shared buffer: the next read of
    * any stream overwrites it. */
   unborrow(s);
@@ -742,6 +751,8 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
   if (!lent)
     unborrow(s);
   if (r > 0) {
+    if (s->flags & F_EOF) /* it read what was left */
+      close_if_ended(s);
     update_reading(s);
     return r;
   }
@@ -1398,6 +1409,7 @@ static int l_set_close_callback(lua_State *L) {
     return luaL_error(L, "set_close_callback: out of memory");
   luaL_unref(L, LUA_REGISTRYINDEX, r->close_cb_ref);
   r->close_cb_ref = lua_isnil(L, 2) ? LUA_NOREF : luaL_ref(L, LUA_REGISTRYINDEX);
+  close_if_ended(s); /* the end came before the callback did */
   return 0;
 }
 
