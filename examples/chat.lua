@@ -58,7 +58,9 @@ end
 --- Policy for a client that cannot keep up: close its stream. close()
 -- first tries to hand over what is already written (for up to 10 s);
 -- then the client's reader and writer see "closed" and its handler ends.
+-- Once: leave's own broadcast may drop a client the caller drops next.
 function Client:drop(reason)
+  if self.dropped then return end
   self.dropped = reason
   log.warning("dropping %s: %s", self.nick, reason)
   self.stream:close()
@@ -102,10 +104,8 @@ local function broadcast(line, except)
     if client ~= except and not client:send(line) then slow[#slow + 1] = client end
   end
   for _, client in ipairs(slow) do
-    if not client.dropped then -- leave's own broadcast may have dropped it
-      client:drop("too slow")
-      leave(client, " (dropped: too slow)")
-    end
+    client:drop("too slow")
+    leave(client, " (dropped: too slow)")
   end
 end
 

@@ -34,8 +34,10 @@ local REASONS = {
 -- matches and a greedy trim: a pattern that could backtrack across the
 -- value would take seconds on a 64 KiB one. (%w comes first in the set: a
 -- set is tried item by item.)
-local FIELD_NAME = "^([%w!#$%%&'*+.^_`|~-]+):[ \t]*()"
-local FIELD_VALUE = "^([\t -~\128-\255]*)\r\n()"
+local TOKEN = "[%w!#$%%&'*+.^_`|~-]+"  -- a field name (RFC 9110 5.6.2)
+local FIELD_CHARS = "[\t -~\128-\255]" -- a value's: no control character but tab
+local FIELD_NAME = "^(" .. TOKEN .. "):[ \t]*()"
+local FIELD_VALUE = "^(" .. FIELD_CHARS .. "*)\r\n()"
 
 -- A request's head (everything up to the empty line) as
 -- {method=, target=, path=, query=, version="1.1", headers={lower-case name = value}},
@@ -102,10 +104,10 @@ local function read_exactly(stream, n)
   return table.concat(parts)
 end
 
--- A chunk-size line ("1a\r\n", "1a;name=value\r\n") and a trailer line:
--- no bare CR or LF, no control character but tab.
-local CHUNK_SIZE = "^(%x+)([\t -~\128-\255]*)\r\n$"
-local TRAILER = "^[%w!#$%%&'*+.^_`|~-]+:[\t -~\128-\255]*\r\n$"
+-- A chunk-size line ("1a\r\n", "1a;name=value\r\n") and a trailer line,
+-- with a value's characters: no bare CR or LF.
+local CHUNK_SIZE = "^(%x+)(" .. FIELD_CHARS .. "*)\r\n$"
+local TRAILER = "^" .. TOKEN .. ":" .. FIELD_CHARS .. "*\r\n$"
 
 -- A chunked body: hex size lines, each chunk followed by CRLF, a zero
 -- size, optional trailers and an empty line. Returns the body, or nil and

@@ -163,7 +163,8 @@ local MAX_TTL_MS = 1 << 52
 -- The deadline n seconds (scale 1) or milliseconds (scale 1000) from
 -- now, or nil when n is out of range.
 local function deadline(n, scale)
-  if n > MAX_TTL_MS * scale // 1000 or n < -(MAX_TTL_MS * scale // 1000) then return nil end
+  local limit = MAX_TTL_MS * scale // 1000
+  if n > limit or n < -limit then return nil end
   return clock:time() + n / scale
 end
 
@@ -297,35 +298,21 @@ local function split_quoted(line, argv)
     local word, quote = {}, nil
     while true do
       local c = sub(line, i, i)
-      if quote == '"' then
-        local hex = c == "\\" and line:match("^x(%x%x)", i + 1)
+      if quote then
+        if c == "" then return nil end -- unterminated
+        if c == quote then -- closing: a space or the end must follow
+          if i < n and not find(line, "^%s", i + 1) then return nil end
+          i = i + 1
+          break
+        end
+        local nxt = sub(line, i + 1, i + 1)
+        local hex = quote == '"' and c == "\\" and line:match("^x(%x%x)", i + 1)
         if hex then
-          word[#word + 1], i = string.char(tonumber(hex, 16)), i + 3
-        elseif c == "\\" and i < n then
-          i = i + 1
-          local e = sub(line, i, i)
-          word[#word + 1] = ESCAPES[e] or e
-        elseif c == '"' then
-          if i < n and not find(sub(line, i + 1, i + 1), "%s") then return nil end
-          i = i + 1
-          break
-        elseif c == "" then
-          return nil -- unterminated
-        else
-          word[#word + 1] = c
+          c, i = string.char(tonumber(hex, 16)), i + 3
+        elseif c == "\\" and (quote == '"' and nxt ~= "" or nxt == "'") then
+          c, i = ESCAPES[nxt] or nxt, i + 1
         end
-      elseif quote == "'" then
-        if c == "\\" and sub(line, i + 1, i + 1) == "'" then
-          word[#word + 1], i = "'", i + 1
-        elseif c == "'" then
-          if i < n and not find(sub(line, i + 1, i + 1), "%s") then return nil end
-          i = i + 1
-          break
-        elseif c == "" then
-          return nil
-        else
-          word[#word + 1] = c
-        end
+        word[#word + 1] = c
       elseif c == "" or find(c, "[ \t\r\n\0]") then
         break
       elseif c == '"' or c == "'" then
@@ -381,7 +368,7 @@ local function parse(buf, pos, argv, partial)
       if eol or #buf - pos >= MAX_LINE then return PROTOCOL, "invalid multibulk length" end
       return nil, #buf - pos + 2, pos
     end
-    argc = n:sub(1, 1) == "-" and 0 or length(n) -- "*-1", "*0": nothing (as Redis)
+    argc = byte(n) == 45 and 0 or length(n) -- "*-1", "*0": nothing (as Redis)
     if not argc or argc > MAX_ARGS then return PROTOCOL, "invalid multibulk length" end
     first, pos = 1, e + 1
   end

@@ -18,6 +18,7 @@ local HANDSHAKE_TIMEOUT = 10    -- seconds for the upgrade request
 local GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11" -- RFC 6455's constant
 
 local pack, unpack = string.pack, string.unpack
+local KEY = "^" .. ("[%w+/]"):rep(21) .. "[AQgw]==$" -- base64 of 16 bytes
 
 -- ---- SHA-1 and base64, for Sec-WebSocket-Accept ------------------------------
 
@@ -86,9 +87,8 @@ local function handshake(stream)
     http_error(stream, "426 Upgrade Required", "Upgrade: websocket\r\n")
     return false
   end
-  local key = headers["sec-websocket-key"] -- base64 of 16 bytes
-  if not token("connection", "upgrade") or not headers.host or not key or
-     not key:match("^" .. ("[%w+/]"):rep(21) .. "[AQgw]==$") then
+  local key = headers["sec-websocket-key"]
+  if not token("connection", "upgrade") or not headers.host or not key or not key:match(KEY) then
     http_error(stream, "400 Bad Request")
     return false
   end

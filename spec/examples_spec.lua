@@ -16,6 +16,16 @@ local function connect(port)
   return assert(tcpclient.connect("127.0.0.1", port))
 end
 
+-- Sends raw bytes on a fresh connection; returns all the server says
+-- before it closes the connection.
+local function raw(port, request)
+  local c = connect(port)
+  c:write(request)
+  local reply = c:read_until_close()
+  c:close()
+  return reply
+end
+
 after_each(P.cleanup)
 
 describe("examples/echo.lua", function()
@@ -334,16 +344,6 @@ describe("examples/http.lua", function()
     local out, status = H.run(argv, input)
     assert.equal(0, status)
     return out
-  end
-
-  -- Sends raw bytes on a fresh connection; returns all the server says
-  -- before it closes the connection.
-  local function raw(port, request)
-    local c = connect(port)
-    c:write(request)
-    local reply = c:read_until_close()
-    c:close()
-    return reply
   end
 
   it("keeps connections alive for curl and answers 404 and 405", async(function()
@@ -770,10 +770,8 @@ asyncio.run(main())
       "GET / HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZR==\r\n", -- 17 bytes' worth
       "GET / HTTP/1.1\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
     } do
-      local c = connect(port)
-      c:write(head .. "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
-      assert.matches("^HTTP/1.1 400 Bad Request\r\n", c:read_until_close(), head)
-      c:close()
+      assert.matches("^HTTP/1.1 400 Bad Request\r\n", raw(port, head ..
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n"), nil, head)
     end
     stop(p)
   end))

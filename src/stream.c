@@ -673,8 +673,9 @@ void ts__stream_on_eof(ts_stream *s) {
  * 64 KiB of a single bulk transfer). */
 static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
   ts_stream *s = h->data;
+  stream_ctx *ctx = sctx(s);
   const ts_layer_ops *ops = s->ops;
-  unsigned wakes = sctx(s)->wakes;
+  unsigned wakes = ctx->wakes;
   int full = nread > 0 && (size_t)nread == buf->len;
 
   if (nread > 0 && ops != NULL) {
@@ -701,9 +702,9 @@ static void read_cb(uv_stream_t *h, ssize_t nread, const uv_buf_t *buf) {
       ops->on_error(s, s->layer, (int)nread);
     stream_close(s, (int)nread);
   }
-  if (full && sctx(s)->wakes != wakes && (s->flags & F_READING) &&
-      (sctx(s)->reading > 1 || uv_backend_timeout(h->loop) == 0))
-    sctx(s)->yielding = s;
+  if (full && ctx->wakes != wakes && (s->flags & F_READING) &&
+      (ctx->reading > 1 || uv_backend_timeout(h->loop) == 0))
+    ctx->yielding = s;
   unborrow(s); /* the shared buffer is free between callbacks */
 }
 
@@ -1254,8 +1255,6 @@ static void handle_close(ts_stream *s) {
   if (s->flags & F_HCLOSING)
     return;
   s->flags |= F_HCLOSING;
-  if (s->flags & F_READING) /* closed without stream_close (at exit) */
-    set_reading(s, 0);
   if (s->rare != NULL && s->rare->timer != NULL) {
     uv_close((uv_handle_t *)s->rare->timer, timer_free);
     s->rare->timer = NULL;
