@@ -486,6 +486,55 @@ s.close()
       c:close()
     end))
 
+    -- Each of these names switched the certificate's name check off or
+    -- cut it short in C; Python's ssl refuses all three as well.
+    local UNCHECKABLE = {
+      {"", "connect: server_hostname must not be empty"},
+      {".1", "connect: server_hostname '.1' starts with a dot"},
+      {"localhost\0.bank.test", "connect: server_hostname contains a NUL byte"},
+    }
+
+    it("refuses a server_hostname that would not be checked, before connecting", async(function()
+      for _, case in ipairs(UNCHECKABLE) do
+        assert.has_error(function() tls_connect(port, {server_hostname = case[1]}) end, case[2])
+      end
+      for _, name in ipairs {"a..b", "-", "x y", "*.test", ("a"):rep(64) .. ".test", "[::1]"} do
+        assert.has_error(function() tls_connect(port, {server_hostname = name}) end,
+                         "connect: server_hostname '" .. name .. "' is neither a DNS name nor an IP address")
+      end
+      assert.has_error(function()
+        tcpclient.connect("localhost\0.bank.test", port, {ssl_options = {cafile = C.cafile}})
+      end, "connect: host contains a NUL byte")
+      assert.has_error(function() tcpclient.connect("127.0.0.1\0x", port) end, "connect: host contains a NUL byte")
+      local c = H.connect(port)
+      assert.has_error(function() c:start_tls(false, {cafile = C.cafile}, "") end,
+                       "start_tls: server_hostname must not be empty")
+      c:close()
+      local out = H.python([[
+import ssl, sys
+for name in sys.argv[2:]:
+    try:
+        ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(),
+                                              server_hostname=name.replace("NUL", "\0"))
+        print("accepted")
+    except (ValueError, TypeError):
+        print("refused")
+]], "x", "", ".1", "localhost" .. "NUL" .. ".bank.test")
+      assert.equal("refused\nrefused\nrefused\n", out)
+    end))
+
+    it("still checks valid names: an IP, a name with a trailing dot", async(function()
+      for _, name in ipairs {"127.0.0.1", "localhost."} do
+        local c = assert(tls_connect(port, {server_hostname = name}))
+        c:write("n\n")
+        assert.equal("n\n", c:read_until("\n"))
+        c:close()
+      end
+      local c, err = tls_connect(port, {server_hostname = "other.test."})
+      assert.is_nil(c)
+      assert.equal("tls: certificate verify failed (hostname mismatch)", err)
+    end))
+
     it("talks to openssl s_server", async(function()
       local p = process.Subprocess({"openssl", "s_server", "-accept", "0", "-cert", C.server.certfile,
                                     "-key", C.server.keyfile, "-naccept", "1", "-rev"},
@@ -704,6 +753,59 @@ describe("sni_callback", function()
     H.wait_until(function() return #names == 3 end)
     assert.same({"other.test", "localhost", "table.test", "boom.test"}, asked)
     assert.same({"other.test", "localhost", "table.test"}, names)
+  end))
+
+  -- Python's ssl as the client: with no certificate, a self-signed one
+  -- and one the CA signed, for each name.
+  local function client_cert_results(port, names)
+    return H.python([[
+import socket, ssl, sys
+port, ca, certs = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+def attempt(name, cert):
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.check_hostname = False
+    if cert:
+        ctx.load_cert_chain(certs + "/" + cert + ".pem", certs + "/" + cert + ".key")
+    try:
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname=name)
+        s.sendall(b"hi\n")
+        return "echo" if s.recv(100) == b"hi\n" else "refused"
+    except (ssl.SSLError, OSError):
+        return "refused"
+for name in sys.argv[4:]:
+    for cert in ("", "self", "client"):
+        print(name, cert or "none", attempt(name, cert))
+]], tostring(port), C.cafile, C.dir, table.unpack(names))
+  end
+
+  it("never verifies less than the server asks: verify = required holds on the "
+     .. "context it returns, whatever that context says", async(function()
+    local plain = ssl.context({certfile = C.other.certfile, keyfile = C.other.keyfile})
+    local server, port = tls_serve(echo, {verify = "required", cafile = C.cafile,
+                                          sni_callback = function(name)
+      if name == "ctx.test" then return plain end
+      if name == "none.test" then
+        return {certfile = C.other.certfile, keyfile = C.other.keyfile, verify = "none"}
+      end
+      return {certfile = C.other.certfile, keyfile = C.other.keyfile}
+    end})
+    finally(function() server:stop() end)
+    local out = client_cert_results(port, {"ctx.test", "none.test", "table.test"})
+    local want = {}
+    for _, name in ipairs {"ctx.test", "none.test", "table.test"} do
+      want[#want + 1] = name .. " none refused\n" .. name .. " self refused\n" .. name .. " client echo\n"
+    end
+    assert.equal(table.concat(want), out)
+  end))
+
+  it("lets a returned context verify more than the server asks", async(function()
+    local server, port = tls_serve(echo, {sni_callback = function()
+      return {certfile = C.other.certfile, keyfile = C.other.keyfile, verify = "required",
+              cafile = C.cafile}
+    end})
+    finally(function() server:stop() end)
+    assert.equal("strict.test none refused\nstrict.test self refused\nstrict.test client echo\n",
+                 client_cert_results(port, {"strict.test"}))
   end))
 
   it("refuses a callback that is not a function", function()

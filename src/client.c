@@ -165,6 +165,7 @@ static int l_connect(lua_State *L) {
   int err;
 
   luaL_argcheck(L, hlen > 0 && hlen < sizeof(r->host), 1, "bad host name");
+  luaL_argcheck(L, strlen(host) == hlen, 1, "host contains a NUL byte");
   luaL_argcheck(L, port > 0 && port <= 65535, 2, "port out of range");
   ts__check_task(L, "connect");
   r = calloc(1, sizeof(*r));

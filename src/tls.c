@@ -6,6 +6,7 @@
 #include "tls.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
@@ -27,6 +28,7 @@ typedef struct ts_ctx {
   char **sni_names;
   SSL_CTX **sni_ctx;
   int default_paths; /* the system CAs, loaded when first needed */
+  int has_ca;        /* cafile or capath given */
   int sni_cb_ref;    /* sni_callback(server_name), or LUA_NOREF */
 } ts_ctx;
 
@@ -442,6 +444,46 @@ static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outle
   return SSL_TLSEXT_ERR_NOACK;
 }
 
+/* Reading the system store takes ~45 ms: only a verifying side pays. */
+static void load_default_paths(ts_ctx *c) {
+  if (c->default_paths) {
+    SSL_CTX_set_default_verify_paths(c->ctx);
+    c->default_paths = 0;
+  }
+}
+
+/* How much a verify mode asks of a client: none, a valid certificate if
+ * one is sent, a valid certificate. */
+static int strictness(int mode) {
+  return !(mode & SSL_VERIFY_PEER)                   ? 0
+         : !(mode & SSL_VERIFY_FAIL_IF_NO_PEER_CERT) ? 1
+                                                     : 2;
+}
+
+/* Moves a server connection to the context sni_callback chose. It never
+ * verifies less than the server asks: the stricter of the two modes
+ * holds. A context that names no CAs of its own checks certificates
+ * against the server's, and asks for the server's. */
+static void switch_ctx(SSL *ssl, ts_ctx *main, ts_ctx *sub) {
+  int mode = SSL_get_verify_mode(ssl);
+  STACK_OF(X509_NAME) * names;
+
+  if (sub->verify >= 0 && strictness(sub->verify) > strictness(mode))
+    mode = sub->verify;
+  SSL_set_SSL_CTX(ssl, sub->ctx);
+  SSL_set_verify(ssl, mode, NULL);
+  if (!(mode & SSL_VERIFY_PEER) || sub->has_ca)
+    return;
+  if (!main->has_ca) { /* neither names CAs: the system's */
+    load_default_paths(sub);
+    return;
+  }
+  SSL_set1_verify_cert_store(ssl, SSL_CTX_get_cert_store(main->ctx));
+  names = SSL_CTX_get_client_CA_list(main->ctx);
+  if (names != NULL)
+    SSL_set_client_CA_list(ssl, SSL_dup_CA_list(names));
+}
+
 /* sni_callback(name) -> context or nil, called inside the handshake. The
  * chosen context brings its own certificate and verify settings; the
  * connection anchors it until it closes. */
@@ -460,8 +502,7 @@ static int sni_call(SSL *ssl, ts_ctx *c, const char *name, int *alert) {
     ts__report(loop_of(t), msg);
     ok = 0;
   } else if ((sub = luaL_testudata(L, -1, TS_CTX_MT)) != NULL && sub->ctx != NULL) {
-    SSL_set_SSL_CTX(ssl, sub->ctx);
-    SSL_set_verify(ssl, sub->verify >= 0 ? sub->verify : SSL_VERIFY_NONE, NULL);
+    switch_ctx(ssl, c, sub);
     luaL_unref(L, LUA_REGISTRYINDEX, t->sni_ref);
     t->sni_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   } else if (!lua_isnil(L, -1)) {
@@ -588,8 +629,8 @@ static void set_verify(lua_State *L, ts_ctx *c, int t) {
     if (SSL_CTX_load_verify_locations(c->ctx, NULL, capath) != 1)
       raise_ssl(L, "ssl_options: cannot use capath %s: %s", capath);
   }
-  /* Reading the system store takes ~45 ms: only a verifying side pays. */
-  c->default_paths = cafile == NULL && capath == NULL;
+  c->default_paths = cafile == NULL && capath == NULL; /* load_default_paths */
+  c->has_ca = !c->default_paths;
 }
 
 static void set_protocol(lua_State *L, ts_ctx *c, int t) {
@@ -736,10 +777,8 @@ int ts__tls_attach(lua_State *L, ts_stream *s, int ctx_idx, int server, const ch
   int verify = verify_mode(c, server);
   ts_tls *t;
 
-  if ((verify & SSL_VERIFY_PEER) && c->default_paths) {
-    SSL_CTX_set_default_verify_paths(c->ctx);
-    c->default_paths = 0;
-  }
+  if (verify & SSL_VERIFY_PEER)
+    load_default_paths(c);
   t = new_tls(c, server, verify);
 
   if (t == NULL)
@@ -824,6 +863,66 @@ static const char *peer_name(lua_State *L, ts_stream *s) {
   return lua_pushfstring(L, ss.ss_family == AF_INET6 ? "[%s]:%d" : "%s:%d", host, port);
 }
 
+/* A DNS name: labels of 1-63 letters, digits, '-' (not first or last)
+ * or '_', at most 253 bytes in all; one trailing dot (a fully qualified
+ * name) is allowed. */
+static int is_dns_name(const char *p, size_t len) {
+  size_t i, label = 0;
+
+  if (len > 0 && p[len - 1] == '.')
+    len--;
+  if (len == 0 || len > 253)
+    return 0;
+  for (i = 0; i <= len; i++) {
+    unsigned char ch = i < len ? (unsigned char)p[i] : '.';
+    if (ch == '.') {
+      if (label == 0 || p[i - 1] == '-')
+        return 0;
+      label = 0;
+    } else if (!(isalnum(ch) || ch == '_' || (ch == '-' && label > 0)) || ++label > 63) {
+      return 0;
+    }
+  }
+  return 1;
+}
+
+/* The name a client checks the server's certificate against, as Python's
+ * ssl refuses it: OpenSSL takes "" as no check at all and ".x" as any
+ * name under x, and C would cut a name at a NUL that Lua kept. Copies it
+ * to out without a trailing dot (SNI carries none). */
+static const char *check_server_name(lua_State *L, int idx, const char *what, char *out,
+                                     size_t size) {
+  size_t len;
+  const char *p = lua_tolstring(L, idx, &len);
+
+  if (p == NULL)
+    return NULL;
+  if (len == 0)
+    luaL_error(L, "%s: server_hostname must not be empty", what);
+  if (strlen(p) != len)
+    luaL_error(L, "%s: server_hostname contains a NUL byte", what);
+  if (p[0] == '.')
+    luaL_error(L, "%s: server_hostname '%s' starts with a dot", what, p);
+  if (!is_ip(p) && !is_dns_name(p, len))
+    luaL_error(L, "%s: server_hostname '%s' is neither a DNS name nor an IP address",
+               what, p);
+  if (len >= size)
+    luaL_error(L, "%s: server_hostname '%s' is too long", what, p);
+  memcpy(out, p, len + 1);
+  if (out[len - 1] == '.' && !is_ip(p))
+    out[len - 1] = '\0';
+  return out;
+}
+
+/* core.check_server_name(name, what) -> the name as it will be used, or
+ * raises (tcpclient checks before it connects). */
+static int l_check_server_name(lua_State *L) {
+  char name[256];
+  luaL_checkstring(L, 1);
+  lua_pushstring(L, check_server_name(L, 1, luaL_checkstring(L, 2), name, sizeof(name)));
+  return 1;
+}
+
 /* _start_tls(server_side, ctx, hostname, timeout): the Lua wrapper checks
  * the arguments and waits for the handshake. */
 static int l_start_tls(lua_State *L) {
@@ -832,6 +931,10 @@ static int l_start_tls(lua_State *L) {
   int server = lua_toboolean(L, 2);
   const char *host = luaL_optstring(L, 4, NULL), *busy;
   double timeout = luaL_optnumber(L, 5, 0);
+  char name[256];
+
+  if (!server)
+    host = check_server_name(L, 4, "start_tls", name, sizeof(name));
 
   /* A verified certificate proves nothing without a name to match. */
   if (!server && host == NULL && (verify_mode(check_ctx(L, 3), 0) & SSL_VERIFY_PEER))
@@ -973,8 +1076,10 @@ int ts__open_tls(lua_State *L) {
                                          {NULL, NULL}};
   static const luaL_Reg ctx_meta[] = {
       {"__gc", ctx_gc}, {"__tostring", ctx_tostring}, {"__index", NULL}, {NULL, NULL}};
-  static const luaL_Reg funcs[] = {
-      {"ssl_context", l_ssl_context}, {"tls_live", l_tls_live}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"ssl_context", l_ssl_context},
+                                   {"tls_live", l_tls_live},
+                                   {"check_server_name", l_check_server_name},
+                                   {NULL, NULL}};
 
   luaL_newmetatable(L, TS_CTX_MT);
   luaL_setfuncs(L, ctx_meta, 0);

@@ -13,6 +13,7 @@ local OPTIONS = {timeout = true, source_ip = true, ssl_options = true, server_ho
 -- never block the loop.
 function M.connect(host, port, opts)
   if type(host) ~= "string" or host == "" then error("connect: host must be a non-empty string", 2) end
+  if host:find("\0", 1, true) then error("connect: host contains a NUL byte", 2) end
   local path = host:match("^unix:(.+)$")
   if path and port ~= nil then
     error("connect: a unix socket (" .. host .. ") takes no port", 2)
@@ -27,9 +28,20 @@ function M.connect(host, port, opts)
     error("connect: timeout must be a positive number of seconds", 2)
   end
   if path and opts.source_ip ~= nil then error("connect: source_ip is for TCP", 2) end
-  local ctx
+  local ctx, name
   if opts.ssl_options ~= nil then
     ctx = require("tcpserver.ssl").wrap(opts.ssl_options)
+    if opts.server_hostname ~= nil and type(opts.server_hostname) ~= "string" then
+      error("connect: server_hostname must be a string", 2)
+    end
+    -- checked before connecting, as Python's ssl does: "", ".x" and a NUL
+    -- would each switch the certificate's name check off or cut it short
+    name = opts.server_hostname or not path and host or nil
+    if name then
+      local ok, e = pcall(core.check_server_name, name, "connect")
+      if not ok then error(e, 2) end
+      name = e
+    end
   elseif opts.server_hostname ~= nil then
     error("connect: server_hostname needs ssl_options", 2)
   end
@@ -43,7 +55,7 @@ function M.connect(host, port, opts)
   if not stream or not ctx then return stream, err end
   local left = opts.timeout and math.max(opts.timeout - (core.time() - started), 0.001)
   local ok
-  ok, err = stream:_start_tls(false, ctx, opts.server_hostname or not path and host or nil, left)
+  ok, err = stream:_start_tls(false, ctx, name, left)
   if ok then ok, err = stream:wait_for_handshake() end
   if not ok then
     stream:close()
