@@ -984,3 +984,85 @@ describe("review findings", function()
     assert.matches("not parked by core.park", err)
   end))
 end)
+
+describe("hardening round 3", function()
+  -- Defect 5: a wait that cannot yield (inside table.sort's comparator, a
+  -- gsub callback) raised from lua_yield after it had registered, and the
+  -- registration lived on.
+  local NOT_HERE = "cannot wait here: attempt to yield across a C%-call boundary"
+
+  it("refuses a read that cannot yield, leaving nothing registered", async(function()
+    local tried, errs, result = locks.Event(), {}, nil
+    local client = pair(function(_, stream)
+      local ok, err = pcall(table.sort, {1, 2}, function() return stream:read_until("\n") end)
+      errs[1] = not ok and err
+      ok, err = pcall(string.gsub, "x", "x", function() return stream:read_bytes(3) end)
+      errs[2] = not ok and err
+      tried:set()
+      -- with the read left registered, the line woke this sleep
+      result = {ioloop.sleep(0.2)}
+      result[#result + 1] = stream:read_until("\n")
+      stream:write("done\n")
+    end)
+    tried:wait()
+    client:write("line\n")
+    assert.equal("done\n", client:read_until("\n"))
+    assert.matches("read: " .. NOT_HERE, errs[1])
+    assert.matches("read: " .. NOT_HERE, errs[2])
+    assert.same({true, "line\n"}, result)
+    client:close()
+  end))
+
+  it("refuses a sleep or an Event wait that cannot yield, leaving no timer", async(function()
+    local errs, result = {}, nil
+    local client = pair(function(_, stream)
+      local ok, err = pcall(table.sort, {1, 2}, function() return ioloop.sleep(0.01) end)
+      errs[1] = not ok and err
+      ok, err = pcall(table.sort, {1, 2}, function() return locks.Event():wait(0.01) end)
+      errs[2] = not ok and err
+      stream:write("tried\n")
+      -- the sleep's timer, left running, woke this read with true
+      result = stream:read_until("\n")
+      stream:write("done\n")
+    end)
+    assert.equal("tried\n", client:read_until("\n"))
+    ioloop.sleep(0.1) -- the left-over timers fired by now (the subject here)
+    client:write("line\n")
+    assert.equal("done\n", client:read_until("\n"))
+    assert.matches("sleep: " .. NOT_HERE, errs[1])
+    assert.matches("Event:wait: " .. NOT_HERE, errs[2])
+    assert.equal("line\n", result)
+    client:close()
+  end))
+
+  -- Defect 6: an array with a bad item raised after the items before it
+  -- were queued.
+  it("queues none of a write({...}) that raises on a bad item", async(function()
+    local client = pair(function(_, stream)
+      local ok, err = pcall(stream.write, stream, {"PARTIAL-", "more-", 42})
+      assert(not ok and err:find("item 3 is not a string"), err)
+      stream:write("reply\n")
+    end)
+    assert.equal("reply\n", client:read_until("\n"))
+    client:close()
+  end))
+
+  -- Defect 4: a batch past 2 GiB in all returned "too large" with its
+  -- first items queued but never flushed; the next reply came out first.
+  it("takes none of a write({...}) past 2 GiB in all, and the stream goes on", async(function()
+    local big = ("x"):rep(128 * 1024 * 1024)
+    local res
+    local client = pair(function(_, stream)
+      stream:write("first\n")
+      local batch = {}
+      for i = 1, 17 do batch[i] = big end -- 2,176 MiB, past INT_MAX
+      res = {stream:write(batch)}
+      res[3] = select(2, stream:buffer_sizes()) -- "first\n" only
+      stream:write("second\n")
+    end)
+    assert.equal("first\n", client:read_until("\n"))
+    assert.equal("second\n", client:read_until("\n"))
+    assert.same({nil, "too large", 6}, res)
+    client:close()
+  end))
+end)

@@ -256,11 +256,21 @@ int ts__in_task(lua_State *L) {
   return task_loop(L) != NULL;
 }
 
+int ts__can_wait(lua_State *L) {
+  return task_loop(L) != NULL && lua_isyieldable(L);
+}
+
 void ts__check_task(lua_State *L, const char *what) {
   if (!ts__in_task(L))
     luaL_error(L,
                "%s: must be called from a coroutine run by the loop "
                "(handle_stream, spawn_callback, run_sync or testing.async)",
+               what);
+  if (!lua_isyieldable(L))
+    luaL_error(L,
+               "%s: cannot wait here: attempt to yield across a C-call boundary "
+               "(inside a metamethod, __gc, or a function that a C function such as "
+               "table.sort or string.gsub calls)",
                what);
 }
 

@@ -69,7 +69,12 @@ void ts__spawn(lua_State *L, int narg);
  * last one given. */
 void ts__spawn_owned(lua_State *L, int narg, ts_loop **owner, ts_task_end end);
 int ts__in_task(lua_State *L);
-/* Raises unless L is a task; used before a call may yield. */
+/* Whether L is a task that may yield now: not inside a C function that
+ * called back into Lua (table.sort's comparator, a gsub callback, a
+ * metamethod, __gc), where lua_yield would raise. */
+int ts__can_wait(lua_State *L);
+/* Raises unless L can wait (see ts__can_wait); call it before a wait
+ * registers anything, so that a refused wait leaves nothing behind. */
 void ts__check_task(lua_State *L, const char *what);
 
 /* A task parked until a callback wakes it: every wait in the core is one.

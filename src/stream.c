@@ -757,7 +757,7 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
     update_reading(s);
     return r;
   }
-  if (!ts__in_task(L)) {
+  if (!ts__can_wait(L)) {
     s->rmode = RD_NONE;
     ts__check_task(L, "read");
   }
@@ -1080,10 +1080,13 @@ static int over_pending(size_t *pending, size_t len) {
   return 0;
 }
 
-/* write({...}): the strings of an array, in order. */
+/* write({...}): the strings of an array, in order, all or none: a bad
+ * item or a batch past MAX_PENDING is refused before anything is queued
+ * (a reply half queued would answer the next request), so the items are
+ * looked at twice; the second look finds them in the array part. */
 static int append_array(lua_State *L, ts_stream *s, size_t *pending) {
+  size_t len, total = *pending, before = ts_buf_len(&s->wbuf);
   lua_Integer i, n;
-  size_t len;
   const char *p;
 
   luaL_argexpected(L, lua_type(L, 2) == LUA_TTABLE, 2, "string or array of strings");
@@ -1092,14 +1095,21 @@ static int append_array(lua_State *L, ts_stream *s, size_t *pending) {
     if (lua_geti(L, 2, i) != LUA_TSTRING)
       return luaL_error(L, "bad argument #1 to 'write' (item %d is not a string)",
                         (int)i);
-    p = lua_tolstring(L, -1, &len);
-    if (over_pending(pending, len))
+    if (over_pending(&total, lua_rawlen(L, -1)))
       return UV_E2BIG;
-    if (ts_buf_append(&s->wbuf, p, len) != 0)
-      return UV_ENOMEM;
-    count_out(s, len);
     lua_pop(L, 1);
   }
+  for (i = 1; i <= n; i++) {
+    lua_geti(L, 2, i);
+    p = lua_tolstring(L, -1, &len);
+    if (ts_buf_append(&s->wbuf, p, len) != 0) {
+      s->wbuf.end = s->wbuf.start + (uint32_t)before; /* appends only added */
+      return UV_ENOMEM;
+    }
+    lua_pop(L, 1);
+  }
+  count_out(s, total - *pending);
+  *pending = total;
   return 0;
 }
 
@@ -1166,7 +1176,7 @@ static int l_write(lua_State *L) {
   if (ts_buf_len(&s->wbuf) > 0)
     mark_dirty(s);
   /* pending is an upper bound: a direct write may have sent some already */
-  if (pending > WRITE_HIGH_WATER && ts__in_task(L) &&
+  if (pending > WRITE_HIGH_WATER && ts__can_wait(L) &&
       pending_writes(s) > WRITE_HIGH_WATER) {
     if (ts__stream_flush(s) != 0)
       return push_error(L, ts__stream_error(s));

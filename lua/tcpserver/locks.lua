@@ -37,6 +37,8 @@ function Event:wait(timeout)
   local co = coroutine.running()
   if not core.in_task() then
     error("Event:wait: must be called from a task", 2)
+  elseif not coroutine.isyieldable() then
+    error("Event:wait: cannot wait here: attempt to yield across a C-call boundary", 2)
   end
   local waiters = self.waiters
   waiters[#waiters + 1] = co
