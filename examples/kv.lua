@@ -29,6 +29,12 @@ local READ_SIZE = 64 * 1024          -- what one partial read asks for
 local MAX_LINE = 64 * 1024           -- longest inline command or header line
 local MAX_ARGS = 1024 * 1024
 local MAX_BULK = 512 * 1024 * 1024   -- as Redis's proto-max-bulk-len
+-- Replies a batch queues before it writes them: write() then waits
+-- while more than its high-water mark (1 MiB) is unsent, so a client that
+-- pipelines GETs of a large value and reads slowly holds at most this,
+-- plus one reply, plus that mark in the server (Redis instead drops a
+-- client past client-output-buffer-limit).
+local MAX_QUEUED = 1024 * 1024
 
 local OK, PONG, NIL = "+OK\r\n", "+PONG\r\n", "$-1\r\n"
 local ZERO, ONE = ":0\r\n", ":1\r\n"
@@ -437,6 +443,16 @@ end
 
 local KV = tcpserver.TCPServer:extend()
 
+-- Writes replies[1..n] (one write, however many); false if the client
+-- is gone, or if write() took none of them (the next reply must not go out
+-- in their place).
+local function send(stream, replies, n)
+  if n == 0 then return true end
+  if n == 1 then return stream:write(replies[1]) end
+  for i = n + 1, #replies do replies[i] = nil end
+  return stream:write(replies)
+end
+
 function KV:handle_stream(stream)
   local argv, replies = {}, {}
   local top = 0 -- arguments in argv
@@ -448,7 +464,7 @@ function KV:handle_stream(stream)
     if not data then return end
     if pos > #buf then buf = data else buf = sub(buf, pos) .. data end
     pos = 1
-    local n, quit = 0, false
+    local n, queued, quit = 0, 0, false
     while pos <= #buf do
       local argc, at, resume
       if not partial.argc then argc, at = parse_short(buf, pos, argv) end
@@ -484,18 +500,17 @@ function KV:handle_stream(stream)
           else
             replies[n] = err("unknown command '" .. sub(name, 1, 128):gsub("[\r\n]", " ") .. "'")
           end
+          queued = queued + #replies[n]
+          if queued > MAX_QUEUED then -- write these now; waits while the client lags
+            if not send(stream, replies, n) then return end
+            n, queued = 0, 0
+          end
         end
         for i = argc + 1, top do argv[i] = nil end
         top = argc
       end
     end
-    if n == 1 then
-      stream:write(replies[1])
-    elseif n > 1 then
-      for i = n + 1, #replies do replies[i] = nil end
-      stream:write(replies)
-    end
-    if quit then return end
+    if not send(stream, replies, n) or quit then return end
   end
 end
 

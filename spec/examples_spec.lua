@@ -227,6 +227,37 @@ describe("examples/kv.lua", function()
     stop(p)
   end))
 
+  it("bounds the replies it queues for a client that pipelines large GETs", async(function()
+    -- 100 GETs of a 4 MiB value in one read made a 400 MiB batch, all of
+    -- it copied into the write buffer at once (17 of 128 MiB passed 2 GiB:
+    -- write() refused the batch and the next reply went out in its place)
+    local p, port = P.example("kv", {"--port", 0})
+    local out = H.python([[
+import socket, sys
+port, pid, n, size = int(sys.argv[1]), sys.argv[2], 100, 4 << 20
+def peak():
+    for line in open("/proc/%s/status" % pid):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+s = socket.create_connection(("127.0.0.1", port))
+f = s.makefile("rb")
+s.sendall(b"*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$%d\r\n%s\r\n" % (size, b"v" * size))
+assert f.readline() == b"+OK\r\n"
+before = peak()
+s.sendall(b"GET big\r\n" * n + b"PING\r\n")
+for _ in range(n):
+    assert f.readline() == b"$%d\r\n" % size
+    assert len(f.read(size + 2)) == size + 2
+print(f.readline().decode().strip(), "growth", peak() - before)
+]], tostring(port), tostring(p.pid))
+    local pong, growth = out:match("^(%S+) growth (%d+)\n$")
+    assert.equal("+PONG", pong, out)
+    -- at most 1 MiB of replies, one reply and write()'s 1 MiB mark, plus
+    -- the Lua heap's slack
+    assert.is_true(tonumber(growth) < 48, out)
+    stop(p)
+  end))
+
   it("survives redis-benchmark, pipelined or not", async(function()
     local p, port = P.example("kv", {"--port", 0})
     for _, pipeline in ipairs {"1", "16"} do
