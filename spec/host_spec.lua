@@ -182,6 +182,29 @@ describe("luahost --workers", function()
     assert.same({0, 0}, {p:wait()})
   end))
 
+  it("SIGHUP replaces the workers with --stats-port on: the metrics port is "
+     .. "handed over like any listener", async(function()
+    -- each new worker exited 2 (its metrics port was the old one's, bound
+    -- without reuse_port) and the old workers were kept: no deploy
+    local port, stats_port = P.free_port(), P.free_port()
+    local path = version_file("v1")
+    local p = P.luahost(WORKER, {path, port}, {flags = {"-w", "2", "--stats-port", tostring(stats_port)}})
+    local old = {}
+    for _ = 1, 2 do old[#old + 1] = tonumber(p.out:await("^up %d+ (%d+) v1 ")) end
+    local new = reload(p, path, 2, "v2")
+    assert.is_nil(p.err:text():match("keeping the old workers"), p.err:text())
+    for _, pid in ipairs(new) do
+      for _, o in ipairs(old) do assert.not_equal(o, tonumber(pid)) end
+    end
+    for k = 0, 1 do -- each metrics port answers, from its new worker
+      local out, status = H.run({"curl", "-sf", ("http://127.0.0.1:%d/metrics"):format(stats_port + k)})
+      assert.equal(0, status)
+      assert.matches('tcpserver_connections_open{task="' .. k .. '"}', out, 1, true)
+    end
+    p:kill(15)
+    assert.same({0, 0}, {p:wait()})
+  end))
+
   it("gives up after --max-restarts when the workers keep crashing", async(function()
     local p = P.luahost([[require("tcpserver.ioloop").current():add_callback(os.exit, 3)]], {},
                         {flags = {"--workers", "2", "--max-restarts", "2"}})

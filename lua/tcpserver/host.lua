@@ -183,8 +183,12 @@ local function serve_stats(port)
   end
   local server = Stats()
   rawget(server, "_tcpserver").internal = true -- left out of tcpserver.stats()
-  local ok, err = pcall(server.listen, server, port + (process.task_id() or 0), "127.0.0.1",
-                        {reuse_port = false})
+  -- A worker's port is its task id's: during a reload (SIGHUP) the new
+  -- worker binds it while the old one still serves it, as with every
+  -- listener of a worker. A lone process keeps it to itself.
+  local task = process.task_id()
+  local ok, err = pcall(server.listen, server, port + (task or 0), "127.0.0.1",
+                        {reuse_port = task ~= nil})
   if not ok then die("--stats-port: %s", tostring(err)) end
 end
 
