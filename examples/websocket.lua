@@ -2,6 +2,10 @@
 -- text and binary messages (fragmented or not) sent back as they came,
 -- pings answered, and the closing handshake.
 --   luahost examples/websocket.lua [--port 8765] [--host 127.0.0.1]
+--     [--fragment-timeout 30] [--max-unfinished 67108864]
+-- A message may be 1 MiB; an unfinished one waits at most
+-- --fragment-timeout seconds for its next fragment (1008), and all of them
+-- together hold at most --max-unfinished bytes (1013).
 --   python3 -m websockets ws://127.0.0.1:8765/      (Debian: python3-websockets)
 --
 -- Everything is plain Lua 5.4: SHA-1 and base64 for the handshake,
@@ -10,7 +14,16 @@ local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
 local log = require "tcpserver.log"
 
-local opts = require("tcpserver.host").options(arg, {port = 8765, host = "127.0.0.1"})
+local opts = require("tcpserver.host").options(arg, {
+  port = 8765, host = "127.0.0.1",
+  -- seconds an unfinished (fragmented) message may wait for its next
+  -- frame; then the connection closes with 1008
+  fragment_timeout = 30.0,
+  -- bytes all connections' unfinished messages may hold together, as
+  -- MAX_MESSAGE counts them; a fragment past it closes its connection
+  -- with 1013 (try again later)
+  max_unfinished = 64 * 1024 * 1024,
+})
 
 local MAX_MESSAGE = 1024 * 1024 -- a longer message closes with 1009
 local FRAGMENT_COST = 64        -- what a fragment counts for beyond its bytes
@@ -136,23 +149,25 @@ local function frame(opcode, payload)
 end
 
 -- Reads one frame: fin, opcode, payload; or nil and a close code to send
--- (nil when the client is gone).
+-- (nil when the client is gone), and the read's error.
 local function read_frame(stream)
-  local head = stream:read_bytes(2)
-  if not head then return nil end
+  local head, err = stream:read_bytes(2)
+  if not head then return nil, nil, err end
   local b1, b2 = head:byte(1, 2)
   local fin, opcode, len = b1 & 0x80 ~= 0, b1 & 0x0f, b2 & 0x7f
   if b1 & 0x70 ~= 0 or b2 & 0x80 == 0 then return nil, 1002 end -- RSV bits; unmasked
   if opcode >= CLOSE and (not fin or len > 125) then return nil, 1002 end
   if len >= 126 then
-    local ext = stream:read_bytes(len == 126 and 2 or 8)
-    if not ext then return nil end
+    local ext
+    ext, err = stream:read_bytes(len == 126 and 2 or 8)
+    if not ext then return nil, nil, err end
     len = unpack(len == 126 and ">I2" or ">i8", ext)
     if len < 0 then return nil, 1002 end -- the top bit must be 0
   end
   if len > MAX_MESSAGE then return nil, 1009 end
-  local rest = stream:read_bytes(4 + len) -- the mask, then the payload
-  if not rest then return nil end
+  local rest
+  rest, err = stream:read_bytes(4 + len) -- the mask, then the payload
+  if not rest then return nil, nil, err end
   return fin, opcode, unmask(rest:sub(5), rest:sub(1, 4))
 end
 
@@ -184,15 +199,26 @@ local function close_reply(payload)
   return code
 end
 
+-- What every connection's unfinished message holds, counted as `size`.
+local unfinished = 0
+
 function WebSocketServer:handle_stream(stream)
   stream:set_timeout(HANDSHAKE_TIMEOUT)
   if not handshake(stream) then return end
-  stream:set_timeout(nil) -- a WebSocket may stay quiet for long
+  stream:set_timeout(nil) -- a WebSocket may stay quiet for long...
   local function send(opcode, payload) return stream:write(frame(opcode, payload)) end
   local kind, parts, size = nil, {}, 0 -- the message being assembled
+  local function forget() -- its parts leave the shared count
+    unfinished, kind, parts, size = unfinished - size, nil, {}, 0
+    stream:set_timeout(nil)
+  end
+  local _ <close> = setmetatable({}, {__close = forget})
+  local deadline -- for the next fragment (pings in between do not count)
   while true do
+    if kind then stream:set_timeout(math.max(deadline - ioloop.current():time(), 0.001)) end
     local fin, opcode, payload = read_frame(stream)
     if fin == nil then -- opcode holds the close code, if there is one to send
+      if payload == "timeout" then opcode = 1008 end -- ...but not inside a message
       if opcode then send(CLOSE, pack(">I2", opcode)) end
       return
     end
@@ -209,21 +235,34 @@ function WebSocketServer:handle_stream(stream)
         send(CLOSE, pack(">I2", 1002))
         return
       end
-      local cost = kind and FRAGMENT_COST or 0 -- a continuation costs memory even when empty
-      kind = kind or opcode
-      parts[#parts + 1], size = payload, size + #payload + cost
-      if size > MAX_MESSAGE then
+      local cost = #payload + (kind and FRAGMENT_COST or 0) -- a continuation costs memory even when empty
+      if size + cost > MAX_MESSAGE then
         send(CLOSE, pack(">I2", 1009))
         return
       end
-      if fin then
-        local message = table.concat(parts)
-        if kind == TEXT and not utf8.len(message) then
+      if fin and not kind then -- whole in one frame: nothing waits
+        if opcode == TEXT and not utf8.len(payload) then
           send(CLOSE, pack(">I2", 1007)) -- text must be UTF-8
           return
         end
-        self:on_message(kind, message, send)
-        kind, parts, size = nil, {}, 0
+        self:on_message(opcode, payload, send)
+      else
+        if not fin and unfinished + cost > opts.max_unfinished then
+          send(CLOSE, pack(">I2", 1013))
+          return
+        end
+        deadline = ioloop.current():time() + opts.fragment_timeout
+        kind = kind or opcode
+        parts[#parts + 1], size, unfinished = payload, size + cost, unfinished + cost
+        if fin then
+          local message, k = table.concat(parts), kind
+          forget()
+          if k == TEXT and not utf8.len(message) then
+            send(CLOSE, pack(">I2", 1007))
+            return
+          end
+          self:on_message(k, message, send)
+        end
       end
     else
       send(CLOSE, pack(">I2", 1002)) -- an unknown opcode

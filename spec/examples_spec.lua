@@ -3,6 +3,7 @@
 local H = require "spec.helper"
 local P = require "spec.procs"
 local tcpclient = require "tcpserver.tcpclient"
+local ioloop = require "tcpserver.ioloop"
 
 local async = H.async
 
@@ -791,6 +792,49 @@ asyncio.run(main())
       if not c:write(empty:rep(1024)) then break end
     end
     assert.equal("\x88\x02\x03\xf1", c:read_until_close()) -- close, 1009
+    stop(p)
+  end))
+
+  it("bounds how long an unfinished message waits for its next fragment", async(function()
+    -- one unfinished message per connection was held forever: 100 idle
+    -- ones cost 250 MB
+    local p, port = P.example("websocket", {"--port", 0, "--fragment-timeout", 0.3})
+    local c = upgraded(port)
+    c:write(masked(0x01, "part one, ")) -- text, no FIN
+    local t0 = ioloop.current():time()
+    for _ = 1, 4 do -- pings answered meanwhile do not reset its clock
+      c:write(masked(0x89, "hi"))
+      assert.equal("\x8a\x02hi", c:read_bytes(4))
+    end
+    assert.equal("\x88\x02\x03\xf0", c:read_until_close()) -- close, 1008
+    assert.is_true(ioloop.current():time() - t0 >= 0.3)
+    c = upgraded(port) -- a message that keeps coming is not cut short; a quiet socket stays open
+    c:write(masked(0x01, "a"))
+    c:write(masked(0x80, "b"))
+    assert.equal("\x81\x02ab", c:read_bytes(4))
+    ioloop.sleep(0.5) -- past the fragment timeout, outside any message
+    c:write(masked(0x81, "still"))
+    assert.equal("\x81\x05still", c:read_bytes(7))
+    c:close()
+    stop(p)
+  end))
+
+  it("counts every connection's unfinished messages against one bound", async(function()
+    local p, port = P.example("websocket", {"--port", 0, "--max-unfinished", 100000})
+    local a, b = upgraded(port), upgraded(port)
+    local half = ("x"):rep(60000)
+    a:write(masked(0x02, half))
+    a:write(masked(0x89, "")) -- answered once the fragment is counted
+    assert.equal("\x8a\x00", a:read_bytes(2))
+    b:write(masked(0x02, half))
+    assert.equal("\x88\x02\x03\xf5", b:read_until_close()) -- close, 1013: try again later
+    a:write(masked(0x80, "y")) -- a finishes; what it held is free again
+    assert.equal(half .. "y", a:read_bytes(4 + 60001):sub(5))
+    b = upgraded(port)
+    b:write(masked(0x02, half))
+    b:write(masked(0x80, "z"))
+    assert.equal(half .. "z", b:read_bytes(4 + 60001):sub(5))
+    a:close(); b:close()
     stop(p)
   end))
 
