@@ -1066,3 +1066,86 @@ describe("hardening round 3", function()
     client:close()
   end))
 end)
+
+-- Defect 8: alloc_cb offered the buffer's whole spare capacity, so a
+-- handler that did not read held up to 488 KiB (512 KiB allocated; TLS
+-- 272 KiB) against the documented 4 x read_chunk_size.
+describe("the read high-water mark", function()
+  local tcpclient = require "tcpserver.tcpclient"
+  local CHUNK = 4096
+  local MARK = 4 * CHUNK
+
+  -- A server whose handler reads nothing until `go` is set, then the
+  -- client's whole stream; the patterns send in bursts of these sizes,
+  -- each taken in (server side) before the next, the last one past the mark.
+  local function check(tls, bursts, chunk)
+    local go, server_stream, got = locks.Event(), nil, nil
+    local opts = {read_chunk_size = chunk or CHUNK}
+    local mark = 4 * opts.read_chunk_size
+    if tls then
+      local C = H.certs()
+      opts.ssl_options = {certfile = C.server.certfile, keyfile = C.server.keyfile}
+    end
+    local server, port = H.serve(function(_, stream)
+      server_stream = stream
+      go:wait()
+      got = stream:read_until_close()
+    end, opts)
+    finally(function() server:stop() end)
+    local client = assert(tcpclient.connect("127.0.0.1", port, tls and {
+      ssl_options = {cafile = H.certs().cafile}} or nil))
+    H.wait_until(function() return server_stream end)
+    local sent, writing = 0, 0
+    for i, n in ipairs(bursts) do
+      writing = writing + 1
+      ioloop.current():spawn_callback(function() -- may wait until the server reads
+        client:write(("%d"):format(i % 10):rep(n))
+        assert(client:flush())
+        writing = writing - 1
+      end)
+      sent = sent + n
+      local want = math.min(sent, mark)
+      -- the server stops reading at the mark: what it holds then stays
+      H.wait_until(function() return server_stream:buffer_sizes() >= want end)
+      local buffered, _, allocated = server_stream:buffer_sizes()
+      assert.is_true(buffered <= mark, ("burst %d: %d buffered, mark %d"):format(i, buffered, mark))
+      assert.is_true(allocated <= mark, ("burst %d: %d allocated, mark %d"):format(i, allocated, mark))
+    end
+    go:set()
+    H.wait_until(function() return writing == 0 end)
+    client:close()
+    H.wait_until(function() return got end)
+    assert.equal(sent, #got)
+  end
+
+  for _, tls in ipairs {false, true} do
+    local kind = tls and "TLS" or "plain"
+    it("holds on a " .. kind .. " stream whose peer sends without a pause", async(function()
+      check(tls, {1024 * 1024})
+      check(tls, {4 * 1024 * 1024}, 64 * 1024) -- the defaults: 256 KiB
+    end))
+
+    it("holds on a " .. kind .. " stream whose peer pauses between bursts", async(function()
+      check(tls, {10000, 5000, 1, 1300, 100000})
+      check(tls, {100000, 100000, 1000000}, 64 * 1024)
+    end))
+  end
+
+  it("lets a reader take a line longer than the mark, then holds again", async(function()
+    local lines, holding = {}, locks.Event()
+    local server_stream
+    local server, port = H.serve(function(_, stream)
+      server_stream = stream
+      lines[1] = stream:read_until("\n")
+      holding:wait()
+    end, {read_chunk_size = CHUNK})
+    finally(function() server:stop() end)
+    local client = H.connect(port)
+    client:write(("x"):rep(10 * MARK) .. "\n" .. ("y"):rep(10 * MARK))
+    H.wait_until(function() return lines[1] and server_stream:buffer_sizes() >= MARK end)
+    assert.equal(10 * MARK + 1, #lines[1])
+    assert.is_true(server_stream:buffer_sizes() <= MARK)
+    holding:set()
+    client:close()
+  end))
+end)

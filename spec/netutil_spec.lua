@@ -180,7 +180,8 @@ describe("a stream over a unix socket", function()
       got.partial = stream:read_bytes(100, true)
       assert(stream:write({"two ", "parts\n"}))
       assert(stream:flush())
-      got.sizes = {stream:buffer_sizes()}
+      local unread, unsent = stream:buffer_sizes()
+      got.sizes = {unread, unsent}
       stream:settimeout(0.05)
       got.timeout = {stream:read_until("\n")}
       got.open_after_timeout = not stream:closed()

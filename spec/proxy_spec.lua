@@ -133,6 +133,26 @@ s.close()
     end))
   end)
 
+  it("gives the header and the TLS handshake one handshake_timeout, not one each", async(function()
+    -- each phase had its own: a peer that sent its header late could
+    -- stall the handshake a whole handshake_timeout more
+    local C = H.certs()
+    local server, port = serve({handshake_timeout = 1,
+                                ssl_options = {certfile = C.server.certfile, keyfile = C.server.keyfile}})
+    finally(function() server:stop() end)
+    local out = H.python([[
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+t0 = time.monotonic()
+time.sleep(0.7)  # the header comes late, then no ClientHello at all
+s.sendall(b"PROXY TCP4 203.0.113.7 10.0.0.1 4242 443\r\n")
+s.recv(1)  # the server closes
+print(round(time.monotonic() - t0, 1))
+]], tostring(port))
+    -- closed at the connection's deadline (1 s), not 0.7 + 1 s
+    assert.is_true(tonumber(out) < 1.5, out)
+  end))
+
   -- Registry refs that hold a value (freed slots hold free-list numbers).
   local function live_refs()
     local n = 0

@@ -150,7 +150,8 @@ typedef struct header_step {
   ts_loop *loop;
   int ctx_ref; /* its own: the listener may close meanwhile */
   double handshake_timeout;
-  ts_buf buf; /* the header so far, and what came after it */
+  uint64_t started; /* loop time (ms) the connection came */
+  ts_buf buf;       /* the header so far, and what came after it */
 } header_step;
 
 static const ts_layer_ops header_ops;
@@ -207,6 +208,16 @@ static int header_client(header_step *hs, const ts_proxy_addr *a, char *host, si
   return ss.ss_family;
 }
 
+/* What handshake_timeout leaves the TLS handshake: the header and the
+ * handshake share one deadline, or a peer could stall twice as long. */
+static double time_left(header_step *hs) {
+  double spent = (double)(uv_now(hs->loop->uv) - hs->started) / 1000;
+
+  if (hs->handshake_timeout <= 0)
+    return hs->handshake_timeout;
+  return spent < hs->handshake_timeout ? hs->handshake_timeout - spent : 0.001;
+}
+
 /* The header is complete: the step ends, and what came after the header
  * goes to the next layer (TLS) or to the stream. */
 static void header_done(header_step *hs, const ts_proxy_addr *a, size_t used) {
@@ -219,7 +230,7 @@ static void header_done(header_step *hs, const ts_proxy_addr *a, size_t used) {
   ts__stream_attach(s, NULL, NULL);
   uv_close((uv_handle_t *)&hs->timer, header_free); /* frees after this */
   if (hs->ctx_ref != LUA_NOREF)
-    err = attach_tls(L, hs->ctx_ref, s, host, port, family, hs->handshake_timeout);
+    err = attach_tls(L, hs->ctx_ref, s, host, port, family, time_left(hs));
   if (err != 0) {
     ts__stream_close(s, err);
   } else if (hs->ctx_ref != LUA_NOREF) {
@@ -285,6 +296,7 @@ static int header_begin(ts_listener *ls, ts_stream *s) {
   hs->s = s;
   hs->loop = ls->loop;
   hs->handshake_timeout = ls->handshake_timeout;
+  hs->started = uv_now(ls->loop->uv);
   hs->ctx_ref = LUA_NOREF;
   if (ls->ctx_ref != LUA_NOREF) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, ls->ctx_ref);

@@ -576,6 +576,19 @@ static void wake_reader(ts_stream *s, int nres) {
   ts__wake(co, nres);
 }
 
+/* How much one read may add to the buffer, `want` being what it would
+ * read: without a read request the buffer fills up to the high-water mark
+ * and no further, whatever the pattern of arrival; with one, up to the
+ * mark or `want`, so that what the request leaves unread is never more
+ * than the mark. */
+static size_t read_limit(ts_stream *s, size_t len, size_t want) {
+  size_t mark = read_high_water(s), upto = mark > len ? mark - len : 0;
+
+  if (s->rmode == RD_NONE)
+    return want < upto ? want : upto;
+  return want > upto ? want : upto;
+}
+
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   ts_stream *s = h->data;
   stream_ctx *ctx = sctx(s);
@@ -591,7 +604,9 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     }
   }
   if (s->ops != NULL) { /* raw bytes: the layer takes them at once */
-    *buf = uv_buf_init(ctx->shared, SHARED_READ_SIZE);
+    want = read_high_water(s);
+    *buf = uv_buf_init(ctx->shared,
+                       want < SHARED_READ_SIZE ? (unsigned)want : SHARED_READ_SIZE);
     return;
   }
   if (len == 0 && ctx->borrower == NULL) {
@@ -604,6 +619,8 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   if ((s->rmode == RD_BYTES || s->rmode == RD_PARTIAL) && s->rn > len + want)
     want = s->rn - len;
   room = s->max_buffer > len ? s->max_buffer - len : 0;
+  if (s->rmode == RD_NONE)
+    want = read_limit(s, len, want);
   want = want < room ? want : room;
   if (want == 0 || reserve(s, want) != 0) {
     if (want > 0 && over_budget(ctx, s, want))
@@ -611,6 +628,8 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     *buf = uv_buf_init(NULL, 0);
     return;
   }
+  want = read_limit(s, len, want); /* a request may take more than it reserved */
+  room = want < room ? want : room;
   room = ts_buf_room(&s->rbuf) < room ? ts_buf_room(&s->rbuf) : room;
   *buf = uv_buf_init(ts_buf_tail(&s->rbuf), (unsigned)room);
 }
@@ -846,22 +865,46 @@ const char *ts__stream_busy(ts_stream *s) {
   return NULL;
 }
 
+/* Whether the read request can be answered from the buffer: a layer
+ * stops decoding then, and the rest waits in it until the next request
+ * (pump), so that what a request leaves unread stays under the mark. */
+static int request_ready(ts_stream *s) {
+  size_t len = ts_buf_len(&s->rbuf), scan = s->scan;
+
+  switch (s->rmode) {
+  case RD_UNTIL:
+    if (ts_buf_find(&s->rbuf, s->delim, s->dlen, &scan) >= 0)
+      return 1;
+    s->scan = (uint32_t)scan;
+    return s->rn > 0 && len >= s->rn; /* too large: it fails */
+  case RD_BYTES: return len >= s->rn;
+  case RD_PARTIAL: return len > 0;
+  case RD_FILL: return len > s->rn;
+  default: return 0; /* RD_CLOSE takes everything */
+  }
+}
+
 char *ts__stream_read_space(ts_stream *s, size_t *room) {
-  size_t len = ts_buf_len(&s->rbuf), r;
+  size_t len = ts_buf_len(&s->rbuf), r, limit;
   int err;
 
-  if ((s->flags & F_CLOSED) || len >= s->max_buffer)
+  if ((s->flags & F_CLOSED) || len >= s->max_buffer || request_ready(s))
+    return NULL;
+  limit = read_limit(s, len, s->chunk);
+  limit = limit < s->max_buffer - len ? limit : s->max_buffer - len;
+  if (limit == 0)
     return NULL;
   if (len == 0 && !(s->flags & F_BORROWED))
     borrow(s);
   else if ((s->flags & F_BORROWED) && ts_buf_room(&s->rbuf) == 0)
     unborrow(s);
-  if (!(s->flags & F_BORROWED) && (err = reserve(s, s->chunk)) != 0) {
+  if (!(s->flags & F_BORROWED) &&
+      (err = reserve(s, limit < s->chunk ? limit : s->chunk)) != 0) {
     reserve_failed(s, err);
     return NULL;
   }
   r = ts_buf_room(&s->rbuf);
-  *room = r < s->max_buffer - len ? r : s->max_buffer - len;
+  *room = r < limit ? r : limit;
   return ts_buf_tail(&s->rbuf);
 }
 
@@ -1478,7 +1521,8 @@ static int l_buffer_sizes(lua_State *L) {
   ts_stream *s = check_self(L);
   lua_pushinteger(L, (lua_Integer)ts_buf_len(&s->rbuf));
   lua_pushinteger(L, (lua_Integer)pending_writes(s));
-  return 2;
+  lua_pushinteger(L, (s->flags & F_BORROWED) ? 0 : (lua_Integer)s->rbuf.cap);
+  return 3;
 }
 
 static int l_tostring(lua_State *L) {

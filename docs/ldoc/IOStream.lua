@@ -126,6 +126,8 @@ function IOStream:getsockname() end
 --- What is buffered.
 -- @treturn int bytes buffered for reading
 -- @treturn int bytes written but not yet handed to the kernel
+-- @treturn int bytes the stream's own read buffer holds allocated (0 for
+-- none: an idle stream reads into a buffer its loop shares)
 function IOStream:buffer_sizes() end
 
 --- TLS.
