@@ -26,7 +26,8 @@ build = {
       sources = {
         "src/addr.c", "src/buf.c", "src/client.c", "src/loop.c", "src/module.c",
         "src/netutil.c", "src/fork.c", "src/subprocess.c", "src/server.c",
-        "src/stream.c", "src/tls.c", "src/proxy.c",
+        "src/stream.c", "src/stream_read.c", "src/stream_write.c", "src/stream_lua.c",
+        "src/tls.c", "src/tls_ctx.c", "src/proxy.c",
       },
       defines = {"_POSIX_C_SOURCE=200809L"},
       incdirs = {"include", "src", "$(LIBUV_INCDIR)", "$(OPENSSL_INCDIR)"},

@@ -186,7 +186,13 @@ describe("luahost --workers", function()
      .. "handed over like any listener", async(function()
     -- each new worker exited 2 (its metrics port was the old one's, bound
     -- without reuse_port) and the old workers were kept: no deploy
-    local port, stats_port = P.free_port(), P.free_port()
+    local port, stats_port = P.free_port(), nil -- luacheck: ignore 311
+    repeat -- workers 0 and 1 serve metrics on stats_port and the next one
+      stats_port = P.free_port()
+      local next_free = stats_port + 1 ~= port and pcall(function()
+        require("tcpserver.netutil").bind_sockets(stats_port + 1, "127.0.0.1")[1]:close()
+      end)
+    until next_free and stats_port ~= port
     local path = version_file("v1")
     local p = P.luahost(WORKER, {path, port}, {flags = {"-w", "2", "--stats-port", tostring(stats_port)}})
     local old = {}

@@ -18,7 +18,7 @@ int luaopen_tcpserver_core(lua_State *L) {
   *(void **)lua_getextraspace(main_thread) = NULL;
   lua_newtable(L);
   ts__open_loop(L);
-  ts__open_stream(L); /* before tls: it adds stream methods */
+  ts__open_stream(L); /* before tls: it adds stream methods (ts__stream_methods) */
   ts__open_tls(L);
   ts__open_server(L);
   ts__open_netutil(L);

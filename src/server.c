@@ -32,6 +32,8 @@
 #define BACKOFF_MS 100
 #define FDS_LOG_MS 60000 /* at most one line a minute while it lasts */
 
+typedef struct ts_counters ts_counters;
+
 typedef struct ts_listener {
   uv_poll_t poll;
   uv_timer_t backoff; /* restarts accepting after EMFILE */
@@ -47,6 +49,44 @@ typedef struct ts_listener {
   double timeout;
   ts_counters *counters; /* over the streams it accepted; holds the handler */
 } ts_listener;
+
+/* ---- the listener's counters ---- */
+
+/* What a listener counts over the streams it accepted, closed ones too,
+ * and its handler, which they keep (a registry ref) while any of them
+ * holds the counters. Shared: the listener and each stream hold a
+ * reference. */
+struct ts_counters {
+  ts_tally tally; /* first: the streams' view; layer_failures are TLS's */
+  int refs;
+  int owner_ref;
+};
+
+static void counters_release(lua_State *L, ts_tally *t) {
+  ts_counters *c = (ts_counters *)t;
+
+  if (c == NULL || --c->refs > 0)
+    return;
+  luaL_unref(L, LUA_REGISTRYINDEX, c->owner_ref);
+  free(c);
+}
+
+static ts_counters *counters_new(void) {
+  ts_counters *c = calloc(1, sizeof(*c));
+
+  if (c != NULL) {
+    c->tally.release = counters_release;
+    c->refs = 1;
+    c->owner_ref = LUA_NOREF;
+  }
+  return c;
+}
+
+/* The counters of the listener that accepted s, or NULL. */
+static ts_counters *counters_of(ts_stream *s) {
+  ts_tally *t = ts__stream_tally(s);
+  return t != NULL && t->release == counters_release ? (ts_counters *)t : NULL;
+}
 
 /* ---- the handler's task and its end ---- */
 
@@ -73,7 +113,7 @@ static void push_address(lua_State *L, int h, const char *host, int port, int fa
 
 /* The handler of the listener that accepted s: its counters keep it. */
 static void push_handler(lua_State *L, ts_stream *s) {
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ts__stream_counters(s)->owner_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, counters_of(s)->owner_ref);
 }
 
 /* The end of a handler task: done(stream, address, failed [, err,
@@ -92,6 +132,7 @@ static void handler_end(lua_State *L, int status, void *owner) {
   if (failed)
     lua_rotate(L, -6, 4); /* done, stream, address, failed, err, traceback */
   ts__pcall_on(L, ts__stream_loop(s), failed ? 5 : 3);
+  ts__stream_keep_open(s, 0);
   ts__stream_disown(L, s);
 }
 
@@ -111,6 +152,11 @@ static void spawn_handler(lua_State *L, ts_stream *s, const char *host, int port
   lua_insert(L, -2);
   ts__stream_push(L, s);
   lua_pushvalue(L, -4);
+  /* The stream stays open at the peer's end while its handler runs: the
+   * peer may have shut down only its sending half, a reply written after
+   * a pause must still go, and the handler's end closes it (or its next
+   * read, which gets the end). */
+  ts__stream_keep_open(s, 1);
   ts__spawn_owned(L, 3, ts__stream_own(s), handler_end);
   lua_pop(L, 2);
 }
@@ -282,8 +328,9 @@ static void header_closed(ts_stream *s, void *layer) {
 }
 
 static const ts_layer_ops header_ops = {
-    header_on_read, header_on_eof, NULL, NULL,          NULL,
-    NULL,           NULL,          NULL, header_closed, NULL,
+    .on_read = header_on_read,
+    .on_eof = header_on_eof,
+    .closed = header_closed,
 };
 
 static int header_begin(ts_listener *ls, ts_stream *s) {
@@ -328,7 +375,8 @@ static void serve(ts_listener *ls, int fd, struct sockaddr_storage *ss) {
     return;
   }
   ts__stream_configure(s, ls->max_buffer, ls->chunk, ls->timeout);
-  ts__stream_count_into(s, ls->counters);
+  ls->counters->refs++;
+  ts__stream_count_into(s, &ls->counters->tally);
   if (!is_pipe) {
     /* Writes are coalesced per wake-up, so Nagle only adds latency. */
     uv_tcp_nodelay((uv_tcp_t *)h, 1);
@@ -420,7 +468,7 @@ static void listener_closed(uv_handle_t *h) {
   luaL_unref(L, LUA_REGISTRYINDEX, ls->sock_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->ctx_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, ls->self_ref);
-  ts__counters_release(L, ls->counters);
+  counters_release(L, (ts_tally *)ls->counters);
   ls->counters = NULL;
 }
 
@@ -428,7 +476,7 @@ static void listener_closed(uv_handle_t *h) {
  * loop (a host must stop its servers before lua_close); its counts go. */
 static int l_listener_gc(lua_State *L) {
   ts_listener *ls = check_listener(L);
-  ts__counters_release(L, ls->counters);
+  counters_release(L, (ts_tally *)ls->counters);
   ls->counters = NULL;
   return 0;
 }
@@ -454,15 +502,15 @@ static int l_listener_close(lua_State *L) {
 /* stats() -> {bytes_in=, bytes_out=, tls_handshake_failures=} */
 static int l_listener_stats(lua_State *L) {
   ts_listener *ls = check_listener(L);
-  static const ts_counters none;
-  const ts_counters *c = ls->counters ? ls->counters : &none;
+  static const ts_tally none;
+  const ts_tally *c = ls->counters ? &ls->counters->tally : &none;
 
   lua_createtable(L, 0, 3);
   lua_pushinteger(L, (lua_Integer)c->bytes_in);
   lua_setfield(L, -2, "bytes_in");
   lua_pushinteger(L, (lua_Integer)c->bytes_out);
   lua_setfield(L, -2, "bytes_out");
-  lua_pushinteger(L, (lua_Integer)c->tls_handshake_failures);
+  lua_pushinteger(L, (lua_Integer)c->layer_failures);
   lua_setfield(L, -2, "tls_handshake_failures");
   return 1;
 }
@@ -514,7 +562,7 @@ static int l_listener(lua_State *L) {
   ls->proxy_protocol = lua_toboolean(L, -1);
   lua_pop(L, 1);
   luaL_setmetatable(L, LISTENER_MT); /* its __gc frees the counters */
-  ls->counters = ts__counters_new();
+  ls->counters = counters_new();
   if (ls->counters == NULL)
     return luaL_error(L, "listener: out of memory");
   /* Nothing raises past this point: the socket stays taken. */
@@ -548,7 +596,7 @@ typedef struct stream_list {
 static void gather_stream(ts_stream *s, void *arg) {
   stream_list *l = arg;
 
-  if (ts__stream_counters(s) == NULL)
+  if (counters_of(s) == NULL)
     return;
   if (l->s != NULL && l->n < l->cap)
     l->s[l->n] = s;
@@ -571,7 +619,7 @@ static int l_streams_of(lua_State *L) {
   ts__stream_each(ts__loop(L), gather_stream, &l); /* no Lua ran between */
   lua_createtable(L, (int)l.cap, 0);               /* 3 */
   for (i = 0; i < l.n && i < l.cap; i++) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ts__stream_counters(l.s[i])->owner_ref);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, counters_of(l.s[i])->owner_ref);
     if (lua_rawequal(L, -1, 1)) {
       ts__stream_push(L, l.s[i]);
       lua_rawseti(L, 3, ++n);

@@ -8,6 +8,7 @@
 #include "loop.h"
 
 #include <stddef.h>
+#include <stdint.h>
 
 #define TS_STREAM_MT "tcpserver.stream"
 
@@ -36,20 +37,18 @@ typedef struct ts_layer_ops {
   void (*free)(lua_State *L, void *layer); /* the stream is collected */
 } ts_layer_ops;
 
-/* What a listener counts over the streams it accepted, closed ones too,
- * and a registry ref it keeps for them (its handler) while any holds the
- * counters. Shared: the listener and each stream hold a reference. */
-typedef struct ts_counters {
-  int refs;
-  int owner_ref;                /* released with the counters */
-  uint64_t bytes_in, bytes_out; /* application bytes: after TLS */
-  uint64_t tls_handshake_failures;
-} ts_counters;
+/* What a stream's owner counts (server.c's listener counters begin with
+ * one): the stream adds the application bytes it passes (after TLS), a
+ * layer its failures (a TLS handshake), and the stream calls release once
+ * when it is done with it. */
+typedef struct ts_tally {
+  uint64_t bytes_in, bytes_out;
+  uint64_t layer_failures;
+  void (*release)(lua_State *L, struct ts_tally *t);
+} ts_tally;
 
-ts_counters *ts__counters_new(void);
-void ts__counters_release(lua_State *L, ts_counters *c);
-void ts__stream_count_into(ts_stream *s, ts_counters *c); /* takes a ref */
-ts_counters *ts__stream_counters(ts_stream *s);           /* or NULL */
+void ts__stream_count_into(ts_stream *s, ts_tally *t); /* once, on a new stream */
+ts_tally *ts__stream_tally(ts_stream *s);              /* or NULL */
 
 /* Creating and running (client.c, subprocess.c, server.c) */
 ts_stream *ts__stream_new(lua_State *L, int is_pipe); /* pushed, pinned */
@@ -70,6 +69,10 @@ void ts__stream_push_kept(lua_State *L, ts_stream *s);
 ts_loop **ts__stream_own(ts_stream *s);
 ts_stream *ts__stream_of_owner(void *owner);
 void ts__stream_disown(lua_State *L, ts_stream *s);
+/* At the peer's end, with nothing left to read and nobody reading, a
+ * stream closes, unless its owner keeps it open (server.c says when) and
+ * no close callback waits for the end. */
+void ts__stream_keep_open(ts_stream *s, int on);
 
 /* Closing */
 void ts__stream_close(ts_stream *s, int err); /* 0: flush first; else drop */
@@ -96,6 +99,9 @@ void ts__stream_on_eof(ts_stream *s);
 ts_buf *ts__stream_plain(ts_stream *s); /* what write() queued */
 int ts__stream_flush(ts_stream *s);     /* 0 or a libuv error (closed) */
 
+/* Adds methods to every stream (tls.c adds its own); each gets the
+ * stream's metatable as its upvalue. */
+void ts__stream_methods(lua_State *L, const luaL_Reg *methods);
 int ts__open_stream(lua_State *L);
 
 #endif
