@@ -236,6 +236,10 @@ void ts__pcall(ts_loop *loop, int narg) {
  * before that hold what Lua left there, zero in practice but not by
  * contract). */
 #define OWNED_BIT ((uintptr_t)1)
+_Static_assert(LUA_EXTRASPACE >= sizeof(uintptr_t), "a task's word fits its extra space");
+_Static_assert(_Alignof(ts_loop *) > OWNED_BIT && _Alignof(ts_loop) > OWNED_BIT,
+               "an owner (whose first member is a ts_loop *) and a loop are aligned, "
+               "so OWNED_BIT is free in their addresses");
 
 static uintptr_t extra_word(lua_State *co) {
   uintptr_t w;

@@ -99,8 +99,7 @@ void ts__stream_on_eof(ts_stream *s);
 ts_buf *ts__stream_plain(ts_stream *s); /* what write() queued */
 int ts__stream_flush(ts_stream *s);     /* 0 or a libuv error (closed) */
 
-/* Adds methods to every stream (tls.c adds its own); each gets the
- * stream's metatable as its upvalue. */
+/* Adds methods to every stream (tls.c adds its own). */
 void ts__stream_methods(lua_State *L, const luaL_Reg *methods);
 int ts__open_stream(lua_State *L);
 

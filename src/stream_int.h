@@ -150,8 +150,12 @@ static inline stream_ctx *sctx(ts_stream *s) {
   return s->loop->streams;
 }
 
-/* Runs on every read and write: a userdata of our size whose handle
- * points back at it is a stream. */
+/* Runs on every read and write: a userdata of a stream's size whose
+ * handle points back at it is a stream. Only C code could make another
+ * userdata pass (Lua cannot write a pointer into one). The exact check,
+ * comparing the metatable with one each method holds as an upvalue (as
+ * cqueues does), cost 119 more instructions per call (callgrind: 275 ->
+ * 394 for stream:closed()), about 13% of an echoed message. */
 static inline ts_stream *check_self(lua_State *L) {
   ts_stream *s = lua_touserdata(L, 1);
   size_t size = s != NULL ? lua_rawlen(L, 1) : 0;

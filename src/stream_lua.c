@@ -6,7 +6,7 @@
 
 #include <string.h>
 
-/* Any stream argument: the methods use check_self (stream_int.h). */
+/* Any stream argument, as check_self (stream_int.h) checks the methods'. */
 ts_stream *ts__check_stream(lua_State *L, int idx) {
   ts_stream *s = lua_touserdata(L, idx);
   size_t size = s != NULL ? lua_rawlen(L, idx) : 0;
@@ -150,9 +150,8 @@ static int l_buffered(lua_State *L) {
 void ts__stream_methods(lua_State *L, const luaL_Reg *methods) {
   luaL_getmetatable(L, TS_STREAM_MT);
   lua_getfield(L, -1, "__index");
-  lua_insert(L, -2);
-  luaL_setfuncs(L, methods, 1); /* the metatable, as each one's upvalue */
-  lua_pop(L, 1);
+  luaL_setfuncs(L, methods, 0);
+  lua_pop(L, 2);
 }
 
 int ts__open_stream(lua_State *L) {
