@@ -21,7 +21,7 @@ local ioloop = require "tcpserver.ioloop"
 local locks = require "tcpserver.locks"
 local log = require "tcpserver.log"
 
-local opts = require("tcpserver.host").options(arg,
+local opts = require("tcpserver.flags").parse(arg,
   {port = 8890, host = "127.0.0.1", max_queue = 256 * 1024})
 
 local MAX_LINE = 4096 -- longer lines close the connection ("too large")

@@ -9,7 +9,7 @@ local log = require "tcpserver.log"
 
 -- --port/--host (and any other flag a script declares) with their
 -- defaults; false means "a string, optional".
-local opts = require("tcpserver.host").options(arg,
+local opts = require("tcpserver.flags").parse(arg,
   {port = 8888, host = "127.0.0.1", certfile = false, keyfile = false, session_tickets = 1},
   {"port", "certfile", "keyfile"})
 

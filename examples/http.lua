@@ -15,7 +15,7 @@ local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
 local log = require "tcpserver.log"
 
-local opts = require("tcpserver.host").options(arg, {port = 8080, host = "127.0.0.1", idle = 60.0})
+local opts = require("tcpserver.flags").parse(arg, {port = 8080, host = "127.0.0.1", idle = 60.0})
 
 local MAX_HEAD = 64 * 1024     -- request line and headers
 local MAX_BODY = 1024 * 1024   -- larger bodies get 413

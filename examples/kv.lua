@@ -514,7 +514,7 @@ function KV:handle_stream(stream)
   end
 end
 
-local opts = require("tcpserver.host").options(arg, {port = 6380, host = "127.0.0.1"}, {"port"})
+local opts = require("tcpserver.flags").parse(arg, {port = 6380, host = "127.0.0.1"}, {"port"})
 local server = KV({max_buffer_size = MAX_BULK + 1024}) -- a value may be that large
 local port = server:listen(opts.port, opts.host)
 log.info("kv server listening on %s:%d", opts.host, port)

@@ -24,7 +24,7 @@ local locks = require "tcpserver.locks"
 local log = require "tcpserver.log"
 local tcpclient = require "tcpserver.tcpclient"
 
-local opts = require("tcpserver.host").options(arg,
+local opts = require("tcpserver.flags").parse(arg,
   {port = 8000, host = "127.0.0.1", upstream = "127.0.0.1:8888", connect_timeout = 5})
 
 -- tcpclient.connect's arguments: ("unix:/path", nil) or (host, port).

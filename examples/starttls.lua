@@ -16,7 +16,7 @@ local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
 local log = require "tcpserver.log"
 
-local opts = require("tcpserver.host").options(arg,
+local opts = require("tcpserver.flags").parse(arg,
   {port = 8025, host = "127.0.0.1", certfile = false, keyfile = false})
 
 local tmp = os.getenv("TMPDIR") or "/tmp"

@@ -14,7 +14,7 @@ local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
 local log = require "tcpserver.log"
 
-local opts = require("tcpserver.host").options(arg, {
+local opts = require("tcpserver.flags").parse(arg, {
   port = 8765, host = "127.0.0.1",
   -- seconds an unfinished (fragmented) message may wait for its next
   -- frame; then the connection closes with 1008

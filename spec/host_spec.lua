@@ -16,6 +16,23 @@ end
 local ECHO = H.ECHO_SCRIPT
 
 describe("luahost", function()
+  it("runs the shutdown hooks on SIGTERM and stops once each is done", async(function()
+    local p = start([[
+local ioloop = require "tcpserver.ioloop"
+ioloop.on_shutdown(function(done)
+  print("hook") io.stdout:flush()
+  ioloop.current():call_later(0.1, function() print("done") io.stdout:flush() done() end)
+  return 5
+end)
+ioloop.current():add_callback(function() print("up") io.stdout:flush() end)
+ioloop.current():call_later(30, function() end) -- keeps the loop running
+]])
+    assert.equal("up\n", p.stdout:read_until("\n"))
+    p:kill(15)
+    assert.equal("hook\ndone\n", p.stdout:read_until_close())
+    assert.same({0, 0}, {p:wait_for_exit()})
+  end))
+
   it("runs a script with arg and serves until SIGTERM, then exits 0", async(function()
     local p = start(ECHO, "first-arg")
     local port, a1 = p.stdout:read_until("\n"):match("(%d+) (%S*)")

@@ -300,6 +300,17 @@ sys.stdout.write((f.readline() + f.readline()).decode())
     assert.equal(2, peak)
   end))
 
+  it("leaves a server made with in_stats = false out of tcpserver.stats()", async(function()
+    local before = tcpserver.stats().connections_total
+    local hidden, port = H.serve(function(_, stream) stream:write("x") end, {in_stats = false})
+    assert.equal("x", H.connect(port):read_until_close())
+    assert.equal(1, hidden:stats().connections_total)
+    assert.equal(before, tcpserver.stats().connections_total)
+    hidden:stop()
+    assert.has_error(function() tcpserver.TCPServer({in_stats = "no"}) end,
+                     "TCPServer: option 'in_stats' must be a boolean, got no")
+  end))
+
   it("counts connections and handler errors in stats()", async(function()
     local release = locks.Event()
     local server, port = H.serve(function(_, stream)

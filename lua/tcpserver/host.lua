@@ -134,64 +134,6 @@ local function take_inherited_sockets()
   if not ok then die("%s", err) end
 end
 
--- Prometheus's text format (version 0.0.4) for tcpserver.stats().
-local METRICS = {
-  {"connections_open", "gauge", "Connections whose handler is running."},
-  {"connections_total", "counter", "Connections accepted."},
-  {"bytes_in", "counter", "Bytes read from the streams (after TLS)."},
-  {"bytes_out", "counter", "Bytes written to the streams (before TLS)."},
-  {"handler_errors", "counter", "handle_stream calls that raised an error."},
-  {"tls_handshake_failures", "counter", "TLS handshakes that failed."},
-}
-
---- The metrics text for a stats table (from server:stats() or
--- tcpserver.stats()); `task` (a worker's task id) becomes a label.
-function M.prometheus_text(stats, task)
-  local out = {}
-  local labels = task and ('{task="%d"}'):format(task) or ""
-  for _, m in ipairs(METRICS) do
-    local key, kind, help = m[1], m[2], m[3]
-    local name = "tcpserver_" .. key
-    if kind == "counter" and not name:match("_total$") then name = name .. "_total" end
-    out[#out + 1] = ("# HELP %s %s\n# TYPE %s %s\n%s%s %d\n"):format(
-      name, help, name, kind, name, labels, math.tointeger(stats[key]) or 0)
-  end
-  return table.concat(out)
-end
-
--- A minimal HTTP/1.1 responder for GET /metrics on 127.0.0.1:port.
-local function serve_stats(port)
-  local tcpserver = require "tcpserver"
-  local process = require "tcpserver.process"
-  local Stats = tcpserver.TCPServer:extend()
-  function Stats:handle_stream(stream)
-    stream:settimeout(10)
-    local head = stream:read_until("\r\n\r\n", 8192)
-    if not head then return end
-    local method, path = head:match("^(%u+) (%S+) HTTP/1%.[01]\r\n")
-    local status, body, ctype = "404 Not Found", "not found: try /metrics\n", "text/plain"
-    if not method then
-      status, body = "400 Bad Request", "bad request\n"
-    elseif path == "/metrics" or path == "/" then
-      status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
-      -- the task id of the process that answers: a script that forks
-      -- after this shares the port among its workers
-      body = method == "HEAD" and "" or M.prometheus_text(tcpserver.stats(), process.task_id())
-    end
-    stream:write(("HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                  .. "Connection: close\r\n\r\n%s"):format(status, ctype, #body, body))
-  end
-  local server = Stats()
-  rawget(server, "_tcpserver").internal = true -- left out of tcpserver.stats()
-  -- A worker's port is its task id's: during a reload (SIGHUP) the new
-  -- worker binds it while the old one still serves it, as with every
-  -- listener of a worker. A lone process keeps it to itself.
-  local task = process.task_id()
-  local ok, err = pcall(server.listen, server, port + (task or 0), "127.0.0.1",
-                        {reuse_port = task ~= nil})
-  if not ok then die("--stats-port: %s", tostring(err)) end
-end
-
 -- Forks the workers; returns in each of them (the supervisor stays inside).
 local function fork_workers(n, max_restarts)
   require("tcpserver.netutil").default_reuse_port = true
@@ -226,7 +168,10 @@ function M.main(argv)
   end
   loop:add_signal_handler("SIGTERM", stop)
   loop:add_signal_handler("SIGINT", stop)
-  if opts.stats_port then serve_stats(opts.stats_port) end
+  if opts.stats_port then
+    local ok, err = pcall(require("tcpserver.metrics").serve, opts.stats_port)
+    if not ok then die("%s", err) end
+  end
 
   local args = {[-1] = argv[-1] or argv[0], [0] = script}
   for j = i + 1, #argv do args[#args + 1] = argv[j] end
@@ -245,68 +190,12 @@ function M.main(argv)
   return 0
 end
 
---- For the scripts luahost runs (the examples use it): reads `--name value`
--- and `--name=value` flags from `argv` (the script's `arg`) into a copy of
--- `defaults`, whose keys are the names allowed (`max_queue` is
--- `--max-queue`). A name whose default is a number takes a number (an
--- integer if the default is one); a default of false stands for a string
--- that may be left out. Bare words fill the names in `positional`, in
--- order (`luahost examples/echo.lua 8888`). `--help` prints the usage and
--- exits 0; anything else wrong prints it with the reason and exits 2.
-function M.options(argv, defaults, positional)
-  local opts, names = {}, {}
-  for name, v in pairs(defaults) do
-    opts[name], names[#names + 1] = v, name
-  end
-  table.sort(names)
-  local script = argv[0] or "script.lua"
-  local function usage(out)
-    local words = {}
-    for _, name in ipairs(names) do
-      local kind = type(defaults[name]) == "number" and "N" or "S"
-      words[#words + 1] = ("[--%s %s]"):format(name:gsub("_", "-"), kind)
-    end
-    out:write("usage: luahost ", script, " ", table.concat(words, " "), "\n")
-  end
-  local function refuse(fmt, ...)
-    usage(io.stderr)
-    io.stderr:write(script, ": ", fmt:format(...), "\n")
-    os.exit(2)
-  end
-  local function set(flag, value) -- flag: "max-queue" or a positional name
-    local name = flag:gsub("-", "_")
-    local default = defaults[name]
-    if default == nil then refuse("unknown option --%s", flag) end
-    if value == nil then refuse("--%s needs a value", flag) end
-    if type(default) == "number" then
-      local n = tonumber(value)
-      if math.type(default) == "integer" then n = n and math.tointeger(n) end
-      if not n then refuse("--%s needs a number, got '%s'", flag, value) end
-      value = n
-    end
-    opts[name] = value
-  end
-  local i, bare = 1, 0
-  while argv[i] ~= nil do
-    local a = argv[i]
-    local flag, value = a:match("^%-%-([^=]+)=(.*)$")
-    if a == "-h" or a == "--help" then
-      usage(io.stdout)
-      os.exit(0)
-    elseif flag then
-      set(flag, value)
-    elseif a:sub(1, 2) == "--" then
-      set(a:sub(3), argv[i + 1])
-      i = i + 1
-    else
-      bare = bare + 1
-      local name = positional and positional[bare]
-      if not name then refuse("unexpected argument '%s'", a) end
-      set(name, a)
-    end
-    i = i + 1
-  end
-  return opts
-end
+
+--- Kept for scripts written before the flag parser moved: see
+-- tcpserver.flags.
+function M.options(...) return require("tcpserver.flags").parse(...) end
+
+--- Kept as well: see tcpserver.metrics.
+function M.prometheus_text(...) return require("tcpserver.metrics").prometheus_text(...) end
 
 return M

@@ -16,6 +16,7 @@ local DEFAULTS = {
   read_chunk_size = 64 * 1024,
   handshake_timeout = 10,
   shutdown_timeout = 10,
+  in_stats = true,
 }
 
 local CHECKS = {
@@ -27,6 +28,7 @@ local CHECKS = {
   idle_timeout = "seconds",
   shutdown_timeout = "seconds",
   proxy_protocol = "boolean",
+  in_stats = "boolean",
   on_error = "function",
 }
 
@@ -316,13 +318,13 @@ function TCPServer:shutdown(timeout, done)
   end
 end
 
---- The sum of every server's @{TCPServer:stats} in this process (luahost's
--- own stats endpoint is left out).
+--- The sum of every server's @{TCPServer:stats} in this process, but
+-- those made with `in_stats = false` (luahost's own metrics endpoint).
 function M.stats()
   local total = {connections_open = 0, connections_total = 0, handler_errors = 0}
   for _, k in ipairs(C_COUNTS) do total[k] = 0 end
   for server in pairs(servers) do
-    if not rawget(server, "_tcpserver").internal then
+    if state_of(server).options.in_stats then
       for k, v in pairs(server:stats()) do total[k] = total[k] + v end
     end
   end
@@ -360,6 +362,9 @@ function M.shutdown_all(timeout, done)
   one()
   return longest
 end
+
+-- SIGINT and SIGTERM under luahost (IOLoop:stop_gracefully) drain every server.
+ioloop.on_shutdown(function(done) return M.shutdown_all(nil, done) end)
 
 M.TCPServer = TCPServer
 return M

@@ -163,23 +163,42 @@ function IOLoop:add_signal_handler(name, fn)
   handled[name] = true
 end
 
+local shutdown_hooks = {}
+
+--- Registers fn(done) to run when the loop stops gracefully: it begins
+-- its part of the stop, calls done() once that is over, and returns the
+-- most seconds that may take (tcpserver registers its servers' drain).
+function M.on_shutdown(fn)
+  check_function(fn, "on_shutdown")
+  shutdown_hooks[#shutdown_hooks + 1] = fn
+end
+
 --- What SIGINT and SIGTERM do by default while the loop runs: every
--- server in this process stops accepting and drains (TCPServer:shutdown,
--- within its shutdown_timeout), then the loop stops; it stops anyway one
--- second after the longest shutdown_timeout, should a handler outlive the
+-- shutdown hook (M.on_shutdown) runs, every server in this process thus
+-- stops accepting and drains (TCPServer:shutdown, within its
+-- shutdown_timeout), then the loop stops; it stops anyway one second
+-- after the longest a hook said it may take, should a handler outlive the
 -- close of its streams. Calls after the first do nothing.
 function IOLoop:stop_gracefully()
   if stopping or not core.running() then return end
   stopping = true
-  local tcpserver = package.loaded.tcpserver
-  if not tcpserver then return self:stop() end
-  local drained, deadline = false, nil
-  local longest = tcpserver.shutdown_all(nil, function()
-    drained = true
+  local left, longest, deadline = #shutdown_hooks + 1, 0, nil
+  local function one()
+    left = left - 1
+    if left > 0 then return end
     if deadline then deadline:cancel() end
     self:stop()
-  end)
-  if not drained then
+  end
+  for _, hook in ipairs(shutdown_hooks) do
+    local done = false
+    longest = math.max(longest, hook(function()
+      if done then return end
+      done = true
+      one()
+    end) or 0)
+  end
+  one()
+  if left > 0 then
     deadline = core.timer(longest + 1, 0, function()
       log.warning("Handlers still running %g s after the shutdown began: stopping the loop",
                   longest + 1)
