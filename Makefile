@@ -84,7 +84,7 @@ test: deps
 FORMATTED_C = $(wildcard src/*.c src/*.h src/host/*.c include/*.h fuzz/*.c spec/embed/*.c)
 
 lint:
-	luacheck -q lua spec examples bench src/host/luahost.lua
+	luacheck -q lua spec examples bench tools src/host/luahost.lua
 	@for f in $(FORMATTED_C); do \
 	  clang-format --dry-run --Werror $$f || exit 1; \
 	done; echo "clang-format: $(words $(FORMATTED_C)) files in style"
@@ -213,7 +213,7 @@ $(BUILD)/fuzz/%: fuzz/%.c $(CORE_OBJ)
 # 10,000 idle connections against one server; fails on RSS growth after the
 # warm-up over 10% or descriptors not back to their baseline.
 soak: deps all
-	@$(HOST) bench/soak.lua
+	@$(HOST) tools/soak.lua
 
 clean:
 	rm -rf $(BUILD) $(SAN_BUILD) $(FUZZ_BUILD)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""bench/collate.py -- the Targets tables of several runs side by side.
+"""bench/studies/collate.py -- the Targets tables of several runs side by side.
 
-    bench/collate.py bench/results/full-*.md [--title TEXT] > docs/bench/runs.md
+    bench/studies/collate.py bench/results/full-*.md [--title TEXT] > docs/bench/runs.md
 
 Each argument is a report bench/bench.py wrote (docs/bench/results.md,
 docs/bench/results-quick.md or the dated copies in bench/results/).  Prints

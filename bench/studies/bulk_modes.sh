@@ -1,11 +1,11 @@
 #!/bin/bash
-# bench/bulk_modes.sh [ROUNDS]: bulk echo's spread within one server process.
+# bench/studies/bulk_modes.sh [ROUNDS]: bulk echo's spread within one server process.
 # Each round starts examples/echo.lua afresh, then runs 64 KiB-line bulk
 # for 1.5 s three times, echo d16 for 1 s, bulk three times, churn for 1 s,
 # bulk twice, and prints the eight GB/s figures. Needs bench/build/loadgen
-# (make bench builds it). Used for docs/PERFORMANCE.md, round 3.
+# (make bench builds it). Used for round 3 (git history of docs/PERFORMANCE.md).
 set -eu
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 LOADGEN=bench/build/loadgen
 for round in $(seq "${1:-3}"); do
   port=$((19500 + RANDOM % 400))

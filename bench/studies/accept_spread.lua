@@ -2,12 +2,12 @@
 -- by both (bound before fork_processes, as TCPServer:bind + start(2)) versus
 -- a reuse_port socket per worker (as luahost --workers 2).
 --
---   build/luahost bench/accept_spread.lua [connections [concurrency ...]]
+--   build/luahost bench/studies/accept_spread.lua [connections [concurrency ...]]
 --
 -- Each worker answers a connection with its task id and closes it; the
 -- driver makes `connections` connections with each concurrency (default
 -- 1 and 32) and counts the answers per worker.
-package.path = arg[0]:gsub("[^/]*$", "?.lua;") .. package.path
+package.path = arg[0]:gsub("[^/]*$", "../../tools/?.lua;") .. package.path
 local M = require "multiproc"
 local netutil = require "tcpserver.netutil"
 local process = require "tcpserver.process"

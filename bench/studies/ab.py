@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""bench/ab.py -- interleaved A/B of two built trees: server CPU per message.
+"""bench/studies/ab.py -- interleaved A/B of two built trees: server CPU per message.
 
-    bench/ab.py A_TREE B_TREE [--rounds N] [--seconds S]
+    bench/studies/ab.py A_TREE B_TREE [--rounds N] [--seconds S]
 
 Each tree is a checkout with `make all` done (build/luahost, examples/echo.lua).
 For every round and workload, A and B run one after the other (order
@@ -22,7 +22,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LOADGEN = os.path.join(HERE, "build", "loadgen")
+LOADGEN = os.path.join(HERE, "..", "build", "loadgen")
 
 WORKLOADS = [
     ("echo 64B d1", [], ["--mode", "echo", "--depth", "1"]),
@@ -91,7 +91,7 @@ def main():
     ap.add_argument("--only", default="", help="comma list of workload name prefixes")
     args = ap.parse_args()
     if not shutil.which("taskset") or not os.path.exists(LOADGEN):
-        sys.exit("bench/ab.py needs taskset and bench/build/loadgen (make -C bench)")
+        sys.exit("bench/studies/ab.py needs taskset and bench/build/loadgen (make -C bench)")
     tmp = tempfile.mkdtemp()
     cert = make_cert(tmp)
     only = [p for p in args.only.split(",") if p]

@@ -2,7 +2,7 @@
 -- and waves of idle connections against one server process, watching its
 -- memory and descriptors.
 --
---   build/luahost bench/soak.lua [cycles [idle]]      (make soak)
+--   build/luahost tools/soak.lua [cycles [idle]]      (make soak)
 --
 -- Prints the server's RSS at start, after a warm-up (a fifth of the
 -- cycles, one idle wave, one latency run) and at the end, its descriptors against the

@@ -2,13 +2,13 @@
 -- 2 workers sharing one listening socket (bound before the fork) versus
 -- luahost --workers 2 (a reuse_port socket per worker).
 --
---   build/luahost bench/reload_drops.lua [reloads [clients]]
+--   build/luahost bench/studies/reload_drops.lua [reloads [clients]]
 --
 -- `clients` tasks connect in a loop (one request each) during `reloads`
 -- reloads; the errors are counted by kind. With reuse_port a connection
 -- queued on an old worker's socket when it closes is reset, unless
 -- net.ipv4.tcp_migrate_req=1 (printed below).
-package.path = arg[0]:gsub("[^/]*$", "?.lua;") .. package.path
+package.path = arg[0]:gsub("[^/]*$", "../../tools/?.lua;") .. package.path
 local M = require "multiproc"
 local ioloop = require "tcpserver.ioloop"
 local tcpclient = require "tcpserver.tcpclient"

@@ -2,14 +2,14 @@
  * sendalign -- the kernel's cost of send, by where the sent bytes sit in
  * their page.
  *
- *   bench/build/sendalign [ROUNDS [OFFSET...]]
+ *   bench/build/sendalign [ROUNDS [OFFSET...]]     (make -C bench studies)
  *
  * One thread on CPU 0 writes 1 GiB in 64 KiB write()s to a loopback TCP
  * socket, from a buffer that starts OFFSET bytes into a page; a thread on
  * CPU 1 reads and drops it. Prints the writer's CPU (user + system, its
  * own thread) per GB for each offset, the offsets interleaved, ROUNDS
  * times (default 2; offsets default to 0 24 440 2048 4064 4072 4088).
- * docs/PERFORMANCE.md ("Bulk: where a slow run loses") has what it showed.
+ * What it showed: docs/PERFORMANCE.md ("Where each gap goes", bulk).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>

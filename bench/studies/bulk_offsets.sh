@@ -1,14 +1,14 @@
 #!/bin/bash
-# bench/bulk_offsets.sh [ROUNDS]: why some bulk runs are slow.
+# bench/studies/bulk_offsets.sh [ROUNDS]: why some bulk runs are slow.
 # Each round runs the C ceiling, then examples/echo.lua with
 # bench/build/writeoffsets.so preloaded, each under 2 s of 64 KiB-line bulk
 # (server on CPU 0, loadgen on CPU 1), and prints per server: GB/s, server
 # CPU per GB, the share of its perf samples in the kernel's copy from user
 # memory (_copy_from_iter; needs perf) and, for echo.lua, the page offsets
-# its large writes started at. Needs `make -C bench`. Used for
-# docs/PERFORMANCE.md ("Bulk: where a slow run loses").
+# its large writes started at. Needs `make -C bench studies`. Used for
+# docs/PERFORMANCE.md ("Where each gap goes", bulk).
 set -eu
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 B=bench/build
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -1,6 +1,7 @@
--- What the multi-process benchmarks (accept_spread.lua, reload_drops.lua)
--- share: a free port, the script itself started again as the server, and
--- client tasks that run until they are done.
+-- What tools/soak.lua and the multi-process studies (bench/studies/
+-- accept_spread.lua, reload_drops.lua) share: a free port, the script
+-- itself started again as the server, and client tasks that run until
+-- they are done.
 local ioloop = require "tcpserver.ioloop"
 local locks = require "tcpserver.locks"
 local netutil = require "tcpserver.netutil"
