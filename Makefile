@@ -55,9 +55,16 @@ $(HOST): src/host/main.c
 	$(CC) $(WARN) $(CFLAGS) $(CPPFLAGS) -o $@ $< $(LDFLAGS) $(LUA_LIBS) -Wl,-E -lm -ldl
 
 # Installs the Debian packages that are missing: with apt-get as root,
-# otherwise prints the command to run.
+# otherwise prints the command to run. Without dpkg (not Debian) it only
+# checks that the tools the build and the suite need are on PATH.
+DEPS_TOOLS = $(CC) pkg-config $(LUA) busted
 deps:
-	@missing=""; for p in $(DEB_PKGS); do \
+	@if ! command -v dpkg-query >/dev/null 2>&1; then \
+	  for t in $(DEPS_TOOLS); do \
+	    command -v $$t >/dev/null 2>&1 || { echo "deps: $$t not found; install it (make installs packages on Debian only)"; exit 1; }; \
+	  done; exit 0; \
+	fi; \
+	missing=""; for p in $(DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \

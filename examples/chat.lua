@@ -13,9 +13,9 @@
 -- outbox grows past --max-queue bytes (it stopped reading while the room
 -- kept talking) is dropped: its stream is closed, and everyone else goes on.
 -- A client costs at most the stream's write buffer (write() waits past
--- 1 MiB) plus --max-queue. (Writing to one stream from several tasks is
--- what not to do: when one write waits at that 1 MiB mark, the next
--- task's write raises "already writing".)
+-- 1 MiB) plus --max-queue. (Writing to one stream from several tasks
+-- works, their writes queue in order, but then one slow reader makes every
+-- task that writes to it wait: the outbox keeps the senders free.)
 local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
 local locks = require "tcpserver.locks"

@@ -1,6 +1,6 @@
 /* PROXY protocol v1/v2 (HAProxy's): the header a load balancer sends before
  * the client's bytes. A pure parser: no libuv, no Lua, no allocation, so
- * that it can be fuzzed on its own (fuzz/proxy.c). */
+ * that it can be fuzzed on its own (fuzz/proxy_parse.c). */
 #ifndef TS_PROXY_H
 #define TS_PROXY_H
 

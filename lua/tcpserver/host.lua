@@ -7,7 +7,8 @@ M.usage = [[
 usage: luahost [options] script.lua [args...]
 
 Runs script.lua with the tcpserver modules available, then runs the event
-loop until nothing is left to do or the process is told to stop.
+loop until nothing is left to do (no server, open stream, timer or callback:
+a stream nobody closes keeps it running) or the process is told to stop.
 SIGINT and SIGTERM stop accepting, let running handlers finish (at most
 the servers' shutdown_timeout, 10 s by default) and exit 0.
 
