@@ -44,9 +44,11 @@ build = {
     ["tcpserver.netutil"] = "lua/tcpserver/netutil.lua",
     ["tcpserver.flags"] = "lua/tcpserver/flags.lua",
     ["tcpserver.process"] = "lua/tcpserver/process.lua",
+    ["tcpserver.queues"] = "lua/tcpserver/queues.lua",
     ["tcpserver.ssl"] = "lua/tcpserver/ssl.lua",
     ["tcpserver.tcpclient"] = "lua/tcpserver/tcpclient.lua",
     ["tcpserver.testing"] = "lua/tcpserver/testing.lua",
+    ["tcpserver.waiters"] = "lua/tcpserver/waiters.lua",
   },
   install = {
     bin = {luahost = "src/host/luahost.lua"},
