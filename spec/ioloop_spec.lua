@@ -251,3 +251,108 @@ while true do end
     p.err:await("interrupted!")
   end))
 end)
+
+describe("Task handles", function()
+  local locks = require "tcpserver.locks"
+  local queues = require "tcpserver.queues"
+
+  it("join gives the results, or nil and the error's message", async(function()
+    local t = loop:spawn(function(a, b) ioloop.sleep(0.01) return a + b, "sum" end, 2, 3)
+    assert.is_false(t:done())
+    assert.same({true, 5, "sum"}, {t:join()})
+    assert.is_true(t:done())
+    assert.same({true, 5, "sum"}, {t:join()}) -- again, at once
+    local logs, restore = H.capture_logs()
+    local bad = loop:spawn(function() ioloop.sleep(0) error("broken", 0) end)
+    assert.same({nil, "broken"}, {bad:join()})
+    assert.same({}, logs) -- a joiner got it: not logged
+    local lone = loop:spawn(function() ioloop.sleep(0) error("nobody listens", 0) end)
+    H.wait_until(function() return lone:done() end)
+    restore()
+    assert.equal(1, #logs)
+    assert.matches("^error: nobody listens\nstack traceback:", logs[1])
+    assert.same({nil, "nobody listens"}, {lone:join()})
+    assert.same({nil, "timeout"}, {loop:spawn(ioloop.sleep, 1):join(0.01)})
+  end))
+
+  it("kill closes the task's to-be-closed variables and its joiners get 'killed'", async(function()
+    local closed, after = {}, false
+    local t = loop:spawn(function()
+      local _a <close> = setmetatable({}, {__close = function() closed[#closed + 1] = "outer" end})
+      local function inner()
+        local _b <close> = setmetatable({}, {__close = function() closed[#closed + 1] = "inner" end})
+        ioloop.sleep(10)
+      end
+      inner()
+      after = true
+    end)
+    local joiner = loop:spawn(function() return t:join() end)
+    assert.is_true(t:kill())
+    assert.same({"inner", "outer"}, closed)
+    assert.is_true(t:done())
+    assert.same({nil, "killed"}, {t:join()})
+    assert.same({true, nil, "killed"}, {joiner:join()})
+    assert.is_false(t:kill()) -- once
+    ioloop.sleep(0.02)
+    assert.is_false(after) -- never resumed again
+    local me
+    me = loop:spawn(function()
+      ioloop.sleep(0)
+      return pcall(me.kill, me)
+    end)
+    local _, ok, err = me:join()
+    assert.is_false(ok)
+    assert.matches("kill: a task cannot kill itself", err)
+  end))
+
+  it("kill cancels a stream read or write cleanly: another task uses the stream", async(function()
+    local server, port = H.serve(function(_, stream)
+      local reader = loop:spawn(function() return stream:read_until("\n") end)
+      ioloop.sleep(0.01)
+      assert.is_true(reader:kill())
+      -- the stream is free: a second reader takes the line
+      local line = stream:read_until("\n")
+      stream:write("got " .. line)
+      local big = ("x"):rep(8 * 1024 * 1024)
+      local writer = loop:spawn(function() return stream:write(big) end) -- waits: nobody reads
+      ioloop.sleep(0.01)
+      assert.is_false(writer:done())
+      assert.is_true(writer:kill())
+      assert.is_true(stream:write("after\n")) -- writes go on (after what was queued)
+    end)
+    finally(function() server:stop() end)
+    local c = H.connect(port)
+    ioloop.sleep(0.05)
+    c:write("line\n")
+    assert.equal("got line\n", c:read_until("\n"))
+    local rest = c:read_until("after\n", 16 * 1024 * 1024)
+    assert.is_truthy(rest)
+    c:close()
+  end))
+
+  it("a killed waiter takes no permit or item, even one handed to it already", async(function()
+    local lock = locks.Lock()
+    assert(lock:acquire())
+    local a = loop:spawn(function() return lock:acquire() ~= nil end)
+    local b = loop:spawn(function() return lock:acquire() ~= nil end)
+    lock:release() -- handed to a, which has not run yet
+    a:kill()
+    assert.same({true, true}, {b:join(1)}) -- a's permit went on to b
+    local q = queues.Queue()
+    local g1 = loop:spawn(function() return q:get() end)
+    local g2 = loop:spawn(function() return q:get() end)
+    g1:kill() -- before anything comes: skipped
+    q:put("one")
+    assert.same({true, "one"}, {g2:join(1)})
+  end))
+
+  it("wait_any returns the first task to end, or nil, 'timeout'", async(function()
+    local slow = loop:spawn(ioloop.sleep, 1)
+    local fast = loop:spawn(ioloop.sleep, 0.01)
+    assert.equal(fast, ioloop.wait_any({slow, fast}))
+    assert.equal(fast, ioloop.wait_any({slow, fast})) -- ended already: at once
+    assert.same({nil, "timeout"}, {ioloop.wait_any({slow}, 0.01)})
+    slow:kill()
+    assert.has_error(function() ioloop.wait_any({}) end, "wait_any: a non-empty list of tasks expected")
+  end))
+end)

@@ -57,6 +57,12 @@ static int attempt_done(connect_req *r, int status) {
     release(r);
     return 1;
   }
+  if (ts__task_killed(r->w.co)) { /* nobody to take the stream */
+    ts__stream_abort(s);
+    release(r);
+    finish_error(r, "killed");
+    return 1;
+  }
   if (status == 0) {
     ts__stream_push(r->w.co, s);
     if (ts__stream_start(s) == 0) {

@@ -175,6 +175,17 @@ void ts__loop_on_close(ts_loop *loop, ts_hook fn) {
   add_hook(loop->close, &loop->nclose, fn);
 }
 
+void ts__loop_on_forget(ts_loop *loop, ts_forget fn) {
+  int i;
+
+  for (i = 0; i < loop->nforget; i++) {
+    if (loop->forget[i] == fn)
+      return;
+  }
+  if (loop->nforget < TS_MAX_HOOKS)
+    loop->forget[loop->nforget++] = fn;
+}
+
 static void settle(ts_loop *loop) {
   int i;
 
@@ -236,10 +247,12 @@ void ts__pcall(ts_loop *loop, int narg) {
  * before that hold what Lua left there, zero in practice but not by
  * contract). */
 #define OWNED_BIT ((uintptr_t)1)
+#define KILLED_BIT ((uintptr_t)2) /* core.kill: never resumed again */
 _Static_assert(LUA_EXTRASPACE >= sizeof(uintptr_t), "a task's word fits its extra space");
-_Static_assert(_Alignof(ts_loop *) > OWNED_BIT && _Alignof(ts_loop) > OWNED_BIT,
+_Static_assert(_Alignof(ts_loop *) > (OWNED_BIT | KILLED_BIT) &&
+                   _Alignof(ts_loop) > (OWNED_BIT | KILLED_BIT),
                "an owner (whose first member is a ts_loop *) and a loop are aligned, "
-               "so OWNED_BIT is free in their addresses");
+               "so OWNED_BIT and KILLED_BIT are free in their addresses");
 
 static uintptr_t extra_word(lua_State *co) {
   uintptr_t w;
@@ -252,8 +265,12 @@ static void set_extra_word(lua_State *co, uintptr_t w) {
 }
 
 static ts_loop *task_loop(lua_State *co) {
-  uintptr_t w = extra_word(co);
+  uintptr_t w = extra_word(co) & ~KILLED_BIT;
   return (w & OWNED_BIT) ? *(ts_loop **)(w & ~OWNED_BIT) : (ts_loop *)w;
+}
+
+int ts__task_killed(lua_State *co) {
+  return (extra_word(co) & KILLED_BIT) != 0;
 }
 
 int ts__in_task(lua_State *L) {
@@ -316,6 +333,11 @@ static void take_error(lua_State *L, lua_State *co) {
 static void resume_from(lua_State *L, lua_State *co, int narg) {
   ts_loop *loop = task_loop(co);
   int nres, status, outer = loop->parked;
+
+  if (extra_word(co) & KILLED_BIT) { /* a wait it was in ended after all */
+    lua_settop(co, 0);
+    return;
+  }
 
   loop->parked = 0;
   status = lua_resume(co, L, narg, &nres);
@@ -509,6 +531,8 @@ static int l_resume(lua_State *L) {
   int n = lua_gettop(L) - 1;
 
   luaL_argexpected(L, co != NULL && ts__in_task(co), 1, "suspended task");
+  if (ts__task_killed(co)) /* woken after all: it is gone */
+    return 0;
   luaL_argcheck(L, lua_status(co) == LUA_YIELD, 1, "task is not suspended");
   push_parked(L);
   lua_pushvalue(L, 1);
@@ -522,6 +546,37 @@ static int l_resume(lua_State *L) {
   lua_xmove(L, co, n);
   resume_from(L, co, n);
   return 0;
+}
+
+/* core.kill(co) -> true, or false if it is not waiting (done, or not yet
+ * started): co is never resumed again, what waits on its behalf lets go
+ * (the loop's forget hooks: a stream's reader and writers), and its
+ * pending to-be-closed variables are closed. */
+static int l_kill(lua_State *L) {
+  lua_State *co = lua_tothread(L, 1);
+  ts_loop *loop;
+  int i;
+
+  luaL_argexpected(L, co != NULL && ts__in_task(co), 1, "task");
+  if (co == L)
+    return luaL_error(L, "kill: a task cannot kill itself (return from it instead)");
+  luaL_argcheck(L, !(extra_word(co) & OWNED_BIT), 1, "a server's handler task");
+  if (lua_status(co) != LUA_YIELD || ts__task_killed(co)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  loop = task_loop(co);
+  set_extra_word(co, extra_word(co) | KILLED_BIT);
+  for (i = 0; i < loop->nforget; i++)
+    loop->forget[i](loop, co);
+  if (close_thread(co, L) != LUA_OK) { /* a __close raised */
+    const char *msg = lua_tostring(co, -1);
+    ts__report(loop, msg ? msg : "(error object of a __close)");
+  }
+  lua_settop(co, 0);
+  loop->ended++;
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 static int l_in_task(lua_State *L) {
@@ -737,6 +792,7 @@ int ts__open_loop(lua_State *L) {
                                    {"in_task", l_in_task},
                                    {"start", l_start},
                                    {"resume", l_resume},
+                                   {"kill", l_kill},
                                    {"park", l_park},
                                    {"stop", l_stop},
                                    {"running", l_running},

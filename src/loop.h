@@ -16,6 +16,8 @@
 typedef struct ts_loop ts_loop;
 typedef void (*ts_hook)(ts_loop *loop);
 typedef void (*ts_task_end)(lua_State *L, int status, void *owner);
+/* A task is killed: what waits for something on its behalf lets go. */
+typedef void (*ts_forget)(ts_loop *loop, lua_State *co);
 
 #define TS_MAX_HOOKS 4
 
@@ -30,11 +32,12 @@ struct ts_loop {
   ts_hook settle[TS_MAX_HOOKS]; /* after each resume or callback */
   ts_hook start[TS_MAX_HOOKS];  /* once, when start() first runs */
   ts_hook close[TS_MAX_HOOKS];  /* the Lua state closes: free what is left */
-  int nclose;
-  void *streams;      /* stream.c's per-loop state */
-  size_t ended;       /* tasks ended since the last full collection */
-  size_t walked;      /* dead-thread walks since then (an upper bound) */
-  size_t walk_budget; /* walks that cost about one full collection */
+  int nclose, nforget;
+  ts_forget forget[TS_MAX_HOOKS]; /* a task is killed (ts__kill) */
+  void *streams;                  /* stream.c's per-loop state */
+  size_t ended;                   /* tasks ended since the last full collection */
+  size_t walked;                  /* dead-thread walks since then (an upper bound) */
+  size_t walk_budget;             /* walks that cost about one full collection */
   uv_prepare_t full_collect;
   ts_task_end task_end; /* see ts__spawn_owned */
 };
@@ -48,6 +51,7 @@ ts_loop *ts__loop_find(lua_State *L);
 int ts__loop_fork(lua_State *L);
 void ts__loop_on_settle(ts_loop *loop, ts_hook fn);
 void ts__loop_on_start(ts_loop *loop, ts_hook fn);
+void ts__loop_on_forget(ts_loop *loop, ts_forget fn);
 /* At lua_close, after every stream's __gc (the context is finalized last:
  * it was made first). The host must have closed servers and streams. */
 void ts__loop_on_close(ts_loop *loop, ts_hook fn);
@@ -69,6 +73,8 @@ void ts__spawn(lua_State *L, int narg);
  * last one given. */
 void ts__spawn_owned(lua_State *L, int narg, ts_loop **owner, ts_task_end end);
 int ts__in_task(lua_State *L);
+/* Whether task co was killed (core.kill): it is never resumed again. */
+int ts__task_killed(lua_State *co);
 /* Whether L is a task that may yield now: not inside a C function that
  * called back into Lua (table.sort's comparator, a gsub callback, a
  * metamethod, __gc), where lua_yield would raise. */

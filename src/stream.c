@@ -362,6 +362,19 @@ static void free_ctx(ts_loop *loop) {
 }
 
 /* The streams' share of L's loop, made with the first stream. */
+static void forget_on(ts_stream *s, void *co) {
+  ts__read_forget(s, co);
+  ts__write_forget(s, co);
+  if (s->ops != NULL && s->ops->forget != NULL)
+    s->ops->forget(s, s->layer, co);
+}
+
+/* A killed task's waits on streams end, so that another task may read or
+ * write them. */
+static void forget_task(ts_loop *loop, lua_State *co) {
+  ts__stream_each(loop, forget_on, co);
+}
+
 stream_ctx *ts__stream_ctx(lua_State *L) {
   ts_loop *loop = ts__loop(L);
   stream_ctx *ctx = loop->streams;
@@ -375,6 +388,7 @@ stream_ctx *ts__stream_ctx(lua_State *L) {
   ctx->rbuf_budget = ts__read_default_budget();
   loop->streams = ctx;
   ts__loop_on_settle(loop, ts__write_flush_dirty);
+  ts__loop_on_forget(loop, forget_task);
   ts__loop_on_close(loop, free_ctx);
   return ctx;
 }

@@ -35,6 +35,8 @@ typedef struct ts_layer_ops {
   /* The handle closed: wake what waits on the layer, free native state. */
   void (*closed)(ts_stream *s, void *layer);
   void (*free)(lua_State *L, void *layer); /* the stream is collected */
+  /* Task co was killed: stop waiting for it (wait_for_handshake). */
+  void (*forget)(ts_stream *s, void *layer, lua_State *co);
 } ts_layer_ops;
 
 /* What a stream's owner counts (server.c's listener counters begin with

@@ -233,6 +233,7 @@ int ts__method_read_until(lua_State *L);
 int ts__method_read_bytes(lua_State *L);
 int ts__method_read_until_close(lua_State *L);
 int ts__method_fill(lua_State *L);
+void ts__read_forget(ts_stream *s, lua_State *co); /* a killed task stops reading */
 
 /* stream_write.c */
 void ts__write_check(ts_stream *s); /* wakes the writers whose bytes are sent */
@@ -243,6 +244,8 @@ uint64_t ts__write_sent(ts_stream *s);
 /* Wakes with "timeout" the writers whose wait began `ms` before `now`;
  * the sooner of *next and what the others have left goes to *next. */
 void ts__write_timeouts(ts_stream *s, uint64_t now, uint64_t ms, uint64_t *next);
+void ts__write_forget(ts_stream *s,
+                      lua_State *co); /* a killed task's writes stop waiting */
 int ts__method_write(lua_State *L);
 int ts__method_flush(lua_State *L);
 

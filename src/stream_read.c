@@ -441,6 +441,22 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
   return ts__park(L);
 }
 
+void ts__read_forget(ts_stream *s, lua_State *co) {
+  lua_State *L = s->loop->L;
+
+  if (s->reader != co)
+    return;
+  s->reader = NULL;
+  s->rmode = RD_NONE;
+  s->scan = 0;
+  ts__stream_push(L, s); /* the stream's anchor of its reader */
+  lua_pushnil(L);
+  lua_setiuservalue(L, -2, 1);
+  lua_pop(L, 1);
+  stop_timer(s);
+  ts__read_update(s);
+}
+
 int ts__method_read_until(lua_State *L) {
   ts_stream *s = check_self(L);
   size_t dlen;

@@ -135,6 +135,22 @@ void ts__write_timeouts(ts_stream *s, uint64_t now, uint64_t ms, uint64_t *next)
   }
 }
 
+void ts__write_forget(ts_stream *s, lua_State *co) {
+  stream_rare *q = s->rare;
+  int i = 0;
+
+  while (q != NULL && i < q->n) {
+    if (q->w[i].w.co == co) {
+      luaL_unref(s->loop->L, LUA_REGISTRYINDEX, q->w[i].w.ref);
+      memmove(&q->w[i], &q->w[i + 1], (size_t)(q->n - i - 1) * sizeof(q->w[0]));
+      q->n--;
+    } else {
+      i++;
+    }
+  }
+  stop_timer(s);
+}
+
 /* Once closed, writers whose bytes were not sent by then fail, as in
  * Tornado: a close does not wait for a peer that stopped reading. */
 void ts__write_check(ts_stream *s) {

@@ -316,6 +316,18 @@ static void tls_free(lua_State *L, void *layer) {
   free(t);
 }
 
+static void tls_forget(ts_stream *s, void *layer, lua_State *co) {
+  ts_tls *t = layer;
+
+  (void)s;
+  if (t->hs.co != co)
+    return;
+  if (t->wait_timer != NULL)
+    uv_timer_stop(t->wait_timer);
+  luaL_unref(loop_of(t)->L, LUA_REGISTRYINDEX, t->hs.ref);
+  ts_waiter_init(&t->hs);
+}
+
 static const ts_layer_ops tls_ops = {
     .on_read = tls_on_read,
     .on_eof = tls_on_eof,
@@ -327,6 +339,7 @@ static const ts_layer_ops tls_ops = {
     .error = tls_error,
     .closed = tls_closed,
     .free = tls_free,
+    .forget = tls_forget,
 };
 
 /* ---- attaching to a stream ---- */

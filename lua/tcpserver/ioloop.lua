@@ -104,11 +104,110 @@ function IOLoop:spawn_callback(fn, ...)
   return core.timer(0, 0, function() core.spawn(fn, unpack(args, 1, args.n)) end)
 end
 
---- Runs fn(...) in a new task now, until it first waits.
+-- ---- Task handles ----------------------------------------------------------
+
+local Waiters = require "tcpserver.waiters"
+
+local Task = {}
+Task.__index = Task
+
+-- The task ended (state "done", "failed" or "killed"): its joiners and
+-- wait_any callers wake.
+local function finish(task, state)
+  task.state = state
+  while task.joiners:wake(true) do end
+  for _, w in ipairs(task.watchers) do w:wake(task) end
+  task.watchers = {}
+end
+
+--- Runs fn(...) in a new task now, until it first waits; returns its
+-- Task: `join([timeout])`, `kill()`, `done()`. An error in fn reaches its
+-- joiners as nil, message, and is logged (with its traceback) if nobody
+-- was joining when it ended.
 function IOLoop:spawn(fn, ...)
   check_function(fn, "spawn")
-  core.spawn(fn, ...)
+  local task = setmetatable({state = "running", joiners = Waiters.new(), watchers = {}}, Task)
+  core.spawn(function(...)
+    task.co = coroutine.running()
+    local traceback
+    local r = pack(xpcall(fn, function(err)
+      traceback = debug.traceback(tostring(err), 2)
+      return err
+    end, ...))
+    if task.state ~= "running" then return end
+    task.results = r
+    if not r[1] and not task.joiners:any() then log.error("%s", traceback) end
+    finish(task, r[1] and "done" or "failed")
+  end, ...)
+  return task
 end
+
+--- Whether the task has ended (returned, raised or was killed).
+function Task:done()
+  return self.state ~= "running"
+end
+
+-- What join returns once the task has ended.
+local function outcome(task)
+  if task.state == "killed" then return nil, "killed" end
+  local r = task.results
+  if not r[1] then return nil, tostring(r[2]) end
+  return true, unpack(r, 2, r.n)
+end
+
+--- Waits for the task: true and its results, or nil and the error's
+-- message, "killed" or "timeout".
+function Task:join(timeout)
+  if self.state == "running" then
+    Waiters.check_timeout(timeout, "join")
+    local ok, err = self.joiners:wait("join", timeout)
+    if not ok then return nil, err end
+  end
+  return outcome(self)
+end
+
+--- Stops the task: it is never resumed again, its to-be-closed variables
+-- are closed, a stream read or write it waited in is cancelled (the
+-- stream goes on), and its joiners get nil, "killed". Returns true if it
+-- was running. A task cannot kill itself.
+function Task:kill()
+  if self.state ~= "running" then return false end
+  if self.co == coroutine.running() then
+    error("kill: a task cannot kill itself (return from it instead)", 2)
+  end
+  Waiters.killed[self.co] = true
+  self.state = "killing" -- its __close handlers run now
+  core.kill(self.co)
+  finish(self, "killed")
+  return true
+end
+
+function Task:__tostring()
+  return ("<Task %s>"):format(self.state)
+end
+
+--- The first of `tasks` to end (at once if one has), or nil, "timeout".
+function M.wait_any(tasks, timeout)
+  if type(tasks) ~= "table" or #tasks == 0 then
+    error("wait_any: a non-empty list of tasks expected", 2)
+  end
+  for _, t in ipairs(tasks) do
+    if getmetatable(t) ~= Task then error("wait_any: a list of tasks expected", 2) end
+    if t.state ~= "running" and t.state ~= "killing" then return t end
+  end
+  Waiters.check_timeout(timeout, "wait_any")
+  local w = Waiters.new()
+  for _, t in ipairs(tasks) do t.watchers[#t.watchers + 1] = w end
+  local first, err = w:wait("wait_any", timeout)
+  for _, t in ipairs(tasks) do -- the others forget this wait
+    for i = #t.watchers, 1, -1 do
+      if t.watchers[i] == w then table.remove(t.watchers, i) end
+    end
+  end
+  return first, err
+end
+
+M.Task = Task
 
 --- Starts the loop, runs fn in a task and stops when it returns; returns
 -- fn's results or raises its error. `timeout` (seconds) raises on expiry.

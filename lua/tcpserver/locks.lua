@@ -74,7 +74,9 @@ Condition.__index = Condition
 
 --- A Condition: tasks wait() until another task notifies them.
 function M.Condition()
-  return setmetatable({waiters = Waiters.new()}, Condition)
+  local c = setmetatable({waiters = Waiters.new()}, Condition)
+  c.waiters.on_lost = function() c:notify(1) end
+  return c
 end
 
 --- Waits until notified: true, or nil, "timeout" after `timeout` seconds.
@@ -129,7 +131,9 @@ local function new_semaphore(mt, value, name)
   elseif value < 0 then
     error(name .. ": semaphore initial value must be >= 0", 3)
   end
-  return setmetatable({value = value, initial = value, waiters = Waiters.new()}, mt)
+  local sem = setmetatable({value = value, initial = value, waiters = Waiters.new()}, mt)
+  sem.waiters.on_lost = function() Semaphore.release(sem) end
+  return sem
 end
 
 --- A Semaphore of `value` (1) permits.
@@ -187,7 +191,9 @@ Lock.__index = Lock
 
 --- A Lock: one holder at a time.
 function M.Lock()
-  return setmetatable({held = false, waiters = Waiters.new()}, Lock)
+  local lock = setmetatable({held = false, waiters = Waiters.new()}, Lock)
+  lock.waiters.on_lost = function() lock:release() end
+  return lock
 end
 
 --- Takes the lock: a guard (close it to release, once), or nil, "timeout".

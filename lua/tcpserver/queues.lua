@@ -34,11 +34,16 @@ local function check_maxsize(maxsize, name)
 end
 
 local function new(mt, maxsize, name, push, pop)
-  return setmetatable({
+  local q = setmetatable({
     max = check_maxsize(maxsize, name), buf = {}, head = 1, tail = 0,
     push = push, pop = pop, unfinished = 0,
     getters = Waiters.new(), putters = Waiters.new(), joiners = Waiters.new(),
   }, mt)
+  -- a getter killed after it was handed an item: the item goes back
+  q.getters.on_lost = function(item)
+    if not q.getters:wake(item) then push(q, item) end
+  end
+  return q
 end
 
 --- Queue([maxsize]): maxsize 0 (the default) is unbounded.

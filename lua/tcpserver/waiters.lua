@@ -9,6 +9,9 @@ local core = require "tcpserver.core"
 
 local M = {}
 
+--- Tasks that were killed (Task:kill): a wake passes them over.
+M.killed = setmetatable({}, {__mode = "k"})
+
 local Waiters = {}
 Waiters.__index = Waiters
 
@@ -16,10 +19,10 @@ function M.new()
   return setmetatable({first = 1, last = 0}, Waiters)
 end
 
--- Drops woken or timed-out waiters from the front.
+-- Drops woken, timed-out or killed waiters from the front.
 local function trim(self)
-  local first = self.first
-  while first <= self.last and self[first].done do
+  local first, killed = self.first, M.killed
+  while first <= self.last and (self[first].done or killed[self[first].co]) do
     self[first] = nil
     first = first + 1
   end
@@ -43,8 +46,16 @@ function Waiters:peek()
   return self[self.first]
 end
 
-local function resume_later(w, a, b)
-  core.timer(0, 0, function() core.resume(w.co, a, b) end)
+-- A task killed after it was woken but before it ran gives back what it
+-- was handed (on_lost: a permit, an item), so that nothing is lost.
+local function resume_later(self, w, a, b)
+  core.timer(0, 0, function()
+    if M.killed[w.co] then
+      if self.on_lost then self.on_lost(a) end
+      return
+    end
+    core.resume(w.co, a, b)
+  end)
 end
 
 --- Wakes the first live waiter with (a, b) on the next iteration; returns
@@ -57,7 +68,7 @@ function Waiters:wake(a, b)
   self[first], self.first = nil, first + 1
   w.done = true
   if w.timer then w.timer:cancel() end
-  resume_later(w, a, b)
+  resume_later(self, w, a, b)
   return w
 end
 
