@@ -356,3 +356,76 @@ describe("Task handles", function()
     assert.has_error(function() ioloop.wait_any({}) end, "wait_any: a non-empty list of tasks expected")
   end))
 end)
+
+describe("ioloop.with_timeout", function()
+  local locks = require "tcpserver.locks"
+  local queues = require "tcpserver.queues"
+
+  it("gives every wait inside one deadline, and returns fn's results before it",
+     async(function()
+    assert.same({1, 2}, {ioloop.with_timeout(1, function() ioloop.sleep(0.001) return 1, 2 end)})
+    local got = {}
+    local r = {ioloop.with_timeout(0.05, function()
+      got.sleep = {ioloop.sleep(10)} -- cut to the deadline
+      got.after = {ioloop.sleep(0)}  -- the deadline has passed: at once
+      return "late"
+    end)}
+    assert.same({nil, "timeout"}, got.sleep)
+    assert.same({nil, "timeout"}, got.after)
+    assert.same({nil, "timeout"}, r)
+    assert.is_true(ioloop.sleep(0)) -- outside it, waits are as before
+  end))
+
+  it("holds for stream reads and writes, locks, queues and connects", async(function()
+    local server, port = H.serve(function(_, stream) stream:read_until_close() end)
+    finally(function() server:stop() end)
+    local c = H.connect(port)
+    local lock, q, cond = locks.Lock(), queues.Queue(), locks.Condition()
+    assert(lock:acquire())
+    local results = {}
+    local t0 = ioloop.current():time()
+    ioloop.with_timeout(0.05, function()
+      results.read = {c:read_until("\n")}          -- the server never answers
+      results.lock = {lock:acquire(10)}            -- its own timeout is later
+      results.get = {q:get()}
+      results.wait = {cond:wait()}
+      results.event = {locks.Event():wait()}
+      results.connect = {require("tcpserver.tcpclient").connect("127.0.0.1", port)}
+    end)
+    assert.is_true(ioloop.current():time() - t0 < 5)
+    for what, r in pairs(results) do assert.same({nil, "timeout"}, r, what) end
+    assert.is_false(c:closed()) -- a timed-out read leaves the stream usable
+    c:write("still\n")
+    assert.is_true(c:flush())
+    c:close()
+    lock:release()
+  end))
+
+  it("keeps the earlier deadline when nested, and restores the outer one", async(function()
+    local inner_end, outer_end
+    ioloop.with_timeout(0.05, function()
+      ioloop.with_timeout(10, function()
+        ioloop.sleep(10)
+        inner_end = ioloop.current():time()
+      end)
+      outer_end = {ioloop.sleep(10)}
+    end)
+    assert.truthy(inner_end)
+    assert.same({nil, "timeout"}, outer_end)
+    local d
+    ioloop.with_timeout(0.01, function()
+      ioloop.with_timeout(10, function() end)
+      d = {ioloop.sleep(1)} -- the outer deadline is back after the inner one
+    end)
+    assert.same({nil, "timeout"}, d)
+    assert.is_nil(require("tcpserver.core").deadline())
+  end))
+
+  it("restores the deadline when fn raises, and refuses bad arguments", async(function()
+    assert.has_error(function() ioloop.with_timeout(0.01, error, "boom", 0) end, "boom")
+    assert.is_nil(require("tcpserver.core").deadline())
+    assert.is_true(ioloop.sleep(0.02))
+    assert.has_error(function() ioloop.with_timeout(-1, print) end,
+                     "with_timeout: seconds must be a number >= 0")
+  end))
+end)

@@ -157,12 +157,18 @@ static int parse_source(lua_State *L, connect_req *r, const char *ip) {
   return luaL_error(L, "connect: source_ip %s is not an IP address", ip);
 }
 
+static int timed_out(lua_State *L) {
+  lua_pushnil(L);
+  lua_pushliteral(L, "timeout");
+  return 2;
+}
+
 /* core.connect(host, port [, timeout [, source_ip]]) -> stream | nil, err */
 static int l_connect(lua_State *L) {
   size_t hlen;
   const char *host = luaL_checklstring(L, 1, &hlen);
   lua_Integer port = luaL_checkinteger(L, 2);
-  lua_Number timeout = luaL_optnumber(L, 3, 0);
+  uint64_t ms = ts__timeout_ms(luaL_optnumber(L, 3, 0));
   const char *source = luaL_optstring(L, 4, NULL);
   ts_loop *loop = ts__loop(L);
   struct addrinfo hints;
@@ -174,6 +180,8 @@ static int l_connect(lua_State *L) {
   luaL_argcheck(L, strlen(host) == hlen, 1, "host contains a NUL byte");
   luaL_argcheck(L, port > 0 && port <= 65535, 2, "port out of range");
   ts__check_task(L, "connect");
+  if (ts__wait_limit(L, &ms) < 0) /* with_timeout's deadline passed */
+    return timed_out(L);
   r = calloc(1, sizeof(*r));
   if (r == NULL)
     return luaL_error(L, "connect: out of memory");
@@ -194,8 +202,8 @@ static int l_connect(lua_State *L) {
   }
   r->refs = 2; /* the resolver and the timer */
   uv_timer_init(loop->uv, &r->timer);
-  if (ts__timeout_ms(timeout) > 0)
-    uv_timer_start(&r->timer, timeout_cb, ts__timeout_ms(timeout), 0);
+  if (ms > 0)
+    uv_timer_start(&r->timer, timeout_cb, ms, 0);
   ts_waiter_init(&r->w);
   return ts_waiter_park(&r->w, L);
 }
@@ -215,7 +223,7 @@ static void pipe_connect_cb(uv_connect_t *req, int status) {
 static int l_connect_unix(lua_State *L) {
   size_t plen;
   const char *path = luaL_checklstring(L, 1, &plen);
-  lua_Number timeout = luaL_optnumber(L, 2, 0);
+  uint64_t ms = ts__timeout_ms(luaL_optnumber(L, 2, 0));
   ts_loop *loop = ts__loop(L);
   connect_req *r;
   ts_stream *s;
@@ -225,6 +233,8 @@ static int l_connect_unix(lua_State *L) {
                     strlen(path) == plen,
                 1, "path empty, too long or with a NUL inside");
   ts__check_task(L, "connect");
+  if (ts__wait_limit(L, &ms) < 0)
+    return timed_out(L);
   r = calloc(1, sizeof(*r));
   if (r == NULL)
     return luaL_error(L, "connect: out of memory");
@@ -235,8 +245,8 @@ static int l_connect_unix(lua_State *L) {
   r->refs = 2; /* the connect request and the timer */
   uv_pipe_connect(&r->conn, (uv_pipe_t *)ts__stream_handle(s), path, pipe_connect_cb);
   uv_timer_init(loop->uv, &r->timer);
-  if (ts__timeout_ms(timeout) > 0)
-    uv_timer_start(&r->timer, timeout_cb, ts__timeout_ms(timeout), 0);
+  if (ms > 0)
+    uv_timer_start(&r->timer, timeout_cb, ms, 0);
   ts_waiter_init(&r->w);
   return ts_waiter_park(&r->w, L);
 }

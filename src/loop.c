@@ -430,6 +430,7 @@ void ts_waiter_wake_error(ts_waiter *w, const char *err) {
 typedef struct sleeper {
   uv_timer_t h;
   ts_waiter w;
+  int cut; /* by a deadline: it ends in "timeout" */
 } sleeper;
 
 static void sleeper_free(uv_handle_t *h) {
@@ -440,6 +441,10 @@ static void sleeper_cb(uv_timer_t *h) {
   sleeper *s = h->data;
 
   uv_close((uv_handle_t *)h, sleeper_free);
+  if (s->cut) {
+    ts_waiter_wake_error(&s->w, "timeout");
+    return;
+  }
   lua_pushboolean(s->w.co, 1);
   ts_waiter_wake(&s->w, 1);
 }
@@ -451,6 +456,7 @@ static sleeper *new_sleeper(ts_loop *loop, uint64_t ms) {
     return NULL;
   uv_timer_init(loop->uv, &s->h);
   s->h.data = s;
+  s->cut = 0;
   ts_waiter_init(&s->w);
   uv_timer_start(&s->h, sleeper_cb, ms, 0);
   return s;
@@ -478,13 +484,20 @@ static uint64_t to_ms(lua_State *L, int idx) {
 }
 
 static int l_sleep(lua_State *L) {
-  uint64_t ms = to_ms(L, 1);
+  uint64_t ms = to_ms(L, 1), limit = ms > 0 ? ms : 1;
+  int cut;
   sleeper *s;
 
   ts__check_task(L, "sleep");
-  s = new_sleeper(task_loop(L), ms);
+  if ((cut = ts__wait_limit(L, &limit)) < 0) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "timeout");
+    return 2;
+  }
+  s = new_sleeper(task_loop(L), cut ? limit : ms);
   if (s == NULL)
     return luaL_error(L, "sleep: out of memory");
+  s->cut = cut;
   return ts_waiter_park(&s->w, L);
 }
 
@@ -545,6 +558,81 @@ static int l_resume(lua_State *L) {
   lua_pop(L, 1);
   lua_xmove(L, co, n);
   resume_from(L, co, n);
+  return 0;
+}
+
+/* ---- deadlines (ioloop.with_timeout) ----
+ * A task's deadline (core.time() seconds) is kept in a registry table by
+ * thread, and loop->ndeadlines counts the tasks that have one: a wait
+ * pays one test while no task has one. */
+static const char deadlines_key = 'T';
+
+static void push_deadlines(lua_State *L) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &deadlines_key) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &deadlines_key);
+  }
+}
+
+static double now_seconds(void) {
+  return (double)uv_hrtime() / 1e9;
+}
+
+int ts__wait_limit(lua_State *L, uint64_t *ms) {
+  ts_loop *loop = task_loop(L);
+  double deadline, left;
+  uint64_t left_ms;
+
+  if (loop == NULL || loop->ndeadlines == 0)
+    return 0;
+  push_deadlines(L);
+  lua_pushthread(L);
+  deadline = lua_rawget(L, -2) == LUA_TNUMBER ? lua_tonumber(L, -1) : 0;
+  lua_pop(L, 2);
+  if (deadline == 0)
+    return 0;
+  left = deadline - now_seconds();
+  if (left <= 0)
+    return -1;
+  left_ms = ts__timeout_ms(left);
+  if (*ms != 0 && *ms <= left_ms)
+    return 0;
+  *ms = left_ms;
+  return 1;
+}
+
+/* core.deadline() -> the running task's deadline, or nil */
+static int l_deadline(lua_State *L) {
+  push_deadlines(L);
+  lua_pushthread(L);
+  lua_rawget(L, -2);
+  return 1;
+}
+
+/* core.set_deadline(seconds | nil): the running task's (core.time() clock) */
+static int l_set_deadline(lua_State *L) {
+  ts_loop *loop;
+  int had;
+
+  loop = task_loop(L); /* a killed task's close may run this: no yield check */
+  if (loop == NULL)
+    return luaL_error(L, "with_timeout: must be called from a task");
+  if (!lua_isnil(L, 1))
+    luaL_checknumber(L, 1);
+  push_deadlines(L);
+  lua_pushthread(L);
+  had = lua_rawget(L, -2) != LUA_TNIL;
+  lua_pop(L, 1);
+  lua_pushthread(L);
+  lua_pushvalue(L, 1);
+  lua_rawset(L, -3);
+  loop->ndeadlines += (lua_isnil(L, 1) ? 0 : 1) - had;
   return 0;
 }
 
@@ -616,7 +704,7 @@ static int l_running(lua_State *L) {
 }
 
 static int l_time(lua_State *L) {
-  lua_pushnumber(L, (lua_Number)uv_hrtime() / 1e9);
+  lua_pushnumber(L, now_seconds());
   return 1;
 }
 
@@ -793,6 +881,8 @@ int ts__open_loop(lua_State *L) {
                                    {"start", l_start},
                                    {"resume", l_resume},
                                    {"kill", l_kill},
+                                   {"deadline", l_deadline},
+                                   {"set_deadline", l_set_deadline},
                                    {"park", l_park},
                                    {"stop", l_stop},
                                    {"running", l_running},

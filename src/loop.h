@@ -33,6 +33,7 @@ struct ts_loop {
   ts_hook start[TS_MAX_HOOKS];  /* once, when start() first runs */
   ts_hook close[TS_MAX_HOOKS];  /* the Lua state closes: free what is left */
   int nclose, nforget;
+  int ndeadlines;                 /* tasks inside with_timeout: waits look theirs up */
   ts_forget forget[TS_MAX_HOOKS]; /* a task is killed (ts__kill) */
   void *streams;                  /* stream.c's per-loop state */
   size_t ended;                   /* tasks ended since the last full collection */
@@ -75,6 +76,11 @@ void ts__spawn_owned(lua_State *L, int narg, ts_loop **owner, ts_task_end end);
 int ts__in_task(lua_State *L);
 /* Whether task co was killed (core.kill): it is never resumed again. */
 int ts__task_killed(lua_State *co);
+/* ioloop.with_timeout: a wait of task L that would take `*ms` (0: no
+ * limit) keeps L's deadline, if it has one. Returns 0 (*ms as it was), 1
+ * (*ms cut to the deadline: expiring then is a "timeout"), or -1 (the
+ * deadline has passed: the wait must not begin; it is a "timeout"). */
+int ts__wait_limit(lua_State *L, uint64_t *ms);
 /* Whether L is a task that may yield now: not inside a C function that
  * called back into Lua (table.sort's comparator, a gsub callback, a
  * metamethod, __gc), where lua_yield would raise. */

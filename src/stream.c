@@ -26,7 +26,7 @@ stream_rare *ts__stream_rare(ts_stream *s) {
   r = s->rare = calloc(1, sizeof(*r));
   if (r != NULL) {
     r->close_cb_ref = LUA_NOREF;
-    r->read_start = NO_LIMIT;
+    r->read_due = NO_LIMIT;
   }
   return r;
 }
@@ -162,27 +162,33 @@ static void start_timer(ts_stream *s, uint64_t ms) {
   uv_ref((uv_handle_t *)r->timer); /* stop_timer may have unref'd it */
 }
 
-/* A wait begins; *start is when (NO_LIMIT without a timeout). Each wait
- * has its own start: a reader and writers wait at once. A timer still
- * armed from an earlier wait is kept if it fires no later than this one
- * ends: the callback then arms it for the rest. Restarting it per wait
- * cost two timer-heap operations per request (a read per request, a stop
- * per wake). */
-void ts__stream_start_wait(ts_stream *s, uint64_t *start) {
+/* Task L begins a wait; *due is when it runs out (loop time, ms), or
+ * NO_LIMIT: the stream's timeout from now, or L's deadline if sooner
+ * (ioloop.with_timeout). Returns -1, arming nothing, if that deadline has
+ * passed. Each wait has its own due time: a reader and writers wait at
+ * once. A timer still armed from an earlier wait is kept if it fires no
+ * later than this one ends: the callback then arms it for the rest.
+ * Restarting it per wait cost two timer-heap operations per request (a
+ * read per request, a stop per wake). */
+int ts__stream_start_wait(ts_stream *s, lua_State *L, uint64_t *due) {
   stream_rare *r = s->rare;
-  uint64_t ms;
+  uint64_t ms = r != NULL && r->timeout > 0 ? ts__timeout_ms(r->timeout) : 0;
+  int cut = ts__wait_limit(L, &ms);
 
-  *start = NO_LIMIT;
-  if (r == NULL || r->timeout <= 0)
-    return;
-  ms = ts__timeout_ms(r->timeout);
-  *start = uv_now(s->h.handle.loop);
+  *due = NO_LIMIT;
+  if (cut < 0)
+    return -1;
+  if (ms == 0 || (r == NULL && (r = ts__stream_rare(s)) == NULL))
+    return 0;
+  *due = uv_now(s->h.handle.loop) + ms;
   if (r->timer != NULL && uv_is_active((uv_handle_t *)r->timer) &&
       uv_timer_get_due_in(r->timer) <= ms)
     uv_ref((uv_handle_t *)r->timer);
   else
     start_timer(s, ms);
+  return 0;
 }
+
 /* ---- for layers ---- */
 
 void ts__stream_attach(ts_stream *s, const ts_layer_ops *ops, void *layer) {
@@ -312,21 +318,20 @@ static void wait_timer_cb(uv_timer_t *t) {
   ts_stream *s = t->data;
   stream_rare *r = s->rare;
   lua_State *reader = s->reader;
-  uint64_t ms, now = uv_now(t->loop), next = NO_LIMIT;
+  uint64_t now = uv_now(t->loop), next = NO_LIMIT;
 
   if (s->flags & F_CLOSED) { /* the linger ran out */
     ts__stream_handle_close(s);
     return;
   }
-  if ((reader == NULL && !writing(s)) || r->timeout <= 0)
-    return; /* armed for a wait that is over, or timeouts are off now */
-  ms = ts__timeout_ms(r->timeout);
-  /* Each wait by its own start: one that goes on (a reader while writers
-   * come and go) must not be put off by the others. A woken task may
-   * wait again at once: that wait starts now, so it has not run out. */
-  ts__write_timeouts(s, now, ms, &next);
+  if (reader == NULL && !writing(s))
+    return; /* armed for a wait that is over */
+  /* Each wait by its own due time: one that goes on (a reader while
+   * writers come and go) must not be put off by the others. A woken task
+   * may wait again at once: that wait is due later, so it has not run out. */
+  ts__write_timeouts(s, now, &next);
   if (reader != NULL && s->reader == reader &&
-      ts__wait_expired(r->read_start, now, ms, &next)) {
+      ts__wait_expired(r->read_due, now, &next)) {
     ts__read_failed(s, reader, "timeout");
     ts__read_wake(s, 2);
     ts__read_update(s); /* not for a write-only pipe: it cannot read */

@@ -63,7 +63,7 @@ typedef struct write_req {
 typedef struct write_waiter {
   ts_waiter w;
   uint64_t until;
-  uint64_t start; /* loop time (ms) its wait began, or NO_LIMIT */
+  uint64_t due; /* loop time (ms) its wait runs out, or NO_LIMIT */
 } write_waiter;
 
 /* What few streams need, made on first use (an idle stream is counted
@@ -75,11 +75,11 @@ typedef struct stream_rare {
   write_waiter *w;
   uint64_t sent_at_close; /* bytes_sent when the stream closed */
   int close_cb_ref;
-  float timeout;       /* seconds; 0 means none */
-  uint64_t read_start; /* loop time (ms) the reader's wait began, or NO_LIMIT */
+  float timeout;     /* seconds; 0 means none */
+  uint64_t read_due; /* loop time (ms) the reader's wait runs out, or NO_LIMIT */
 } stream_rare;
 
-/* The start of a wait that began with no timeout set: it has none. */
+/* The due time of a wait without a limit. */
 #define NO_LIMIT UINT64_MAX
 
 enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE, RD_FILL };
@@ -214,8 +214,9 @@ static inline void count_out(ts_stream *s, size_t n) {
 /* stream.c: the lifecycle */
 stream_rare *ts__stream_rare(ts_stream *s); /* made if need be; NULL if not */
 void ts__stream_set_timeout(ts_stream *s, double seconds);
-/* A wait begins; *start is when (NO_LIMIT without a timeout). */
-void ts__stream_start_wait(ts_stream *s, uint64_t *start);
+/* Task L begins a wait: *due is when it runs out (NO_LIMIT: never), by the
+ * stream's timeout or L's deadline; -1 if that deadline has passed. */
+int ts__stream_start_wait(ts_stream *s, lua_State *L, uint64_t *due);
 void ts__stream_handle_close(ts_stream *s); /* uv_close, once */
 stream_ctx *ts__stream_ctx(lua_State *L);   /* the loop's, made with its first stream */
 void ts__stream_collect(lua_State *L, ts_stream *s); /* __gc */
@@ -241,24 +242,23 @@ void ts__write_mark_dirty(ts_stream *s);
 void ts__write_unlink_dirty(ts_stream *s);
 void ts__write_flush_dirty(ts_loop *loop); /* the loop's settle hook */
 uint64_t ts__write_sent(ts_stream *s);
-/* Wakes with "timeout" the writers whose wait began `ms` before `now`;
- * the sooner of *next and what the others have left goes to *next. */
-void ts__write_timeouts(ts_stream *s, uint64_t now, uint64_t ms, uint64_t *next);
-void ts__write_forget(ts_stream *s,
-                      lua_State *co); /* a killed task's writes stop waiting */
+/* Wakes with "timeout" the writers whose wait is due by `now`; the sooner
+ * of *next and what the others have left goes to *next. */
+void ts__write_timeouts(ts_stream *s, uint64_t now, uint64_t *next);
+/* A killed task's writes stop waiting. */
+void ts__write_forget(ts_stream *s, lua_State *co);
 int ts__method_write(lua_State *L);
 int ts__method_flush(lua_State *L);
 
-/* Whether a wait that began at `start` has run out at `now`; if not,
- * what it has left goes to *next when that is sooner. */
-static inline int ts__wait_expired(uint64_t start, uint64_t now, uint64_t ms,
-                                   uint64_t *next) {
-  if (start == NO_LIMIT)
+/* Whether a wait due at `due` has run out at `now`; if not, what it has
+ * left goes to *next when that is sooner. */
+static inline int ts__wait_expired(uint64_t due, uint64_t now, uint64_t *next) {
+  if (due == NO_LIMIT)
     return 0;
-  if (now - start >= ms)
+  if (now >= due)
     return 1;
-  if (start + ms - now < *next)
-    *next = start + ms - now;
+  if (due - now < *next)
+    *next = due - now;
   return 0;
 }
 

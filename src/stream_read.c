@@ -403,6 +403,7 @@ void ts__read_update(ts_stream *s) {
 
 /* Common tail of the read methods: answer now or wait. */
 static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
+  uint64_t due = NO_LIMIT;
   int r, lent;
 
   if (s->reader != NULL)
@@ -425,6 +426,10 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
     s->rmode = RD_NONE;
     ts__check_task(L, "read");
   }
+  /* A wait with a timeout, or in with_timeout, is due some time. */
+  if ((s->rare != NULL || s->loop->ndeadlines > 0) &&
+      ts__stream_start_wait(s, L, &due) < 0)
+    return ts__read_failed(s, L, "timeout");
   s->reader = L; /* a reader reads past the high-water mark */
   ts__read_update(s);
   s->reader = NULL;
@@ -436,7 +441,7 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
   lua_pushthread(L);
   lua_setiuservalue(L, 1, 1);
   if (s->rare != NULL)
-    ts__stream_start_wait(s, &s->rare->read_start);
+    s->rare->read_due = due;
   s->reader = L;
   return ts__park(L);
 }

@@ -75,7 +75,10 @@ uint64_t ts__write_sent(ts_stream *s) {
 static int wait_written(lua_State *L, ts_stream *s, uint64_t until) {
   stream_rare *q = ts__stream_rare(s);
   write_waiter *w;
+  uint64_t due;
 
+  if (ts__stream_start_wait(s, L, &due) < 0) /* with_timeout's deadline passed */
+    return push_error(L, "timeout");
   if (q == NULL)
     return luaL_error(L, "write: out of memory");
   if (q->n == q->cap) {
@@ -88,8 +91,8 @@ static int wait_written(lua_State *L, ts_stream *s, uint64_t until) {
   }
   w = &q->w[q->n++];
   w->until = until;
+  w->due = due;
   ts_waiter_init(&w->w);
-  ts__stream_start_wait(s, &w->start);
   return ts_waiter_park(&w->w, L);
 }
 
@@ -124,11 +127,11 @@ static void wake_writers(ts_stream *s, const char *err) {
   }
 }
 
-void ts__write_timeouts(ts_stream *s, uint64_t now, uint64_t ms, uint64_t *next) {
+void ts__write_timeouts(ts_stream *s, uint64_t now, uint64_t *next) {
   int i = 0;
 
   while (writing(s) && i < s->rare->n) {
-    if (ts__wait_expired(s->rare->w[i].start, now, ms, next))
+    if (ts__wait_expired(s->rare->w[i].due, now, next))
       wake_writer(s, i, "timeout");
     else
       i++;

@@ -272,18 +272,23 @@ static void hs_wait_timeout(uv_timer_t *timer) {
     ts_waiter_wake_error(&t->hs, "timeout");
 }
 
-static void start_wait_timer(ts_tls *t) {
+/* set_timeout's limit, or task L's deadline (with_timeout) if sooner;
+ * -1 if that has passed. */
+static int start_wait_timer(ts_tls *t, lua_State *L) {
   uint64_t ms = ts__timeout_ms(ts__stream_timeout(t->s));
 
+  if (ts__wait_limit(L, &ms) < 0)
+    return -1;
   if (ms == 0)
-    return;
+    return 0;
   if (t->wait_timer == NULL) {
     if ((t->wait_timer = malloc(sizeof(*t->wait_timer))) == NULL)
-      return; /* no limit then, rather than no wait */
+      return 0; /* no limit then, rather than no wait */
     uv_timer_init(loop_of(t)->uv, t->wait_timer);
     t->wait_timer->data = t;
   }
   uv_timer_start(t->wait_timer, hs_wait_timeout, ms, 0);
+  return 0;
 }
 
 /* Native state goes at close: a collection cannot see its memory. */
@@ -464,7 +469,11 @@ static int l_wait_for_handshake(lua_State *L) {
   if (ts_waiter_waiting(&t->hs))
     return luaL_error(L, "wait_for_handshake: already waiting");
   ts__check_task(L, "wait_for_handshake");
-  start_wait_timer(t);
+  if (start_wait_timer(t, L) < 0) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "timeout");
+    return 2;
+  }
   return ts_waiter_park(&t->hs, L);
 }
 

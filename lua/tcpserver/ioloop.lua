@@ -209,6 +209,32 @@ end
 
 M.Task = Task
 
+-- Restores the deadline a with_timeout replaced, also when its function
+-- raises or its task is killed.
+local Restore = {__close = function(r) core.set_deadline(r.outer) end}
+
+--- Runs fn(...) in the calling task under one deadline, `seconds` from
+-- now, that every wait inside it keeps (reads, writes, connects, locks,
+-- queues, sleeps; a nested with_timeout keeps the earlier deadline): a wait
+-- that reaches it returns nil, "timeout". Returns fn's results if fn
+-- returns before the deadline, else nil, "timeout". An error in fn passes
+-- through.
+function M.with_timeout(seconds, fn, ...)
+  if type(seconds) ~= "number" or seconds < 0 or seconds ~= seconds then
+    error("with_timeout: seconds must be a number >= 0", 2)
+  end
+  check_function(fn, "with_timeout")
+  if not core.in_task() then error("with_timeout: must be called from a task", 2) end
+  local outer = core.deadline()
+  local deadline = core.time() + seconds
+  if outer and outer < deadline then deadline = outer end
+  core.set_deadline(deadline)
+  local _restore <close> = setmetatable({outer = outer}, Restore)
+  local r = pack(fn(...))
+  if core.time() >= deadline then return nil, "timeout" end
+  return unpack(r, 1, r.n)
+end
+
 --- Starts the loop, runs fn in a task and stops when it returns; returns
 -- fn's results or raises its error. `timeout` (seconds) raises on expiry.
 function IOLoop:run_sync(fn, timeout)

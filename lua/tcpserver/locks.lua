@@ -48,6 +48,8 @@ function Event:wait(timeout)
   elseif not coroutine.isyieldable() then
     error("Event:wait: cannot wait here: attempt to yield across a C-call boundary", 2)
   end
+  timeout = Waiters.limit(timeout) -- with_timeout's deadline
+  if timeout and timeout <= 0 then return nil, "timeout" end
   local waiters = self.waiters
   waiters[#waiters + 1] = co
   local timer

@@ -81,6 +81,8 @@ function Waiters:wait(what, timeout, value)
   elseif not coroutine.isyieldable() then
     error(what .. ": cannot wait here: attempt to yield across a C-call boundary", 3)
   end
+  timeout = M.limit(timeout)
+  if timeout and timeout <= 0 then return nil, "timeout" end -- with_timeout's deadline passed
   local w = {co = coroutine.running(), done = false, value = value}
   local last = self.last + 1
   self[last], self.last = w, last
@@ -110,6 +112,16 @@ function Waiters:forget()
     self.first, self.last, dead = 1, j, 0
   end
   self.dead = dead
+end
+
+--- A wait's timeout (nil: none) under the running task's deadline
+-- (ioloop.with_timeout), if it has one and that is sooner.
+function M.limit(timeout)
+  local deadline = core.deadline()
+  if not deadline then return timeout end
+  local left = deadline - core.time()
+  if timeout == nil or left < timeout then return left end
+  return timeout
 end
 
 --- Checks an optional timeout argument (seconds, >= 0).
