@@ -10,8 +10,9 @@
 -- core stops reading that socket, and TCP tells the sender to slow down.
 -- Memory per connection stays bounded however fast one side sends.
 --
--- Each stream is written by one task only: the handler's task writes
--- upstream, a second task writes to the client.
+-- Each direction is a task of its own, and each stream is written by one
+-- of them only; the handler waits for the first to end (ioloop.wait_any)
+-- and stops the other (Task:kill), instead of polling both.
 --
 -- Limit: streams have no half-close (as Tornado's). When either side ends
 -- its sending, both connections close once what is already written is
@@ -20,7 +21,6 @@
 -- (`nc -N`, an upload ended by EOF) gets nothing back through this proxy.
 local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
-local locks = require "tcpserver.locks"
 local log = require "tcpserver.log"
 local tcpclient = require "tcpserver.tcpclient"
 
@@ -37,16 +37,13 @@ end
 
 local CHUNK = 64 * 1024
 
--- Copies src to dst until either ends, then closes both (close() still
--- delivers what was written to dst, for up to 10 s).
+-- Copies src to dst until src ends or dst fails.
 local function pipe(src, dst)
   while true do
     local data = src:read_bytes(CHUNK, true) -- whatever has arrived, 1..CHUNK bytes
     if not data then break end
     if not dst:write(data) then break end -- waits while dst is over its high-water mark
   end
-  dst:close()
-  src:close()
 end
 
 local Proxy = tcpserver.TCPServer:extend()
@@ -57,15 +54,17 @@ function Proxy:handle_stream(client, address)
     log.warning("%s: cannot reach %s: %s", address, opts.upstream, err)
     return -- the server closes the client's stream
   end
-  local done = locks.Event()
-  ioloop.current():spawn(function()
-    pipe(upstream, client)
-    done:set()
-  end)
-  pipe(client, upstream)
-  done:wait() -- return (and let the server close the client) after both
+  local loop = ioloop.current()
+  local up = loop:spawn(pipe, client, upstream)
+  local down = loop:spawn(pipe, upstream, client)
+  -- The first direction to end ends both: the other is stopped where it
+  -- waits (kill cancels its read or write cleanly), then both streams
+  -- close (close() still delivers what was written, for up to 10 s).
+  local first = ioloop.wait_any({up, down})
+  local other = first == up and down or up
+  other:kill()
+  upstream:close()
 end
-
 local server = Proxy()
 local port = server:listen(opts.port, opts.host)
 log.info("proxy listening on %s:%d, upstream %s", opts.host, port, opts.upstream)

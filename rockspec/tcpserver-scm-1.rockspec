@@ -35,6 +35,7 @@ build = {
       libraries = {"uv", "ssl", "crypto"},
     },
     ["tcpserver"] = "lua/tcpserver/init.lua",
+    ["tcpserver.broadcast"] = "lua/tcpserver/broadcast.lua",
     ["tcpserver.host"] = "lua/tcpserver/host.lua",
     ["tcpserver.ioloop"] = "lua/tcpserver/ioloop.lua",
     ["tcpserver.iostream"] = "lua/tcpserver/iostream.lua",

@@ -95,14 +95,14 @@ describe("examples/chat.lua", function()
   end))
 
   it("drops a client that stops reading, and everyone else goes on", async(function()
-    local p, port = P.example("chat", {"--port", 0, "--max-queue", 64 * 1024})
+    local p, port = P.example("chat", {"--port", 0, "--max-queue", 16})
     local alice, bob, carol = join(port, "alice"), join(port, "bob"), join(port, "carol")
     assert.equal("* bob joined\n", alice:read_until("\n"))
     assert.equal("* carol joined\n", alice:read_until("\n"))
     assert.equal("* carol joined\n", bob:read_until("\n"))
     -- carol reads nothing from here on. alice talks until the server gives
     -- up on carol (kernel buffers, then the 1 MiB write buffer, then the
-    -- 64 KiB outbox fill up); bob reads every line, in order.
+    -- 16-line queue fill up); bob reads every line, in order.
     local text, dropped = ("x"):rep(4000), false
     for i = 1, 10000 do -- 40 MB at most
       alice:write(("%d %s\n"):format(i, text))
@@ -129,9 +129,38 @@ describe("examples/chat.lua", function()
     stop(p)
   end))
 
+  it("--slow drop-oldest keeps a member who stops reading; its oldest lines make room",
+     async(function()
+    local p, port = P.example("chat", {"--port", 0, "--max-queue", 4, "--slow", "drop-oldest"})
+    local alice, bob, carol = join(port, "alice"), join(port, "bob"), join(port, "carol")
+    assert.equal("* bob joined\n", alice:read_until("\n"))
+    assert.equal("* carol joined\n", alice:read_until("\n"))
+    assert.equal("* carol joined\n", bob:read_until("\n"))
+    local text, n = ("x"):rep(4000), 3000 -- 12 MB: far past carol's buffers
+    for i = 1, n do
+      alice:write(("%d %s\n"):format(i, text))
+      assert.equal(("<alice> %d %s\n"):format(i, text), bob:read_until("\n"))
+    end
+    alice:write("/quit\n")
+    assert.equal("* alice left\n", bob:read_until("\n"))
+    local got, last = 0, nil
+    while true do -- carol reads now: the oldest lines are gone, the newest came
+      local line = carol:read_until("\n")
+      if line == "* alice left\n" then break end
+      got, last = got + 1, tonumber(line:match("^<alice> (%d+) "))
+    end
+    assert.is_true(got < n)
+    assert.equal(n, last)
+    bob:write("still here?\n")
+    assert.equal("<bob> still here?\n", carol:read_until("\n"))
+    for _, c in ipairs {alice, bob, carol} do c:close() end
+    stop(p)
+    assert.no.matches("dropping", p.err:text())
+  end))
+
   it("drops two members who stop reading once each", async(function()
     -- the second was dropped by the first one's "left" message, then again
-    local p, port = P.example("chat", {"--port", 0, "--max-queue", 16 * 1024})
+    local p, port = P.example("chat", {"--port", 0, "--max-queue", 4})
     local alice, bob, carol = join(port, "alice"), join(port, "bob"), join(port, "carol")
     assert.equal("* bob joined\n", alice:read_until("\n"))
     assert.equal("* carol joined\n", alice:read_until("\n"))

@@ -158,7 +158,8 @@ end
 
 --- Gives a permit back: to the first waiter if there is one.
 function Semaphore:release()
-  if not self.waiters:wake(true) then self.value = self.value + 1 end
+  local w = self.waiters
+  if w.first > w.last or not w:wake(true) then self.value = self.value + 1 end
 end
 
 --- Whether acquire would wait.
@@ -200,20 +201,21 @@ end
 
 --- Takes the lock: a guard (close it to release, once), or nil, "timeout".
 function Lock:acquire(timeout)
-  if self.held then
-    Waiters.check_timeout(timeout, "Lock:acquire")
-    local ok, err = self.waiters:wait("Lock:acquire", timeout)
-    if not ok then return nil, err end
-  else
+  if not self.held then -- the common case first
     self.held = true
+    return setmetatable({owner = self}, Guard)
   end
+  Waiters.check_timeout(timeout, "Lock:acquire")
+  local ok, err = self.waiters:wait("Lock:acquire", timeout)
+  if not ok then return nil, err end
   return setmetatable({owner = self}, Guard)
 end
 
 --- Releases the lock: to the first waiter, if any.
 function Lock:release()
   if not self.held then error("release unlocked lock", 2) end
-  if not self.waiters:wake(true) then self.held = false end
+  local w = self.waiters
+  if w.first > w.last or not w:wake(true) then self.held = false end
 end
 
 function Lock:locked()

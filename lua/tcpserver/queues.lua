@@ -59,13 +59,15 @@ function Queue:maxsize() return self.max end
 -- Queues the item, or hands it to the first waiting getter.
 local function add(self, item)
   self.unfinished = self.unfinished + 1
-  if not self.getters:wake(item) then self.push(self, item) end
+  local g = self.getters
+  if g.first > g.last or not g:wake(item) then self.push(self, item) end
 end
 
 --- put_nowait(item) -> true, or nil, "full".
 function Queue:put_nowait(item)
   if item == nil then error("put: the item must not be nil", 2) end
-  if self:full() then return nil, "full" end
+  local max = self.max
+  if max > 0 and self.tail - self.head + 1 >= max then return nil, "full" end
   add(self, item)
   return true
 end
@@ -73,7 +75,8 @@ end
 --- put(item [, timeout]) -> true, or nil, "timeout" (the queue stayed full).
 function Queue:put(item, timeout)
   if item == nil then error("put: the item must not be nil", 2) end
-  if not self:full() then
+  local max = self.max
+  if max == 0 or self.tail - self.head + 1 < max then
     add(self, item)
     return true
   end
@@ -84,7 +87,8 @@ end
 -- Takes an item out. The first waiting putter's item goes in first (as
 -- in Tornado: a LifoQueue then hands out that newest item).
 local function take(self)
-  local putter = self.putters:wake(true)
+  local p = self.putters
+  local putter = p.first <= p.last and p:wake(true)
   if putter then
     self.unfinished = self.unfinished + 1
     self.push(self, putter.value)
@@ -94,16 +98,13 @@ end
 
 --- get_nowait() -> item, or nil, "empty".
 function Queue:get_nowait()
-  if self:empty() then
-    -- a full queue of size 0 cannot be: putters only wait when bounded
-    return nil, "empty"
-  end
+  if self.tail < self.head then return nil, "empty" end
   return take(self)
 end
 
 --- get([timeout]) -> item, or nil, "timeout".
 function Queue:get(timeout)
-  if not self:empty() then return take(self) end
+  if self.tail >= self.head then return take(self) end
   Waiters.check_timeout(timeout, "get")
   return self.getters:wait("get", timeout)
 end
