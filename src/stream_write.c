@@ -225,33 +225,59 @@ static int over_pending(size_t *pending, size_t len) {
   return 0;
 }
 
+/* The items of write({...}) that one pass gathers: a batch of replies. */
+#define GATHER_MAX 32
+
+/* Whether item i of the array at 2 is a string; its bytes then. */
+static int array_item(lua_State *L, lua_Integer i, int raw, const char **p, size_t *len) {
+  int t = raw ? lua_rawgeti(L, 2, i) : lua_geti(L, 2, i);
+
+  *p = t == LUA_TSTRING ? lua_tolstring(L, -1, len) : NULL;
+  lua_pop(L, 1);
+  return *p != NULL;
+}
+
 /* write({...}): the strings of an array, in order, all or none: a bad
  * item or a batch past MAX_PENDING is refused before anything is queued
- * (a reply half queued would answer the next request), so the items are
- * looked at twice; the second look finds them in the array part. */
+ * (a reply half queued would answer the next request). A plain table of
+ * up to GATHER_MAX items is looked at once: its strings stay anchored in
+ * it while their bytes are copied, and the buffer grows once. Larger
+ * ones, or one with a metatable (whose __index may make strings nobody
+ * holds), are looked at twice. */
 static int append_array(lua_State *L, ts_stream *s, size_t *pending) {
-  size_t len, total = *pending, before = ts_buf_len(&s->wbuf);
+  size_t lens[GATHER_MAX], total = *pending, before = ts_buf_len(&s->wbuf);
+  const char *ptrs[GATHER_MAX];
   lua_Integer i, n;
-  const char *p;
+  int raw, gather;
 
   luaL_argexpected(L, lua_type(L, 2) == LUA_TTABLE, 2, "string or array of strings");
-  n = luaL_len(L, 2);
+  raw = !lua_getmetatable(L, 2) || (lua_pop(L, 1), 0);
+  n = raw ? (lua_Integer)lua_rawlen(L, 2) : luaL_len(L, 2);
+  gather = raw && n <= GATHER_MAX;
   for (i = 1; i <= n; i++) {
-    if (lua_geti(L, 2, i) != LUA_TSTRING)
+    const char *p;
+    size_t len;
+    if (!array_item(L, i, raw, &p, &len))
       return luaL_error(L, "bad argument #1 to 'write' (item %d is not a string)",
                         (int)i);
-    if (over_pending(&total, lua_rawlen(L, -1)))
+    if (over_pending(&total, len))
       return UV_E2BIG;
-    lua_pop(L, 1);
-  }
-  for (i = 1; i <= n; i++) {
-    lua_geti(L, 2, i);
-    p = lua_tolstring(L, -1, &len);
-    if (ts_buf_append(&s->wbuf, p, len) != 0) {
-      s->wbuf.end = s->wbuf.start + (uint32_t)before; /* appends only added */
-      return UV_ENOMEM;
+    if (gather) {
+      ptrs[i - 1] = p;
+      lens[i - 1] = len;
     }
-    lua_pop(L, 1);
+  }
+  if (total > *pending && ts_buf_reserve(&s->wbuf, total - *pending, (size_t)-1) != 0)
+    return UV_ENOMEM;
+  for (i = 1; i <= n; i++) {
+    const char *p = gather ? ptrs[i - 1] : NULL;
+    size_t len = gather ? lens[i - 1] : 0;
+    if (!gather)
+      array_item(L, i, raw, &p, &len);
+    if (p == NULL || ts_buf_append(&s->wbuf, p, len) != 0) {
+      s->wbuf.end = s->wbuf.start + (uint32_t)before; /* appends only added */
+      return p == NULL ? luaL_error(L, "write: the array changed") : UV_ENOMEM;
+    }
   }
   count_out(s, total - *pending);
   *pending = total;
