@@ -5,6 +5,7 @@
 #include "stream_int.h"
 
 #include <stdio.h>
+#include <sys/socket.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -257,9 +258,26 @@ static void close_cb(uv_handle_t *h) {
   lua_pop(L, 1);
 }
 
+/* On Linux, close() of a socket with received bytes nobody read sends a
+ * reset, which drops what is still unsent: a client that wrote 1 MiB and
+ * closed lost most of it to a TLS session ticket it had not read. A clean
+ * close takes such bytes first (at most 64 KiB: past that a reset is the
+ * answer to a flood). A stream that saw the end has nothing to take. */
+static void drain(ts_stream *s) {
+  uv_os_fd_t fd;
+  char buf[4096];
+  int i;
+
+  if (s->err != 0 || (s->flags & (F_EOF | F_PIPE)) || uv_fileno(&s->h.handle, &fd) != 0)
+    return;
+  for (i = 0; i < 16 && recv(fd, buf, sizeof(buf), MSG_DONTWAIT) > 0; i++)
+    ;
+}
+
 void ts__stream_handle_close(ts_stream *s) {
   if (s->flags & F_HCLOSING)
     return;
+  drain(s);
   s->flags |= F_HCLOSING;
   if (s->rare != NULL && s->rare->timer != NULL) {
     uv_close((uv_handle_t *)s->rare->timer, timer_free);
