@@ -24,7 +24,7 @@ build = {
   modules = {
     ["tcpserver.core"] = {
       sources = {
-        "src/addr.c", "src/buf.c", "src/client.c", "src/loop.c", "src/module.c",
+        "src/addr.c", "src/buf.c", "src/client.c", "src/loop.c", "src/timer.c", "src/module.c",
         "src/netutil.c", "src/fork.c", "src/subprocess.c", "src/server.c",
         "src/stream.c", "src/stream_read.c", "src/stream_write.c", "src/stream_lua.c",
         "src/tls.c", "src/tls_ctx.c", "src/proxy.c",

@@ -57,6 +57,9 @@ void ts__loop_on_forget(ts_loop *loop, ts_forget fn);
  * it was made first). The host must have closed servers and streams. */
 void ts__loop_on_close(ts_loop *loop, ts_hook fn);
 
+/* A delay in seconds given from Lua at idx, in ms (0 stays 0: the next
+ * iteration); raises if it is negative or past 10^9 s. */
+uint64_t ts__delay_ms(lua_State *L, int idx);
 /* Seconds to a libuv timeout in ms; 0 means none: none was asked for, or
  * more than libuv can time (casting such a double is undefined). */
 uint64_t ts__timeout_ms(double seconds);

@@ -4,6 +4,7 @@
 #include "fork.h"
 #include "server.h"
 #include "subprocess.h"
+#include "timer.h"
 #include "tls.h"
 
 int luaopen_tcpserver_core(lua_State *L) {
@@ -18,6 +19,7 @@ int luaopen_tcpserver_core(lua_State *L) {
   *(void **)lua_getextraspace(main_thread) = NULL;
   lua_newtable(L);
   ts__open_loop(L);
+  ts__open_timer(L);
   ts__open_stream(L); /* before tls: it adds stream methods (ts__stream_methods) */
   ts__open_tls(L);
   ts__open_server(L);
