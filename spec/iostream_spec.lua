@@ -1173,3 +1173,95 @@ describe("the read high-water mark", function()
     client:close()
   end))
 end)
+
+describe("IOStream additions", function()
+  it("shutdown('send') ends this side's sending: the peer reads the end, this side reads on",
+     async(function()
+    local res = {}
+    local server, port = H.serve(function(_, stream)
+      stream:write("hello")
+      res.shut = {stream:shutdown("send")}
+      res.write = {stream:write("more")}
+      res.read = stream:read_until_close()
+    end)
+    finally(function() server:stop() end)
+    local out = H.python([[
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+data = b""
+while True:
+    chunk = s.recv(100)
+    if not chunk: break
+    data += chunk
+s.sendall(b"after the end\n")
+s.shutdown(socket.SHUT_WR)
+print(data.decode())
+]], tostring(port))
+    assert.equal("hello\n", out)
+    H.wait_until(function() return res.read end)
+    assert.same({true}, res.shut)
+    assert.same({nil, "closed"}, res.write)
+    assert.equal("after the end\n", res.read)
+  end))
+
+  it("read_until with 'keep' fails past max_bytes without closing; skip_until drops the rest",
+     async(function()
+    local res = {}
+    local server, port = H.serve(function(_, stream)
+      res.long = {stream:read_until("\n", 10, "keep")}
+      res.open = not stream:closed()
+      stream:write("500 line too long\r\n") -- a refusal of the protocol's own
+      res.skipped = stream:skip_until("\n")
+      res.next = stream:read_until("\n", 10, "keep")
+    end)
+    finally(function() server:stop() end)
+    local c = H.connect(port)
+    c:write(("x"):rep(100000) .. "\nok\n")
+    assert.equal("500 line too long\r\n", c:read_until("\n"))
+    H.wait_until(function() return res.next end)
+    assert.same({nil, "too large", ("x"):rep(10)}, res.long)
+    assert.is_true(res.open)
+    assert.equal(100000 - 10 + 1, res.skipped)
+    assert.equal("ok\n", res.next)
+    c:close()
+    local s2 = H.connect(port)
+    s2:close()
+    assert.has_error(function()
+      local st = H.connect(port)
+      st:read_until("\n", nil, "keep")
+    end)
+  end))
+
+  it("peek(n) gives the next n bytes and leaves them unread", async(function()
+    local res = {}
+    local server, port = H.serve(function(_, stream)
+      res.peek = stream:peek(3)
+      res.read = stream:read_bytes(6)
+      res.at_end = {stream:peek(10)}
+    end)
+    finally(function() server:stop() end)
+    local c = H.connect(port)
+    c:write("abcdefgh")
+    c:close()
+    H.wait_until(function() return res.at_end end)
+    assert.equal("abc", res.peek)
+    assert.equal("abcdef", res.read)
+    assert.same({nil, "closed", "gh"}, res.at_end)
+  end))
+
+  it("setoption and getoption take LuaSocket's names", async(function()
+    local c, server = pair(function(_, stream) stream:read_until_close() end)
+    assert.is_true(c:setoption("keepalive", true))
+    assert.is_true(c:getoption("keepalive"))
+    assert.is_true(c:setoption("tcp-nodelay", false))
+    assert.is_false(c:getoption("tcp-nodelay"))
+    assert.is_true(c:setoption("linger", {on = true, timeout = 3}))
+    assert.same({on = true, timeout = 3}, c:getoption("linger"))
+    assert.is_true(c:setoption("reuseaddr", true))
+    assert.is_true(c:getoption("reuseaddr"))
+    assert.has_error(function() c:setoption("colour", true) end)
+    c:close()
+    assert.same({nil, "closed"}, {c:getoption("keepalive")})
+    server:stop()
+  end))
+end)

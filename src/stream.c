@@ -320,6 +320,52 @@ void ts__stream_close(ts_stream *s, int err) {
     start_timer(s, LINGER_MS);
 }
 
+/* ---- half-close ---- */
+
+static void shutdown_cb(uv_shutdown_t *req, int status) {
+  (void)status; /* ECANCELED if the handle closed first */
+  free(req);
+}
+
+void ts__stream_send_fin(ts_stream *s) {
+  uv_shutdown_t *req;
+
+  if (!(s->flags & F_SHUT_QUEUED) || (s->flags & (F_CLOSED | F_HCLOSING)) ||
+      pending_writes(s) > 0)
+    return;
+  s->flags &= ~F_SHUT_QUEUED;
+  req = malloc(sizeof(*req));
+  if (req != NULL && uv_shutdown(req, &s->h.stream, shutdown_cb) != 0)
+    free(req);
+}
+
+/* shutdown(["send" | "both"]): "send" ends this side's sending once what
+ * was written has gone (with TLS, after a close_notify): the peer reads
+ * the end, and this side reads on; later writes get nil, "closed".
+ * "both" (the default, as LuaSocket's) closes. */
+int ts__stream_shutdown(lua_State *L, ts_stream *s, const char *how) {
+  if (strcmp(how, "both") == 0) {
+    if (!(s->flags & F_DONE) && s->self_ref != LUA_NOREF)
+      ts__stream_close(s, 0);
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  if (strcmp(how, "send") != 0)
+    return luaL_error(L, "shutdown: \"send\" or \"both\" expected, got '%s'", how);
+  if (s->flags & F_CLOSED)
+    return push_error(L, ts__stream_error(s));
+  if (!(s->flags & F_SHUT_WR)) {
+    s->flags |= F_SHUT_WR | F_SHUT_QUEUED;
+    if (s->ops != NULL && s->ops->shutdown != NULL)
+      s->ops->shutdown(s, s->layer);
+    if (ts__stream_flush(s) != 0)
+      return push_error(L, ts__stream_error(s));
+    ts__stream_send_fin(s);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 void ts__stream_fail(ts_stream *s, int err) {
   if (s->flags & F_CLOSED)
     return;

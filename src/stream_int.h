@@ -86,16 +86,19 @@ enum { RD_NONE, RD_UNTIL, RD_BYTES, RD_PARTIAL, RD_CLOSE, RD_FILL };
 
 enum {
   F_PIPE = 1 << 0,
-  F_READING = 1 << 1,    /* uv_read_start is active */
-  F_EOF = 1 << 2,        /* the peer finished sending */
-  F_CLOSED = 1 << 3,     /* close() was called or an error ended it */
-  F_HCLOSING = 1 << 4,   /* uv_close was called */
-  F_DONE = 1 << 5,       /* the close callback ran */
-  F_DIRTY = 1 << 6,      /* on the dirty list */
-  F_BORROWED = 1 << 7,   /* rbuf points into the shared buffer */
-  F_OVERBUDGET = 1 << 8, /* the read budget refused its buffer */
-  F_OWNED = 1 << 9,      /* pinned past close_cb until disowned */
-  F_KEEP_OPEN = 1 << 10  /* stays open at the peer's end (ts__stream_keep_open) */
+  F_READING = 1 << 1,        /* uv_read_start is active */
+  F_EOF = 1 << 2,            /* the peer finished sending */
+  F_CLOSED = 1 << 3,         /* close() was called or an error ended it */
+  F_HCLOSING = 1 << 4,       /* uv_close was called */
+  F_DONE = 1 << 5,           /* the close callback ran */
+  F_DIRTY = 1 << 6,          /* on the dirty list */
+  F_BORROWED = 1 << 7,       /* rbuf points into the shared buffer */
+  F_OVERBUDGET = 1 << 8,     /* the read budget refused its buffer */
+  F_OWNED = 1 << 9,          /* pinned past close_cb until disowned */
+  F_KEEP_OPEN = 1 << 10,     /* stays open at the peer's end (ts__stream_keep_open) */
+  F_KEEP_ON_LIMIT = 1 << 11, /* this read_until past max_bytes keeps it open */
+  F_SHUT_WR = 1 << 12,       /* shutdown("send"): no more writes */
+  F_SHUT_QUEUED = 1 << 13    /* the FIN waits for the writes to drain */
 };
 
 /* Every byte here is paid by each idle connection: what few streams use
@@ -219,7 +222,9 @@ void ts__stream_set_timeout(ts_stream *s, double seconds);
 int ts__stream_start_wait(ts_stream *s, lua_State *L, uint64_t *due);
 void ts__stream_handle_close(ts_stream *s); /* uv_close, once */
 stream_ctx *ts__stream_ctx(lua_State *L);   /* the loop's, made with its first stream */
-void ts__stream_collect(lua_State *L, ts_stream *s); /* __gc */
+void ts__stream_collect(lua_State *L, ts_stream *s);                  /* __gc */
+int ts__stream_shutdown(lua_State *L, ts_stream *s, const char *how); /* the method */
+void ts__stream_send_fin(ts_stream *s); /* shutdown("send")'s FIN, once writes drained */
 
 /* stream_read.c */
 void ts__read_update(ts_stream *s); /* starts or stops reading as needed */

@@ -4,7 +4,11 @@
  * in stream_read.c and stream_write.c, beside the helpers they inline. */
 #include "stream_int.h"
 
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <string.h>
+#include <sys/socket.h>
 
 /* Any stream argument, as check_self (stream_int.h) checks the methods'. */
 ts_stream *ts__check_stream(lua_State *L, int idx) {
@@ -69,6 +73,81 @@ static int l_set_nodelay(lua_State *L) {
   if (!(s->flags & (F_PIPE | F_HCLOSING)))
     uv_tcp_nodelay(&s->h.tcp, on);
   return 0;
+}
+
+static int l_shutdown(lua_State *L) {
+  ts_stream *s = check_self(L);
+  return ts__stream_shutdown(L, s, luaL_optstring(L, 2, "both"));
+}
+
+/* The socket options of setoption/getoption (LuaSocket's names). */
+static const char *const option_names[] = {"tcp-nodelay", "keepalive", "reuseaddr",
+                                           "linger", NULL};
+static const int option_levels[] = {IPPROTO_TCP, SOL_SOCKET, SOL_SOCKET, SOL_SOCKET};
+static const int option_ids[] = {TCP_NODELAY, SO_KEEPALIVE, SO_REUSEADDR, SO_LINGER};
+
+static int option_fd(lua_State *L, ts_stream *s, uv_os_fd_t *fd) {
+  if (s->flags & F_HCLOSING)
+    return push_error(L, "closed");
+  if ((s->flags & F_PIPE) || uv_fileno(&s->h.handle, fd) != 0)
+    return push_error(L, "not a TCP stream");
+  return 0;
+}
+
+/* setoption(name, value) -> true | nil, err. "linger" takes {on =,
+ * timeout = seconds}, the others a boolean. */
+static int l_setoption(lua_State *L) {
+  ts_stream *s = check_self(L);
+  int i = luaL_checkoption(L, 2, NULL, option_names), on, n;
+  struct linger lg;
+  uv_os_fd_t fd;
+
+  if ((n = option_fd(L, s, &fd)) != 0)
+    return n;
+  if (option_ids[i] == SO_LINGER) {
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lua_getfield(L, 3, "on");
+    lua_getfield(L, 3, "timeout");
+    lg.l_onoff = lua_toboolean(L, -2);
+    lg.l_linger = (int)luaL_optinteger(L, -1, 0);
+    n = setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+  } else {
+    luaL_checkany(L, 3);
+    on = lua_toboolean(L, 3);
+    n = setsockopt(fd, option_levels[i], option_ids[i], &on, sizeof(on));
+  }
+  if (n != 0)
+    return push_error(L, strerror(errno));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* getoption(name) -> its value (a boolean; "linger": {on =, timeout =}) */
+static int l_getoption(lua_State *L) {
+  ts_stream *s = check_self(L);
+  int i = luaL_checkoption(L, 2, NULL, option_names), on = 0, n;
+  struct linger lg;
+  socklen_t len;
+  uv_os_fd_t fd;
+
+  if ((n = option_fd(L, s, &fd)) != 0)
+    return n;
+  if (option_ids[i] == SO_LINGER) {
+    len = sizeof(lg);
+    if (getsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, &len) != 0)
+      return push_error(L, strerror(errno));
+    lua_createtable(L, 0, 2);
+    lua_pushboolean(L, lg.l_onoff);
+    lua_setfield(L, -2, "on");
+    lua_pushinteger(L, lg.l_linger);
+    lua_setfield(L, -2, "timeout");
+    return 1;
+  }
+  len = sizeof(on);
+  if (getsockopt(fd, option_levels[i], option_ids[i], &on, &len) != 0)
+    return push_error(L, strerror(errno));
+  lua_pushboolean(L, on != 0);
+  return 1;
 }
 
 static int push_endpoint(lua_State *L, int peer) {
@@ -169,6 +248,9 @@ int ts__open_stream(lua_State *L) {
       {"set_timeout", l_settimeout},
       {"settimeout", l_settimeout}, /* LuaSocket's and OpenResty's name */
       {"set_nodelay", l_set_nodelay},
+      {"shutdown", l_shutdown},
+      {"setoption", l_setoption},
+      {"getoption", l_getoption},
       {"getpeername", l_getpeername},
       {"getsockname", l_getsockname},
       {"buffer_sizes", l_buffer_sizes},

@@ -140,10 +140,24 @@ int ts__read_failed(ts_stream *s, lua_State *L, const char *err) {
   return push_error(L, err);
 }
 
+/* Past max_bytes or max_buffer_size: nil, "too large", and the stream
+ * closes. A read_until that said "keep" instead gets the first max_bytes
+ * as its partial result (consumed) and the stream stays open, so that the
+ * caller may send a refusal of its own and skip the rest (iostream.lua's
+ * skip_until). */
 static int fail_too_large(ts_stream *s, lua_State *L) {
+  size_t n = ts_buf_len(&s->rbuf);
+
   ts__read_failed(s, L, "too large");
-  ts__stream_close(s, 0);
-  return 2;
+  if (!(s->flags & F_KEEP_ON_LIMIT)) {
+    ts__stream_close(s, 0);
+    return 2;
+  }
+  s->flags &= ~F_KEEP_ON_LIMIT;
+  n = n < s->rn ? n : s->rn;
+  lua_pushlstring(L, ts_buf_head(&s->rbuf), n);
+  ts_buf_consume(&s->rbuf, n);
+  return 3;
 }
 
 /* The peer is gone: hand over what is left as the partial result. */
@@ -475,6 +489,15 @@ int ts__method_read_until(lua_State *L) {
     s->delim = delim;
     s->dlen = (uint32_t)dlen;
     s->scan = 0;
+    if (!lua_isnoneornil(L, 4)) { /* "keep": past max_bytes, the stream stays open */
+      luaL_argcheck(
+          L, lua_type(L, 4) == LUA_TSTRING && strcmp(lua_tostring(L, 4), "keep") == 0, 4,
+          "\"keep\" or nil expected");
+      luaL_argcheck(L, max > 0, 3, "\"keep\" needs max_bytes");
+      s->flags |= F_KEEP_ON_LIMIT;
+    } else {
+      s->flags &= ~F_KEEP_ON_LIMIT;
+    }
   }
   return read_request(L, s, RD_UNTIL, (size_t)max);
 }

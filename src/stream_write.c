@@ -177,10 +177,13 @@ static void write_cb(uv_write_t *req, int status) {
     return;
   if (ts__stream_flush(s) != 0)
     return;
-  if ((s->flags & F_CLOSED) && pending_writes(s) == 0)
+  if ((s->flags & F_CLOSED) && pending_writes(s) == 0) {
     ts__stream_handle_close(s);
-  else
-    ts__write_check(s);
+    return;
+  }
+  if (s->flags & F_SHUT_QUEUED)
+    ts__stream_send_fin(s);
+  ts__write_check(s);
 }
 
 void ts__write_mark_dirty(ts_stream *s) {
@@ -332,9 +335,9 @@ int ts__method_write(lua_State *L) {
   size_t pending;
   int rc;
 
-  if (s->flags & F_CLOSED) {
+  if (s->flags & (F_CLOSED | F_SHUT_WR)) { /* shut: "closed" for writing */
     luaL_checkany(L, 2);
-    return push_error(L, ts__stream_error(s));
+    return push_error(L, (s->flags & F_CLOSED) ? ts__stream_error(s) : "closed");
   }
   pending = pending_writes(s); /* once per write: the common path */
   rc = append_arg(L, s, &pending);

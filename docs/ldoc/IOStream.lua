@@ -26,11 +26,31 @@ local IOStream = {}
 -- @string delim the delimiter (any bytes, one or more)
 -- @int[opt] max_bytes fail with `"too large"` (and close) past this many
 -- bytes without the delimiter (default: the server's max_buffer_size)
+-- @string[opt] keep `"keep"`: past `max_bytes` the stream stays open and the
+-- first `max_bytes` bytes come back as the partial (consumed), so that a
+-- protocol can send its own refusal and `skip_until` the rest
 -- @treturn[1] string the data, delimiter included
 -- @treturn[2] nil
 -- @treturn[2] string err
 -- @treturn[2] string partial what was read before the error
-function IOStream:read_until(delim, max_bytes) end
+function IOStream:read_until(delim, max_bytes, keep) end
+
+--- Drops bytes up to and including `delim` without buffering them all
+-- (the rest of an oversized line after `read_until`'s `"keep"`).
+-- @string delim
+-- @int[opt] max_bytes past this many, `"too large"` (and close)
+-- @treturn[1] int the bytes dropped
+-- @treturn[2] nil
+-- @treturn[2] string err
+function IOStream:skip_until(delim, max_bytes) end
+
+--- The next `n` bytes, left unread: waits until `n` are buffered.
+-- @int n
+-- @treturn[1] string
+-- @treturn[2] nil
+-- @treturn[2] string err
+-- @treturn[2] string partial what was buffered (the stream ended: it closes)
+function IOStream:peek(n) end
 
 --- Reads exactly `n` bytes, or with `partial` 1 to `n` bytes as soon as
 -- any are there.
@@ -111,6 +131,33 @@ function IOStream:set_close_callback(fn) end
 -- coalesced per wake-up already). Does nothing on unix sockets and pipes.
 -- @bool[opt=true] on
 function IOStream:set_nodelay(on) end
+
+--- Ends sending. `"send"`: a half-close once what was written has gone
+-- (with TLS, after a close_notify); the peer reads the end and this side
+-- reads on; later writes get `nil, "closed"`. `"both"` (the default, as
+-- LuaSocket's) closes.
+-- @string[opt="both"] how
+-- @treturn[1] boolean true
+-- @treturn[2] nil
+-- @treturn[2] string err
+function IOStream:shutdown(how) end
+
+--- Sets a socket option by LuaSocket's name: `"tcp-nodelay"`,
+-- `"keepalive"`, `"reuseaddr"` (booleans) or `"linger"` (`{on =, timeout =}`,
+-- seconds).
+-- @string name
+-- @param value
+-- @treturn[1] boolean true
+-- @treturn[2] nil
+-- @treturn[2] string err
+function IOStream:setoption(name, value) end
+
+--- A socket option's value (see `setoption`).
+-- @string name
+-- @return[1] the value: a boolean, or `{on =, timeout =}` for `"linger"`
+-- @treturn[2] nil
+-- @treturn[2] string err
+function IOStream:getoption(name) end
 
 --- The peer's address.
 -- @treturn[1] string host (a path for a unix socket)

@@ -45,6 +45,48 @@ function methods.read_until_pattern(stream, pattern, max_bytes)
   end
 end
 
+--- peek(n): the next n bytes, left unread: waits until n are buffered.
+-- Returns them, or nil, err, partial (what was buffered) if the stream
+-- ends first (then it closes) or n passes max_buffer_size.
+function methods.peek(stream, n)
+  if math.type(n) ~= "integer" or n < 1 then
+    error("bad argument #1 to 'peek' (positive integer expected)", 2)
+  end
+  local buf = stream:_buffered()
+  if #buf >= n then return buf:sub(1, n) end
+  local ok, err, partial = stream:_fill(n - 1)
+  if not ok then return nil, err, partial end
+  return stream:_buffered():sub(1, n)
+end
+
+--- skip_until(delim [, max_bytes]): reads and drops bytes up to and
+-- including `delim` (the rest of an oversized line after read_until's
+-- "keep"), never buffering more than the stream reads at a time.
+-- Returns the number of bytes dropped, or nil, err ("too large" past
+-- max_bytes, which closes the stream, or the stream's end).
+function methods.skip_until(stream, delim, max_bytes)
+  if type(delim) ~= "string" or delim == "" then
+    error("bad argument #1 to 'skip_until' (non-empty string expected)", 2)
+  end
+  local dropped, keep = 0, #delim - 1
+  while true do
+    local buf = stream:_buffered()
+    local _, stop = buf:find(delim, 1, true)
+    local n = stop or math.max(#buf - keep, 0) -- a delimiter may straddle reads
+    if max_bytes and dropped + n > max_bytes then
+      stream:close()
+      return nil, "too large"
+    end
+    if n > 0 then
+      stream:read_bytes(n)
+      dropped = dropped + n
+    end
+    if stop then return dropped end
+    local ok, err = stream:_fill(#buf - n)
+    if not ok then return nil, err end
+  end
+end
+
 M.IOStream = methods
 M.core = core
 return M
