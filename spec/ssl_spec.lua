@@ -802,6 +802,36 @@ for name in sys.argv[4:]:
     assert.equal(table.concat(want), out)
   end))
 
+  it("resumes no session on another name: a ticket got without a certificate on one name "
+     .. "does not pass one that requires it", async(function()
+    -- tickets are sealed with the main context's keys, and a resumed
+    -- handshake asks for no certificate: strict.test let such a client in
+    local server, port = tls_serve(echo, {sni_callback = function(name)
+      if name == "strict.test" then
+        return {certfile = C.other.certfile, keyfile = C.other.keyfile, verify = "required",
+                cafile = C.cafile}
+      end
+    end})
+    finally(function() server:stop() end)
+    local out = H.python([[
+import socket, ssl, sys
+port = int(sys.argv[1])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+def go(name, sess=None):
+    try:
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname=name, session=sess)
+        s.sendall(b"hi\n"); r = s.recv(100)
+        print(name, "reused" if s.session_reused else "full", "echo" if r == b"hi\n" else "refused")
+        return s.session
+    except (ssl.SSLError, OSError):
+        print(name, "refused"); return None
+sess = go("open.test")
+go("open.test", sess)      # the same name resumes
+go("strict.test", sess)    # another name does not: a full handshake, which needs a certificate
+]], tostring(port))
+    assert.equal("open.test full echo\nopen.test reused echo\nstrict.test refused\n", out)
+  end))
+
   it("lets a returned context verify more than the server asks", async(function()
     local server, port = tls_serve(echo, {sni_callback = function()
       return {certfile = C.other.certfile, keyfile = C.other.keyfile, verify = "required",

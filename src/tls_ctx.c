@@ -43,6 +43,57 @@ static int raise_ssl(lua_State *L, const char *fmt, const char *arg) {
   return luaL_error(L, fmt, arg, reason);
 }
 
+/* The ClientHello's server name, kept for decrypt_ticket: OpenSSL
+ * decrypts a ticket while it parses the hello, before
+ * SSL_get_servername knows the name. */
+static int client_hello(SSL *ssl, int *alert, void *arg) {
+  ts_tls *t = SSL_get_app_data(ssl);
+  const unsigned char *p;
+  size_t len, n;
+
+  (void)alert, (void)arg;
+  if (t == NULL)
+    return SSL_CLIENT_HELLO_SUCCESS;
+  t->hello_name[0] = '\0';
+  /* server_name: list length (2), type (1: 0 = host_name), length (2), name */
+  if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_server_name, &p, &len) && len >= 5 &&
+      p[2] == TLSEXT_NAMETYPE_host_name) {
+    n = (size_t)p[3] << 8 | p[4];
+    if (n <= len - 5 && n < sizeof(t->hello_name)) {
+      memcpy(t->hello_name, p + 5, n);
+      t->hello_name[n] = '\0';
+    }
+  }
+  return SSL_CLIENT_HELLO_SUCCESS;
+}
+
+/* A session resumes only under the name it was made for. Tickets are
+ * sealed with the main context's keys and OpenSSL does not compare a
+ * resumed session's name with the new SNI; a resumed handshake asks for
+ * no certificate. So a ticket got on a name that verifies nothing let a
+ * client in, without a certificate, on a name whose sni_callback context
+ * required one. Such a ticket is ignored: a full handshake follows. */
+static SSL_TICKET_RETURN decrypt_ticket(SSL *ssl, SSL_SESSION *session,
+                                        const unsigned char *keyname, size_t keyname_len,
+                                        SSL_TICKET_STATUS status, void *arg) {
+  ts_tls *t = SSL_get_app_data(ssl);
+  const char *now = t != NULL ? t->hello_name : "", *then;
+
+  (void)keyname, (void)keyname_len, (void)arg;
+  switch (status) {
+  case SSL_TICKET_SUCCESS: /* only then is there a session */
+  case SSL_TICKET_SUCCESS_RENEW:
+    then = session != NULL ? SSL_SESSION_get0_hostname(session) : NULL;
+    if (session == NULL || strcasecmp(now, then != NULL ? then : "") != 0)
+      return SSL_TICKET_RETURN_IGNORE_RENEW;
+    return status == SSL_TICKET_SUCCESS ? SSL_TICKET_RETURN_USE
+                                        : SSL_TICKET_RETURN_USE_RENEW;
+  case SSL_TICKET_EMPTY:
+  case SSL_TICKET_NO_DECRYPT: return SSL_TICKET_RETURN_IGNORE_RENEW;
+  default: return SSL_TICKET_RETURN_ABORT;
+  }
+}
+
 static SSL_CTX *new_ssl_ctx(lua_State *L) {
   SSL_CTX *ctx = SSL_CTX_new(TLS_method());
 
@@ -54,6 +105,11 @@ static SSL_CTX *new_ssl_ctx(lua_State *L) {
    * /etc/ssl/certs on each handshake (29% of a handshake's CPU). */
   SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_NO_AUTO_CHAIN);
   SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION);
+  /* Tickets only (see decrypt_ticket): no server-side session cache,
+   * which would resume by session id past that check. */
+  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT);
+  SSL_CTX_set_session_ticket_cb(ctx, NULL, decrypt_ticket, NULL);
+  SSL_CTX_set_client_hello_cb(ctx, client_hello, NULL);
   return ctx;
 }
 

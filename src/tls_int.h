@@ -37,6 +37,7 @@ typedef struct ts_tls {
   size_t rx;                       /* ciphertext bytes received */
   ts_buf xbuf;                     /* ciphertext waiting to be written */
   char err[160];                   /* "tls: <reason>" once failed */
+  char hello_name[256];            /* server side: the ClientHello's SNI, or "" */
 } ts_tls;
 
 static inline ts_loop *loop_of(ts_tls *t) {
