@@ -429,3 +429,44 @@ describe("ioloop.with_timeout", function()
                      "with_timeout: seconds must be a number >= 0")
   end))
 end)
+
+describe("review findings (tasks and deadlines)", function()
+  it("a killed task's sleep or timed wait no longer keeps the loop running", async(function()
+    local out = H.run({"lua5.4", "-e", [[
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.cpath = "]] .. H.BUILD .. [[/?.so;" .. package.cpath
+local ioloop = require "tcpserver.ioloop"
+local locks = require "tcpserver.locks"
+local loop = ioloop.current()
+local a = loop:spawn(ioloop.sleep, 3)
+local b = loop:spawn(function() locks.Condition():wait(3) end)
+local c = loop:spawn(function() locks.Event():wait(3) end)
+loop:add_callback(function() a:kill(); b:kill(); c:kill() end)
+local t0 = loop:time()
+loop:start()
+print(loop:time() - t0 < 1)
+]]})
+    assert.equal("true\n", out)
+  end))
+
+  it("takes a huge or infinite with_timeout as no deadline", async(function()
+    local locks = require "tcpserver.locks"
+    for _, t in ipairs {math.huge, 1e17, 2e9} do
+      assert.is_true(ioloop.with_timeout(t, ioloop.sleep, 0.01), t)
+      local c = locks.Condition()
+      loop:add_callback(function() c:notify() end)
+      assert.is_true(ioloop.with_timeout(t, c.wait, c), t)
+    end
+  end))
+
+  it("gives a killed getter's item back: nothing is lost, the queue's front first", async(function()
+    local queues = require "tcpserver.queues"
+    local q = queues.Queue(1)
+    local a = loop:spawn(function() return q:get() end)
+    q:put("x") -- handed to a, which has not run
+    a:kill()
+    q:put_nowait("y")
+    ioloop.sleep(0) -- a's wake finds it killed: "x" goes back, before "y"
+    assert.same({"x", "y"}, {q:get_nowait(), q:get_nowait()})
+  end))
+end)

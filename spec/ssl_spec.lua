@@ -888,6 +888,55 @@ describe("TLS read backpressure", function()
   end, 30))
 end)
 
+describe("TLS records held back at the end", function()
+  -- Five records and the close_notify come in one segment while the
+  -- client reads 10 bytes: the rest waits inside OpenSSL (the read was
+  -- answered), and the end must wait for it. With the socket's EOF too,
+  -- read_until_close got ""; without, it waited for an EOF (1f8f6a9 had
+  -- no hold-back, 354d656 brought both).
+  for _, fin in ipairs {true, false} do
+    it(fin and "delivers them before the end, with the socket's EOF after"
+           or "delivers them and the close_notify's end, with no EOF", async(function()
+      local p = require("tcpserver.process").Subprocess({H.PYTHON, "-c", [[
+import socket, ssl, sys, time
+certdir, fin = sys.argv[1], sys.argv[2] == "fin"
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(certdir + "/server.pem", certdir + "/server.key")
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(1)
+print(ls.getsockname()[1], flush=True)
+c, _ = ls.accept()
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+o = ctx.wrap_bio(inc, out, server_side=True)
+while True:
+    try:
+        o.do_handshake(); break
+    except ssl.SSLWantReadError:
+        if out.pending: c.sendall(out.read())
+        d = c.recv(65536)
+        if not d: sys.exit(1)
+        inc.write(d)
+if out.pending: c.sendall(out.read())
+c.recv(1)                           # the client asks: it waits in read_bytes(10) now
+for i in range(5): o.write(b"%d123456789" % i)
+try: o.unwrap()
+except ssl.SSLWantReadError: pass
+c.sendall(out.read())               # five records and the close_notify in one write
+if fin: time.sleep(0.1); c.shutdown(socket.SHUT_WR)
+time.sleep(2)
+]], C.dir, fin and "fin" or "nofin"}, {stdout = "pipe"})
+      local port = tonumber(p.stdout:read_until("\n"))
+      local s = assert(tcpclient.connect("127.0.0.1", port, {ssl_options = {cafile = C.cafile}}))
+      s:write("?")
+      assert.equal("0123456789", s:read_bytes(10))
+      ioloop.sleep(0.3) -- the rest and the end arrive meanwhile
+      local rest = {ioloop.with_timeout(1, function() return s:read_until_close() end)}
+      p:kill()
+      p:wait_for_exit()
+      assert.same({"1123456789212345678931234567894123456789"}, rest)
+    end))
+  end
+end)
+
 describe("capath", function()
   it("verifies against a hashed CA directory, on a client and for client certificates", async(function()
     local dir = os.tmpname()

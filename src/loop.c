@@ -430,16 +430,44 @@ void ts_waiter_wake_error(ts_waiter *w, const char *err) {
 typedef struct sleeper {
   uv_timer_t h;
   ts_waiter w;
-  int cut; /* by a deadline: it ends in "timeout" */
+  int cut;                     /* by a deadline: it ends in "timeout" */
+  struct sleeper *prev, *next; /* the loop's sleepers (a killed task's go) */
+  ts_loop *loop;
 } sleeper;
 
 static void sleeper_free(uv_handle_t *h) {
   free(h->data);
 }
 
+static void unlink_sleeper(sleeper *s) {
+  if (s->prev != NULL)
+    s->prev->next = s->next;
+  else
+    s->loop->sleepers = s->next;
+  if (s->next != NULL)
+    s->next->prev = s->prev;
+}
+
+/* A killed task's sleeps end now: their timers would keep the loop
+ * running, and the task referenced, until they fired. */
+static void forget_sleeps(ts_loop *loop, lua_State *co) {
+  sleeper *s = loop->sleepers, *next;
+
+  for (; s != NULL; s = next) {
+    next = s->next;
+    if (s->w.co != co)
+      continue;
+    unlink_sleeper(s);
+    luaL_unref(loop->L, LUA_REGISTRYINDEX, s->w.ref);
+    ts_waiter_init(&s->w);
+    uv_close((uv_handle_t *)&s->h, sleeper_free);
+  }
+}
+
 static void sleeper_cb(uv_timer_t *h) {
   sleeper *s = h->data;
 
+  unlink_sleeper(s);
   uv_close((uv_handle_t *)h, sleeper_free);
   if (s->cut) {
     ts_waiter_wake_error(&s->w, "timeout");
@@ -457,8 +485,16 @@ static sleeper *new_sleeper(ts_loop *loop, uint64_t ms) {
   uv_timer_init(loop->uv, &s->h);
   s->h.data = s;
   s->cut = 0;
+  s->loop = loop;
+  s->prev = NULL;
+  s->next = loop->sleepers;
+  if (s->next != NULL)
+    s->next->prev = s;
+  loop->sleepers = s;
   ts_waiter_init(&s->w);
   uv_timer_start(&s->h, sleeper_cb, ms, 0);
+  if (loop->nforget == 0 || loop->forget[0] != forget_sleeps)
+    ts__loop_on_forget(loop, forget_sleeps);
   return s;
 }
 
@@ -600,6 +636,8 @@ int ts__wait_limit(lua_State *L, uint64_t *ms) {
   left = deadline - now_seconds();
   if (left <= 0)
     return -1;
+  if (left > 1e9) /* beyond what a timer takes: none */
+    return 0;
   left_ms = ts__timeout_ms(left);
   if (*ms != 0 && *ms <= left_ms)
     return 0;

@@ -36,6 +36,7 @@ struct ts_loop {
   int ndeadlines;                 /* tasks inside with_timeout: waits look theirs up */
   ts_forget forget[TS_MAX_HOOKS]; /* a task is killed (ts__kill) */
   void *streams;                  /* stream.c's per-loop state */
+  void *sleepers;                 /* loop.c's sleeping tasks, a list */
   size_t ended;                   /* tasks ended since the last full collection */
   size_t walked;                  /* dead-thread walks since then (an upper bound) */
   size_t walk_budget;             /* walks that cost about one full collection */

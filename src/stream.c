@@ -438,10 +438,21 @@ static void forget_on(ts_stream *s, void *co) {
     s->ops->forget(s, s->layer, co);
 }
 
+/* Every stream whose close callback has not run, closed ones too (a
+ * reader or writer may wait on one until then). */
+static void forget_cb(uv_handle_t *h, void *co) {
+  uintptr_t at = (uintptr_t)h - offsetof(ts_stream, h);
+  ts_stream *s = (ts_stream *)at;
+
+  if ((h->type == UV_TCP || h->type == UV_NAMED_PIPE) && (uintptr_t)h->data == at &&
+      !(s->flags & F_DONE))
+    forget_on(s, co);
+}
+
 /* A killed task's waits on streams end, so that another task may read or
  * write them. */
 static void forget_task(ts_loop *loop, lua_State *co) {
-  ts__stream_each(loop, forget_on, co);
+  uv_walk(loop->uv, forget_cb, co);
 }
 
 stream_ctx *ts__stream_ctx(lua_State *L) {

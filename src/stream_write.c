@@ -275,12 +275,21 @@ static int append_array(lua_State *L, ts_stream *s, size_t *pending) {
   for (i = 1; i <= n; i++) {
     const char *p = gather ? ptrs[i - 1] : NULL;
     size_t len = gather ? lens[i - 1] : 0;
-    if (!gather)
-      array_item(L, i, raw, &p, &len);
-    if (p == NULL || ts_buf_append(&s->wbuf, p, len) != 0) {
+    if (!gather && !array_item(L, i, raw, &p, &len))
+      p = NULL;
+    /* an __index may answer the second look otherwise than the first */
+    if (p == NULL || ts_buf_len(&s->wbuf) - before + len > total - *pending ||
+        ts_buf_append(&s->wbuf, p, len) != 0) {
+      int changed = p != NULL && ts_buf_len(&s->wbuf) - before + len > total - *pending;
       s->wbuf.end = s->wbuf.start + (uint32_t)before; /* appends only added */
-      return p == NULL ? luaL_error(L, "write: the array changed") : UV_ENOMEM;
+      if (p == NULL || changed)
+        return luaL_error(L, "write: the array changed while it was written");
+      return UV_ENOMEM;
     }
+  }
+  if (ts_buf_len(&s->wbuf) - before != total - *pending) { /* shorter this time */
+    s->wbuf.end = s->wbuf.start + (uint32_t)before;
+    return luaL_error(L, "write: the array changed while it was written");
   }
   count_out(s, total - *pending);
   *pending = total;

@@ -174,6 +174,22 @@ static void settle_handshake(ts_tls *t) {
   }
 }
 
+/* Whether OpenSSL holds bytes not decoded yet: held back at the read
+ * high-water mark, or once a read request was answered. */
+static int holding(ts_tls *t) {
+  return t->ssl != NULL && (SSL_pending(t->ssl) > 0 || BIO_ctrl_pending(t->rbio) > 0);
+}
+
+/* The end reaches the stream once nothing is held back: the peer's
+ * close_notify, or its EOF, which may come before the held records are
+ * read (pump delivers it then). */
+static void deliver_end(ts_stream *s, ts_tls *t) {
+  if (t->end_delivered || !(t->close_notify || (t->peer_eof && !holding(t))))
+    return;
+  t->end_delivered = 1;
+  ts__stream_on_eof(s);
+}
+
 static void tls_on_read(ts_stream *s, void *layer, const char *data, size_t n) {
   ts_tls *t = layer;
   int was_done = t->done;
@@ -189,7 +205,7 @@ static void tls_on_read(ts_stream *s, void *layer, const char *data, size_t n) {
     read_plain(t);
   ts__stream_flush(s); /* handshake messages, alerts, buffered writes */
   if (t->close_notify)
-    ts__stream_on_eof(s);
+    deliver_end(s, t);
   else
     ts__stream_on_data(s);
   if (t->done != was_done || t->failed)
@@ -200,7 +216,13 @@ static void tls_on_eof(ts_stream *s, void *layer) {
   ts_tls *t = layer;
 
   if (t->done) { /* EOF without close_notify: the end of data all the same */
-    ts__stream_on_eof(s);
+    t->peer_eof = 1;
+    if (!t->failed)
+      read_plain(t);
+    if (t->close_notify || !holding(t))
+      deliver_end(s, t);
+    else
+      ts__stream_on_data(s);
     return;
   }
   if (t->rx == 0) { /* a port probe: no log */
@@ -229,10 +251,10 @@ static void tls_on_error(ts_stream *s, void *layer, int err) {
 static void tls_pump(ts_stream *s, void *layer) {
   ts_tls *t = layer;
 
-  (void)s;
-  if (t->done && !t->failed && t->ssl != NULL &&
-      (SSL_pending(t->ssl) > 0 || BIO_ctrl_pending(t->rbio) > 0))
+  if (t->done && !t->failed && holding(t))
     read_plain(t);
+  if (t->done && !t->failed)
+    deliver_end(s, t); /* what came after the held records */
 }
 
 static void tls_shutdown(ts_stream *s, void *layer) {

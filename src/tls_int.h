@@ -33,6 +33,7 @@ typedef struct ts_tls {
   int ctx_ref;
   int sni_ref; /* the context sni_callback chose, or LUA_NOREF */
   int server, done, failed, shutdown_sent, close_notify;
+  int peer_eof, end_delivered; /* the socket's EOF came; the stream was told the end */
   char peer[INET6_ADDRSTRLEN + 8]; /* server side: the client, for logs */
   size_t rx;                       /* ciphertext bytes received */
   ts_buf xbuf;                     /* ciphertext waiting to be written */

@@ -176,6 +176,8 @@ function Task:kill()
     error("kill: a task cannot kill itself (return from it instead)", 2)
   end
   Waiters.killed[self.co] = true
+  local w = Waiters.current[self.co] -- a lock's, queue's or event's timeout
+  if w and w.timer then w.timer:cancel() end
   self.state = "killing" -- its __close handlers run now
   core.kill(self.co)
   finish(self, "killed")

@@ -54,6 +54,7 @@ function Event:wait(timeout)
   waiters[#waiters + 1] = co
   local timer
   if timeout then
+    Waiters.current[co] = {timer = nil}
     timer = ioloop.current():call_later(timeout, function()
       for i, w in ipairs(waiters) do
         if w == co then
@@ -64,7 +65,9 @@ function Event:wait(timeout)
       end
     end)
   end
+  if timer then Waiters.current[co].timer = timer end
   local ok, err = core.park()
+  Waiters.current[co] = nil
   if timer then timer:cancel() end
   return ok, err
 end

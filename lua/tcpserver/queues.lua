@@ -39,9 +39,17 @@ local function new(mt, maxsize, name, push, pop)
     push = push, pop = pop, unfinished = 0,
     getters = Waiters.new(), putters = Waiters.new(), joiners = Waiters.new(),
   }, mt)
-  -- a getter killed after it was handed an item: the item goes back
+  -- a getter killed after it was handed an item: the item goes back, to
+  -- the next getter or to the front (it may take the queue one past
+  -- maxsize for a while)
   q.getters.on_lost = function(item)
-    if not q.getters:wake(item) then push(q, item) end
+    if q.getters:wake(item) then return end
+    if pop == fifo_pop then
+      q.head = q.head - 1
+      q.buf[q.head] = item
+    else
+      push(q, item)
+    end
   end
   return q
 end

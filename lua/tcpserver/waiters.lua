@@ -12,6 +12,10 @@ local M = {}
 --- Tasks that were killed (Task:kill): a wake passes them over.
 M.killed = setmetatable({}, {__mode = "k"})
 
+--- The wait each task is in (a record with its timeout's timer): Task:kill
+-- cancels that timer, which would keep the loop running until it fired.
+M.current = setmetatable({}, {__mode = "k"})
+
 local Waiters = {}
 Waiters.__index = Waiters
 
@@ -94,7 +98,10 @@ function Waiters:wait(what, timeout, value)
       core.resume(w.co, nil, "timeout")
     end)
   end
-  return core.park()
+  M.current[w.co] = w
+  local a, b = core.park()
+  M.current[w.co] = nil
+  return a, b
 end
 
 --- Counts a waiter that left the queue out of turn (timed out); past 100
@@ -120,6 +127,7 @@ function M.limit(timeout)
   local deadline = core.deadline()
   if not deadline then return timeout end
   local left = deadline - core.time()
+  if left > 1e9 then return timeout end -- beyond what a timer takes: none
   if timeout == nil or left < timeout then return left end
   return timeout
 end
