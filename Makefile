@@ -20,7 +20,7 @@ BUSTED      = busted --lua=$(LUA)
 DEB_PKGS = gcc make pkg-config lua5.4 liblua5.4-dev libuv1-dev libssl-dev \
            luarocks lua-busted lua-check openssl python3 netcat-openbsd haproxy \
            curl python3-prometheus-client lua-logging lua-ldoc lua-discount clang-format cppcheck groff-base \
-           wrk redis-tools python3-websockets
+           wrk redis-tools python3-websockets redis-server lua-redis lua-socket
 
 VERSION  = $(shell sed -n 's/^\#define TS_VERSION "\(.*\)"/\1/p' include/tcpserver.h)
 MANDIR  ?= $(PREFIX)/share/man

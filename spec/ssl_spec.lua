@@ -916,7 +916,11 @@ while True:
         if not d: sys.exit(1)
         inc.write(d)
 if out.pending: c.sendall(out.read())
-c.recv(1)                           # the client asks: it waits in read_bytes(10) now
+while True:                         # the client asks ("?"): it waits in read_bytes(10) now
+    try:
+        o.read(1); break
+    except ssl.SSLWantReadError:
+        inc.write(c.recv(65536))
 for i in range(5): o.write(b"%d123456789" % i)
 try: o.unwrap()
 except ssl.SSLWantReadError: pass

@@ -157,10 +157,14 @@ static int parse_source(lua_State *L, connect_req *r, const char *ip) {
   return luaL_error(L, "connect: source_ip %s is not an IP address", ip);
 }
 
-static int timed_out(lua_State *L) {
+static int push_nil_err(lua_State *L, const char *err) {
   lua_pushnil(L);
-  lua_pushliteral(L, "timeout");
+  lua_pushstring(L, err);
   return 2;
+}
+
+static int timed_out(lua_State *L) {
+  return push_nil_err(L, "timeout");
 }
 
 /* core.connect(host, port [, timeout [, source_ip]]) -> stream | nil, err */
@@ -251,9 +255,90 @@ static int l_connect_unix(lua_State *L) {
   return ts_waiter_park(&r->w, L);
 }
 
+/* ---- name resolution alone (tcpserver.socket's dns.toip) ---- */
+
+typedef struct resolve_req {
+  uv_getaddrinfo_t gai;
+  ts_waiter w;
+} resolve_req;
+
+static void resolve_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
+  resolve_req *r = req->data;
+  lua_State *co = r->w.co;
+  struct addrinfo *a;
+  char host[INET6_ADDRSTRLEN];
+  int n = 0;
+
+  if (status != 0) {
+    ts_waiter_wake_error(&r->w, uv_strerror(status));
+  } else {
+    lua_newtable(co);
+    for (a = res; a != NULL; a = a->ai_next) {
+      if (a->ai_family != AF_INET && a->ai_family != AF_INET6)
+        continue;
+      ts__addr_name(a->ai_addr, host, sizeof(host));
+      lua_pushstring(co, host);
+      lua_rawseti(co, -2, ++n);
+    }
+    ts_waiter_wake(&r->w, 1);
+  }
+  uv_freeaddrinfo(res);
+  free(r);
+}
+
+/* core.resolve(host) -> {address, ...} | nil, err (in a task) */
+static int l_resolve(lua_State *L) {
+  size_t len;
+  const char *host = luaL_checklstring(L, 1, &len);
+  struct addrinfo hints;
+  resolve_req *r;
+  int err;
+
+  luaL_argcheck(L, len > 0 && strlen(host) == len, 1, "host empty or with a NUL inside");
+  ts__check_task(L, "resolve");
+  r = calloc(1, sizeof(*r));
+  if (r == NULL)
+    return luaL_error(L, "resolve: out of memory");
+  memset(&hints, 0, sizeof(hints));
+  hints.ai_socktype = SOCK_STREAM;
+  r->gai.data = r;
+  ts_waiter_init(&r->w);
+  err = uv_getaddrinfo(ts__loop(L)->uv, &r->gai, resolve_cb, host, NULL, &hints);
+  if (err != 0) {
+    free(r);
+    lua_pushnil(L);
+    lua_pushstring(L, uv_strerror(err));
+    return 2;
+  }
+  return ts_waiter_park(&r->w, L);
+}
+
+/* core.gethostname() -> the machine's host name */
+static int l_gethostname(lua_State *L) {
+  char name[256];
+  size_t len = sizeof(name);
+
+  if (uv_os_gethostname(name, &len) != 0)
+    return push_nil_err(L, "cannot get the host name");
+  lua_pushlstring(L, name, len);
+  return 1;
+}
+
+/* core.gettime() -> seconds since the epoch, with a fraction */
+static int l_gettime(lua_State *L) {
+  uv_timeval64_t tv;
+
+  if (uv_gettimeofday(&tv) != 0)
+    return push_nil_err(L, "cannot read the clock");
+  lua_pushnumber(L, (lua_Number)tv.tv_sec + (lua_Number)tv.tv_usec / 1e6);
+  return 1;
+}
+
 int ts__open_client(lua_State *L) {
   static const luaL_Reg funcs[] = {
-      {"connect", l_connect}, {"connect_unix", l_connect_unix}, {NULL, NULL}};
+      {"connect", l_connect}, {"connect_unix", l_connect_unix},
+      {"resolve", l_resolve}, {"gethostname", l_gethostname},
+      {"gettime", l_gettime}, {NULL, NULL}};
   luaL_setfuncs(L, funcs, 0);
   return 0;
 }

@@ -152,6 +152,20 @@ function IOStream:shutdown(how) end
 -- @treturn[2] string err
 function IOStream:setoption(name, value) end
 
+--- Puts a stream that `tcpclient.connect` made back into its pool instead
+-- of closing it (OpenResty's setkeepalive, in seconds). Do not use the
+-- stream after. A stream with unread bytes, or closed, is not kept.
+-- @number[opt=60] idle_timeout seconds it may wait idle (0: no limit)
+-- @int[opt=30] pool_size the most idle streams the pool keeps
+-- @treturn[1] boolean true
+-- @treturn[2] nil
+-- @treturn[2] string err
+function IOStream:set_keepalive(idle_timeout, pool_size) end
+
+--- How many times the pool handed this stream out again.
+-- @treturn int
+function IOStream:getreusedtimes() end
+
 --- A socket option's value (see `setoption`).
 -- @string name
 -- @return[1] the value: a boolean, or `{on =, timeout =}` for `"linger"`

@@ -87,6 +87,20 @@ function methods.skip_until(stream, delim, max_bytes)
   end
 end
 
+--- set_keepalive([idle_timeout [, pool_size]]): puts a stream that
+-- tcpclient.connect made back into its pool instead of closing it
+-- (OpenResty's setkeepalive, in seconds: 60 by default, 0 for no limit);
+-- the stream is not to be used after. true, or nil, err (it is closed:
+-- unread bytes, or closed already).
+function methods.set_keepalive(stream, idle_timeout, pool_size)
+  return require("tcpserver.pool").keepalive(stream, nil, idle_timeout, pool_size)
+end
+
+--- How many times the pool handed this stream out again.
+function methods.getreusedtimes(stream)
+  return require("tcpserver.pool").reused_times(stream)
+end
+
 M.IOStream = methods
 M.core = core
 return M

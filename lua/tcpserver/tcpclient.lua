@@ -1,14 +1,18 @@
 --- Outgoing connections.
 local core = require "tcpserver.core"
+local pool = require "tcpserver.pool"
 require "tcpserver.iostream"
 
 local M = {}
 
-local OPTIONS = {timeout = true, source_ip = true, ssl_options = true, server_hostname = true}
+local OPTIONS = {timeout = true, source_ip = true, ssl_options = true, server_hostname = true,
+                 pool = true, pool_size = true, backlog = true}
 
 --- connect(host, port [, opts]) -> stream or nil, err. opts: timeout
 -- (covers resolving, connecting and the TLS handshake), source_ip,
--- ssl_options, server_hostname. `host` "unix:/path" connects to a unix
+-- ssl_options, server_hostname, and the pool's (tcpserver.pool): pool
+-- (its name; host:port by default), pool_size, backlog. An idle stream
+-- of the pool is taken first; stream:set_keepalive() puts one back. `host` "unix:/path" connects to a unix
 -- socket; then port is nil. Must run in a task; resolution and connection
 -- never block the loop.
 function M.connect(host, port, opts)
@@ -45,14 +49,24 @@ function M.connect(host, port, opts)
   elseif opts.server_hostname ~= nil then
     error("connect: server_hostname needs ssl_options", 2)
   end
+  if opts.pool ~= nil and type(opts.pool) ~= "string" then
+    error("connect: pool must be a string", 2)
+  end
+  local pool_name = opts.pool or (path and host or host .. ":" .. port)
+  local stream, err, release = pool.take(pool_name, opts)
+  if stream or err then return stream, err end
   local started = core.time()
-  local stream, err
   if path then
     stream, err = core.connect_unix(path, opts.timeout)
   else
     stream, err = core.connect(host, port, opts.timeout, opts.source_ip)
   end
-  if not stream or not ctx then return stream, err end
+  if not stream then
+    if release then release() end
+    return nil, err
+  end
+  pool.track(stream, pool_name, release)
+  if not ctx then return stream end
   local left = opts.timeout and math.max(opts.timeout - (core.time() - started), 0.001)
   local ok
   ok, err = stream:_start_tls(false, ctx, name, left)
