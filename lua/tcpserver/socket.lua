@@ -89,6 +89,14 @@ function TCP:settimeouts(connect, send, read)
   return 1
 end
 
+-- write, then hand it to the kernel (as LuaSocket's send returns once the
+-- bytes are in the socket's buffer).
+local function send_all(stream, chunk)
+  local ok, err = stream:write(chunk)
+  if not ok then return nil, err end
+  return stream:flush()
+end
+
 --- send(data [, i [, j]]) -> the index of the last byte sent, or nil,
 -- err, the last index sent.
 function TCP:send(data, i, j)
@@ -99,21 +107,26 @@ function TCP:send(data, i, j)
   if i < 0 then i = math.max(#data + i + 1, 1) end
   if j < 0 then j = #data + j + 1 end
   local chunk = (i == 1 and j == #data) and data or data:sub(i, j)
-  local ok, err = timed(self, "send", function()
-    local ok, err = stream:write(chunk)
-    if not ok then return nil, err end
-    return stream:flush()
-  end)
+  local ok, err
+  if self.timeouts and self.timeouts.send then
+    ok, err = timed(self, "send", send_all, stream, chunk)
+  else
+    ok, err = send_all(stream, chunk)
+  end
   if not ok then return nil, err_name(err), i - 1 end
   self.sent = self.sent + #chunk
   return math.max(j, i - 1)
 end
 
 -- The reads of receive, by pattern.
+local find, sub, gsub = string.find, string.sub, string.gsub
+
 local function read_line(stream)
   local line, err, partial = stream:read_until("\n")
-  if not line then return nil, err, partial and partial:gsub("\r", "") or "" end
-  return (line:sub(1, -2):gsub("\r", ""))
+  if not line then return nil, err, partial and gsub(partial, "\r", "") or "" end
+  line = sub(line, 1, -2)
+  if find(line, "\r", 1, true) then line = gsub(line, "\r", "") end
+  return line
 end
 
 local function read_all(stream)
@@ -136,6 +149,14 @@ function TCP:receive(pattern, prefix)
   local stream = self.stream
   if not stream then return nil, "closed", prefix or "" end
   pattern = pattern or "*l"
+  if (pattern == "*l" or pattern == "l") and not prefix and not self.timeouts then
+    local line, err, partial = read_line(stream) -- the common call, direct
+    if line then
+      self.received = self.received + #line
+      return line
+    end
+    return nil, err_name(err), partial
+  end
   local fn, arg
   if pattern == "*l" or pattern == "l" then
     fn = read_line
