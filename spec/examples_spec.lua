@@ -214,6 +214,62 @@ print(got)
   end))
 end)
 
+describe("examples/redis_cache.lua", function()
+  -- redis-server on `port` (a free one if nil), stopped by the spec
+  local function redis_server(port)
+    port = port or P.free_port()
+    local proc = require("tcpserver.process").Subprocess(
+      {"redis-server", "--port", tostring(port), "--bind", "127.0.0.1", "--save", "",
+       "--appendonly", "no"}, {stdout = "null", stderr = "null"})
+    H.wait_until(function()
+      local c = tcpclient.connect("127.0.0.1", port)
+      if c then c:close() end
+      return c
+    end, 10)
+    return proc, port
+  end
+
+  local function curl(...)
+    local out = H.run({"curl", "-s", "-w", " %{http_code}", ...})
+    return out
+  end
+
+  it("answers from Redis through lua-redis and a pool, and survives Redis going away",
+     async(function()
+    local redis, rport = redis_server()
+    local p, port = P.example("redis_cache", {"--port", 0, "--redis", "127.0.0.1:" .. rport,
+                                              "--pool-size", 2, "--backlog", 200})
+    local url = ("http://127.0.0.1:%d/"):format(port)
+    assert.equal(" 204", curl("-X", "PUT", "--data", "hello", url .. "greeting"))
+    assert.equal("hello 200", curl(url .. "greeting"))
+    assert.equal("no such key\n 404", curl(url .. "nothing"))
+    -- 60 clients at once: they share the pool's 2 connections
+    local tasks = {}
+    for i = 1, 60 do
+      tasks[i] = ioloop.current():spawn(function()
+        local c = assert(tcpclient.connect("127.0.0.1", port))
+        c:write("GET /greeting HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return c:read_until_close()
+      end)
+    end
+    for _, t in ipairs(tasks) do
+      local _, reply = t:join(10)
+      assert.matches("^HTTP/1.1 200 OK\r\n.*hello$", reply)
+    end
+    local clients = H.run({"redis-cli", "-p", tostring(rport), "client", "list"})
+    local _, n = clients:gsub("id=%d+", "")
+    assert.is_true(n <= 3, clients) -- the pool's 2, and redis-cli
+    redis:kill()
+    redis:wait_for_exit()
+    assert.matches("^redis: .* 503$", curl(url .. "greeting")) -- an error, not a hang
+    local again = redis_server(rport) -- back: service resumes (the data is gone)
+    assert.equal("no such key\n 404", curl(url .. "greeting"))
+    again:kill()
+    again:wait_for_exit()
+    stop(p)
+  end))
+end)
+
 describe("examples/kv.lua", function()
   -- `redis-cli -p PORT args...`: its output (raw, as when piped).
   local function cli(port, ...)
