@@ -1249,6 +1249,23 @@ print(data.decode())
     assert.same({nil, "closed", "gh"}, res.at_end)
   end))
 
+  it("settimeouts sets a read's and a write's limit apart", async(function()
+    local res = {}
+    local c, server = pair(function(_, stream)
+      stream:settimeouts(nil, 0.05, nil) -- writes only
+      res.write = {stream:write(("w"):rep(8 * 1024 * 1024))} -- the peer does not read
+      stream:settimeouts(nil, nil, 0.05) -- reads only
+      res.read = {stream:read_until("\n")}
+      stream:settimeouts(1, 0, 0)
+      res.done = true
+    end)
+    H.wait_until(function() return res.done end)
+    assert.same({nil, "timeout"}, res.write)
+    assert.same({nil, "timeout"}, res.read)
+    c:close()
+    server:stop()
+  end))
+
   it("setoption and getoption take LuaSocket's names", async(function()
     local c, server = pair(function(_, stream) stream:read_until_close() end)
     assert.is_true(c:setoption("keepalive", true))

@@ -42,12 +42,18 @@ static void free_rare(ts_stream *s) {
   s->rare = NULL;
 }
 
-void ts__stream_set_timeout(ts_stream *s, double seconds) {
-  int on = ts__timeout_ms(seconds) > 0;
+void ts__stream_set_timeouts(ts_stream *s, double read, double send) {
+  int on = ts__timeout_ms(read) > 0 || ts__timeout_ms(send) > 0;
   stream_rare *r = on ? ts__stream_rare(s) : s->rare;
 
-  if (r != NULL)
-    r->timeout = on ? (float)seconds : 0;
+  if (r == NULL)
+    return;
+  r->timeout = ts__timeout_ms(read) > 0 ? (float)read : 0;
+  r->wtimeout = ts__timeout_ms(send) > 0 ? (float)send : 0;
+}
+
+void ts__stream_set_timeout(ts_stream *s, double seconds) {
+  ts__stream_set_timeouts(s, seconds, seconds);
 }
 
 double ts__stream_timeout(ts_stream *s) {
@@ -171,9 +177,10 @@ static void start_timer(ts_stream *s, uint64_t ms) {
  * later than this one ends: the callback then arms it for the rest.
  * Restarting it per wait cost two timer-heap operations per request (a
  * read per request, a stop per wake). */
-int ts__stream_start_wait(ts_stream *s, lua_State *L, uint64_t *due) {
+int ts__stream_start_wait(ts_stream *s, lua_State *L, int write, uint64_t *due) {
   stream_rare *r = s->rare;
-  uint64_t ms = r != NULL && r->timeout > 0 ? ts__timeout_ms(r->timeout) : 0;
+  float t = r == NULL ? 0 : write ? r->wtimeout : r->timeout;
+  uint64_t ms = t > 0 ? ts__timeout_ms(t) : 0;
   int cut = ts__wait_limit(L, &ms);
 
   *due = NO_LIMIT;

@@ -75,7 +75,8 @@ typedef struct stream_rare {
   write_waiter *w;
   uint64_t sent_at_close; /* bytes_sent when the stream closed */
   int close_cb_ref;
-  float timeout;     /* seconds; 0 means none */
+  float timeout;     /* a read's, in seconds; 0 means none */
+  float wtimeout;    /* a write's (settimeouts): the same unless set apart */
   uint64_t read_due; /* loop time (ms) the reader's wait runs out, or NO_LIMIT */
 } stream_rare;
 
@@ -216,10 +217,11 @@ static inline void count_out(ts_stream *s, size_t n) {
 
 /* stream.c: the lifecycle */
 stream_rare *ts__stream_rare(ts_stream *s); /* made if need be; NULL if not */
-void ts__stream_set_timeout(ts_stream *s, double seconds);
+void ts__stream_set_timeout(ts_stream *s, double seconds); /* reads and writes */
+void ts__stream_set_timeouts(ts_stream *s, double read, double send);
 /* Task L begins a wait: *due is when it runs out (NO_LIMIT: never), by the
  * stream's timeout or L's deadline; -1 if that deadline has passed. */
-int ts__stream_start_wait(ts_stream *s, lua_State *L, uint64_t *due);
+int ts__stream_start_wait(ts_stream *s, lua_State *L, int write, uint64_t *due);
 void ts__stream_handle_close(ts_stream *s); /* uv_close, once */
 stream_ctx *ts__stream_ctx(lua_State *L);   /* the loop's, made with its first stream */
 void ts__stream_collect(lua_State *L, ts_stream *s);                  /* __gc */

@@ -67,6 +67,19 @@ static int l_settimeout(lua_State *L) {
   return 0;
 }
 
+/* settimeouts(connect, send, read): OpenResty's, in seconds (nil or 0:
+ * none); connect is for tcpserver.socket (a stream is connected already). */
+static int l_settimeouts(lua_State *L) {
+  ts_stream *s = check_self(L);
+  lua_Number send = luaL_optnumber(L, 3, 0), read = luaL_optnumber(L, 4, 0);
+
+  luaL_optnumber(L, 2, 0);
+  luaL_argcheck(L, send >= 0, 3, "settimeouts: seconds must be 0 or more");
+  luaL_argcheck(L, read >= 0, 4, "settimeouts: seconds must be 0 or more");
+  ts__stream_set_timeouts(s, read, send);
+  return 0;
+}
+
 static int l_set_nodelay(lua_State *L) {
   ts_stream *s = check_self(L);
   int on = lua_isnone(L, 2) || lua_toboolean(L, 2);
@@ -247,6 +260,7 @@ int ts__open_stream(lua_State *L) {
       {"set_close_callback", l_set_close_callback},
       {"set_timeout", l_settimeout},
       {"settimeout", l_settimeout}, /* LuaSocket's and OpenResty's name */
+      {"settimeouts", l_settimeouts},
       {"set_nodelay", l_set_nodelay},
       {"shutdown", l_shutdown},
       {"setoption", l_setoption},

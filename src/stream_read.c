@@ -442,7 +442,7 @@ static int read_request(lua_State *L, ts_stream *s, int mode, size_t n) {
   }
   /* A wait with a timeout, or in with_timeout, is due some time. */
   if ((s->rare != NULL || s->loop->ndeadlines > 0) &&
-      ts__stream_start_wait(s, L, &due) < 0)
+      ts__stream_start_wait(s, L, 0, &due) < 0)
     return ts__read_failed(s, L, "timeout");
   s->reader = L; /* a reader reads past the high-water mark */
   ts__read_update(s);

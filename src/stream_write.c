@@ -77,7 +77,7 @@ static int wait_written(lua_State *L, ts_stream *s, uint64_t until) {
   write_waiter *w;
   uint64_t due;
 
-  if (ts__stream_start_wait(s, L, &due) < 0) /* with_timeout's deadline passed */
+  if (ts__stream_start_wait(s, L, 1, &due) < 0) /* with_timeout's deadline passed */
     return push_error(L, "timeout");
   if (q == NULL)
     return luaL_error(L, "write: out of memory");

@@ -127,6 +127,14 @@ function IOStream:closed() end
 -- @func fn
 function IOStream:set_close_callback(fn) end
 
+--- Sets the limits of a read's and a write's wait apart (OpenResty's
+-- settimeouts, in seconds; nil or 0: none). `connect` is taken for
+-- tcpserver.socket's sake: a stream is connected already.
+-- @number[opt] connect
+-- @number[opt] send
+-- @number[opt] read
+function IOStream:settimeouts(connect, send, read) end
+
 --- Sets TCP_NODELAY (on by default for accepted TCP streams; writes are
 -- coalesced per wake-up already). Does nothing on unix sockets and pipes.
 -- @bool[opt=true] on
