@@ -98,11 +98,13 @@ describe("tcpserver.socket (LuaSocket's TCP face)", function()
     assert.is_true(wrapped:dohandshake())
     wrapped:send("wrapped\n")
     assert.equal("wrapped", wrapped:receive())
+    wrapped:close()
     local bad = assert(socket.connect("127.0.0.1", port))
     bad.ssl_options = {cafile = C.cafile}
     local ok, err = bad:sslhandshake(nil, "wrong.test", true)
     assert.is_nil(ok)
     assert.matches("hostname mismatch", err)
+    bad:close()
   end))
 
   it("talks to a real LuaSocket server (lua-socket) in another process", async(function()

@@ -337,6 +337,10 @@ static void tls_closed(ts_stream *s, void *layer) {
 static void tls_free(lua_State *L, void *layer) {
   ts_tls *t = layer;
 
+  /* Timers still here were never closed: the stream was open at
+   * lua_close, and the loop runs no more (as the stream's wait timer). */
+  free(t->hs_timer);
+  free(t->wait_timer);
   free_ssl(t);
   luaL_unref(L, LUA_REGISTRYINDEX, t->ctx_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, t->sni_ref);
