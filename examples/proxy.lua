@@ -14,11 +14,9 @@
 -- of them only; the handler waits for the first to end (ioloop.wait_any)
 -- and stops the other (Task:kill), instead of polling both.
 --
--- Limit: streams have no half-close (as Tornado's). When either side ends
--- its sending, both connections close once what is already written is
--- delivered; what the other side would still have sent is lost. So a
--- client that shuts down its sending half and then waits for the answer
--- (`nc -N`, an upload ended by EOF) gets nothing back through this proxy.
+-- A half-close passes through: when one side ends its sending (`nc -N`,
+-- an upload ended by EOF), the other side reads the end, and its answer
+-- still comes back (set_half_open and shutdown("send")).
 local tcpserver = require "tcpserver"
 local ioloop = require "tcpserver.ioloop"
 local log = require "tcpserver.log"
@@ -37,12 +35,18 @@ end
 
 local CHUNK = 64 * 1024
 
--- Copies src to dst until src ends or dst fails.
+-- Copies src to dst until src ends, then passes the end on: dst's
+-- sending half closes, and the other direction goes on. Returns "end",
+-- or why it stopped early ("closed", "timeout", ...).
 local function pipe(src, dst)
   while true do
-    local data = src:read_bytes(CHUNK, true) -- whatever has arrived, 1..CHUNK bytes
-    if not data then break end
-    if not dst:write(data) then break end -- waits while dst is over its high-water mark
+    local data, err = src:read_bytes(CHUNK, true) -- whatever has arrived, 1..CHUNK bytes
+    if not data then
+      if err ~= "closed" then return err end
+      dst:shutdown("send") -- the peer reads the end; the answer may still come back
+      return "end"
+    end
+    if not dst:write(data) then return "closed" end -- waits while dst is over its high-water mark
   end
 end
 
@@ -54,17 +58,28 @@ function Proxy:handle_stream(client, address)
     log.warning("%s: cannot reach %s: %s", address, opts.upstream, err)
     return -- the server closes the client's stream
   end
+  -- A side's end is a half-close: the streams stay open for the answer.
+  client:set_half_open(true)
+  upstream:set_half_open(true)
   local loop = ioloop.current()
   local up = loop:spawn(pipe, client, upstream)
   local down = loop:spawn(pipe, upstream, client)
-  -- The first direction to end ends both: the other is stopped where it
-  -- waits (kill cancels its read or write cleanly), then both streams
-  -- close (close() still delivers what was written, for up to 10 s).
+  -- The first direction to end: if it ended cleanly (its source sent its
+  -- end), the other goes on until its own end; if it failed (a reset, a
+  -- write to a closed peer), the other is stopped where it waits (kill
+  -- cancels its read or write cleanly). Then both streams close (close()
+  -- still delivers what was written, for up to 10 s).
   local first = ioloop.wait_any({up, down})
   local other = first == up and down or up
-  other:kill()
+  local _, why = first:join()
+  if why == "end" then
+    other:join()
+  else
+    other:kill()
+  end
   upstream:close()
 end
+
 local server = Proxy()
 local port = server:listen(opts.port, opts.host)
 log.info("proxy listening on %s:%d, upstream %s", opts.host, port, opts.upstream)

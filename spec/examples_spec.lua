@@ -739,6 +739,37 @@ describe("examples/proxy.lua", function()
     stop(http)
   end))
 
+  it("passes a half-close on both ways: an answer after the client's end comes back",
+     async(function()
+    -- the upstream reads everything to its end, then answers: through the
+    -- proxy the answer was lost (both connections closed at the first end)
+    local Upper = require("tcpserver").TCPServer:extend({handle_stream = function(_, stream)
+      stream:set_half_open(true) -- it answers after the end, as the proxy's client expects
+      local all = stream:read_until_close()
+      if all then stream:write(all:upper()) end
+    end})
+    local upper = Upper()
+    local up_port = upper:listen(0, "127.0.0.1")
+    finally(function() upper:stop() end)
+    local proxy, port = proxy_to("127.0.0.1:" .. up_port)
+    local out = H.python([[
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"ended by eof, " * 1000)
+s.shutdown(socket.SHUT_WR)
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk: break
+    data += chunk
+print(len(data), data[:14].decode())
+]], tostring(port))
+    assert.equal("14000 ENDED BY EOF, \n", out)
+    local nc = H.run({"nc", "-N", "127.0.0.1", tostring(port)}, "via nc -N\n")
+    assert.equal("VIA NC -N\n", nc)
+    stop(proxy)
+  end))
+
   it("relays to a unix socket upstream", async(function()
     local path = os.tmpname()
     os.remove(path)

@@ -99,7 +99,8 @@ enum {
   F_KEEP_OPEN = 1 << 10,     /* stays open at the peer's end (ts__stream_keep_open) */
   F_KEEP_ON_LIMIT = 1 << 11, /* this read_until past max_bytes keeps it open */
   F_SHUT_WR = 1 << 12,       /* shutdown("send"): no more writes */
-  F_SHUT_QUEUED = 1 << 13    /* the FIN waits for the writes to drain */
+  F_SHUT_QUEUED = 1 << 13,   /* the FIN waits for the writes to drain */
+  F_HALF_OPEN = 1 << 14      /* set_half_open: the peer's end leaves it open */
 };
 
 /* Every byte here is paid by each idle connection: what few streams use

@@ -80,6 +80,20 @@ static int l_settimeouts(lua_State *L) {
   return 0;
 }
 
+/* set_half_open([on]): the peer's end no longer closes the stream: a
+ * read there gets nil, "closed" (read_until_close its data) and the
+ * stream may still be written, until close() (a proxy passing a
+ * half-close on: shutdown("send") the other way). */
+static int l_set_half_open(lua_State *L) {
+  ts_stream *s = check_self(L);
+
+  if (lua_isnone(L, 2) || lua_toboolean(L, 2))
+    s->flags |= F_HALF_OPEN;
+  else
+    s->flags &= ~F_HALF_OPEN;
+  return 0;
+}
+
 static int l_set_nodelay(lua_State *L) {
   ts_stream *s = check_self(L);
   int on = lua_isnone(L, 2) || lua_toboolean(L, 2);
@@ -261,6 +275,7 @@ int ts__open_stream(lua_State *L) {
       {"set_timeout", l_settimeout},
       {"settimeout", l_settimeout}, /* LuaSocket's and OpenResty's name */
       {"settimeouts", l_settimeouts},
+      {"set_half_open", l_set_half_open},
       {"set_nodelay", l_set_nodelay},
       {"shutdown", l_shutdown},
       {"setoption", l_setoption},

@@ -162,10 +162,13 @@ static int fail_too_large(ts_stream *s, lua_State *L) {
 
 /* The peer is gone: hand over what is left as the partial result. */
 static int fail_closed(ts_stream *s, lua_State *L) {
-  ts__read_failed(s, L, ts__stream_error(s));
+  int closed = (s->flags & F_CLOSED) != 0;
+
+  ts__read_failed(s, L, closed ? ts__stream_error(s) : "closed");
   lua_pushlstring(L, ts_buf_head(&s->rbuf), ts_buf_len(&s->rbuf));
   ts_buf_consume(&s->rbuf, ts_buf_len(&s->rbuf));
-  ts__stream_close(s, 0);
+  if (!(s->flags & F_HALF_OPEN)) /* half open: it may still write */
+    ts__stream_close(s, 0);
   return 3;
 }
 
@@ -210,7 +213,8 @@ int ts__read_try(ts_stream *s, lua_State *L) {
   case RD_CLOSE:
     if (ended) {
       push_consume(s, L, len);
-      ts__stream_close(s, 0);
+      if (!(s->flags & F_HALF_OPEN))
+        ts__stream_close(s, 0);
       return 1;
     }
     if (len >= s->max_buffer)
@@ -307,7 +311,7 @@ void ts__read_close_if_ended(ts_stream *s) {
   if ((s->flags & (F_EOF | F_CLOSED)) != F_EOF || s->reader != NULL ||
       ts_buf_len(&s->rbuf) != 0)
     return;
-  if (!(s->flags & F_KEEP_OPEN) ||
+  if (!(s->flags & (F_KEEP_OPEN | F_HALF_OPEN)) ||
       (s->rare != NULL && s->rare->close_cb_ref != LUA_NOREF))
     ts__stream_close(s, 0);
 }

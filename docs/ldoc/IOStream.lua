@@ -135,6 +135,13 @@ function IOStream:set_close_callback(fn) end
 -- @number[opt] read
 function IOStream:settimeouts(connect, send, read) end
 
+--- Lets the stream stay open at the peer's end: a read there gets
+-- nil, "closed" (read_until_close: the data), and the stream may still be
+-- written until close(). For a proxy that passes a half-close on with
+-- shutdown("send"), or a server that answers after the client's end.
+-- @bool[opt=true] on
+function IOStream:set_half_open(on) end
+
 --- Sets TCP_NODELAY (on by default for accepted TCP streams; writes are
 -- coalesced per wake-up already). Does nothing on unix sockets and pipes.
 -- @bool[opt=true] on
