@@ -221,6 +221,27 @@ describe("connection pools (tcpclient and IOStream)", function()
     d:close()
   end))
 
+  it("closes an idle connection at its idle timeout, and keeps at most pool_size idle",
+     async(function()
+    local closed = 0
+    local server, port = H.serve(function(_, stream)
+      stream:read_until_close()
+      closed = closed + 1
+    end)
+    finally(function() server:stop() end)
+    local opts = {pool = "idle"}
+    local s1 = assert(tcpclient.connect("127.0.0.1", port, opts))
+    assert.is_true(s1:set_keepalive(0.05))
+    H.wait_until(function() return closed == 1 end) -- its idle timeout closed it
+    local s2 = assert(tcpclient.connect("127.0.0.1", port, opts))
+    assert.equal(0, s2:getreusedtimes())
+    local s3 = assert(tcpclient.connect("127.0.0.1", port, opts))
+    assert.is_true(s2:set_keepalive(10, 1))
+    assert.is_true(s3:set_keepalive(10, 1)) -- the pool is full: this one closes
+    H.wait_until(function() return closed == 2 end)
+    assert.equal(1, require("tcpserver.pool").stats().idle.idle)
+  end))
+
   it("never hands out a connection its peer closed or one with unread bytes", async(function()
     local server, port = line_server(function(line, stream)
       if line == "bye\n" then stream:close() end
