@@ -941,6 +941,22 @@ time.sleep(2)
   end
 end)
 
+describe("TLS and shutdown('send')", function()
+  it("refuses a half-close over TLS for now, and the stream goes on", async(function()
+    local res
+    local server, port = tls_serve(function(_, stream)
+      res = {stream:shutdown("send")}
+      echo(_, stream)
+    end)
+    finally(function() server:stop() end)
+    local c = assert(tls_connect(port))
+    c:write("still\n")
+    assert.equal("still\n", c:read_until("\n"))
+    assert.same({nil, 'shutdown("send") is not supported over TLS yet'}, res)
+    c:close()
+  end))
+end)
+
 describe("capath", function()
   it("verifies against a hashed CA directory, on a client and for client certificates", async(function()
     local dir = os.tmpname()

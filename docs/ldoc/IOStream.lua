@@ -147,9 +147,9 @@ function IOStream:set_half_open(on) end
 -- @bool[opt=true] on
 function IOStream:set_nodelay(on) end
 
---- Ends sending. `"send"`: a half-close once what was written has gone
--- (with TLS, after a close_notify); the peer reads the end and this side
--- reads on; later writes get `nil, "closed"`. `"both"` (the default, as
+--- Ends sending. `"send"`: a half-close once what was written has gone;
+-- the peer reads the end and this side reads on; later writes get
+-- `nil, "closed"` (not over TLS yet: `nil, err`). `"both"` (the default, as
 -- LuaSocket's) closes.
 -- @string[opt="both"] how
 -- @treturn[1] boolean true
