@@ -541,8 +541,9 @@ static int l_sleep(lua_State *L) {
  * waiting in a read or a sleep has its waiter; waking it twice is wrong). */
 static const char parked_key = 'P';
 
-static void push_parked(lua_State *L) {
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &parked_key) != LUA_TTABLE) {
+/* Pushes the registry's weak-keyed table at key, made on first use. */
+static void push_weak_table(lua_State *L, const void *key) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, key) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_newtable(L);
     lua_createtable(L, 0, 1);
@@ -550,8 +551,12 @@ static void push_parked(lua_State *L) {
     lua_setfield(L, -2, "__mode");
     lua_setmetatable(L, -2);
     lua_pushvalue(L, -1);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &parked_key);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, key);
   }
+}
+
+static void push_parked(lua_State *L) {
+  push_weak_table(L, &parked_key);
 }
 
 /* core.park(): suspends the task until core.resume wakes it (for waits
@@ -604,16 +609,7 @@ static int l_resume(lua_State *L) {
 static const char deadlines_key = 'T';
 
 static void push_deadlines(lua_State *L) {
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &deadlines_key) != LUA_TTABLE) {
-    lua_pop(L, 1);
-    lua_newtable(L);
-    lua_createtable(L, 0, 1);
-    lua_pushliteral(L, "k");
-    lua_setfield(L, -2, "__mode");
-    lua_setmetatable(L, -2);
-    lua_pushvalue(L, -1);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &deadlines_key);
-  }
+  push_weak_table(L, &deadlines_key);
 }
 
 static double now_seconds(void) {
